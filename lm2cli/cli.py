@@ -1,0 +1,164 @@
+"""The `lm2` command line: thin wrappers that resolve a recipe and hand it to the module doing the work.
+
+Every recipe command takes the recipe path first and accepts `--set section.key=value` (repeatable),
+`--out DIR`, `--print-recipe` and `--debug`. User errors (`Lm2Error`) become one line on stderr and exit
+code 2; `--debug` (or LM2_DEBUG=1) shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lm2cli import __version__
+from lm2cli.errors import Lm2Error, NotAvailableYet
+
+app = typer.Typer(
+    name="lm2",
+    help="Train, evaluate and inspect memory-augmented language models (LM2, RMT, vanilla Llama) from TOML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_debug = False
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/small.toml", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="SECTION.KEY=VALUE", help="Override one recipe key (repeatable), e.g. --set train.lr=3e-4")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory (overrides the recipe's)")]
+PrintOpt = Annotated[bool, typer.Option("--print-recipe", help="Print the fully resolved recipe as TOML and exit")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lm2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    global _debug
+    _debug = _debug or debug
+
+
+def resolve(recipe_path: Path, sets: list[str] | None, out: Path | None, print_recipe: bool,
+            debug: bool, out_key: str = "output.dir"):
+    """Load the recipe with overrides; `--out` becomes an override of the command's output key.
+
+    Returns the Recipe, or None after printing it when --print-recipe was given.
+    """
+    from lm2cli.recipe import load_recipe, toml_value
+
+    global _debug
+    _debug = _debug or debug
+    overrides = list(sets or [])
+    if out is not None:
+        overrides.append(f"{out_key}={toml_value(str(out))}")
+    recipe = load_recipe(recipe_path, overrides)
+    if print_recipe:
+        typer.echo(recipe.to_toml(), nl=False)
+        return None
+    return recipe
+
+
+@app.command()
+def tokenize(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+             force: Annotated[bool, typer.Option("--force", help="Rebuild even if the inputs are unchanged")] = False,
+             debug: DebugOpt = False) -> None:
+    """Train (or reuse) a SentencePiece tokenizer and write train/val token shards to data.dir."""
+    r = resolve(recipe, set_, out, print_recipe, debug, out_key="data.dir")
+    if r is None:
+        return
+    raise NotAvailableYet("tokenize")
+
+
+@app.command()
+def pretrain(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+             debug: DebugOpt = False) -> None:
+    """Pretrain a model on the token shards written by `lm2 tokenize`."""
+    r = resolve(recipe, set_, out, print_recipe, debug)
+    if r is None:
+        return
+    raise NotAvailableYet("pretrain")
+
+
+@app.command()
+def finetune(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+             debug: DebugOpt = False) -> None:
+    """Fine-tune a checkpoint (or Hugging Face Llama weights) on BABILong rows or prompt/response pairs."""
+    r = resolve(recipe, set_, out, print_recipe, debug)
+    if r is None:
+        return
+    raise NotAvailableYet("finetune")
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+          debug: DebugOpt = False) -> None:
+    """Evaluate a run: BABILong task x length accuracy grid, perplexity."""
+    r = resolve(recipe, set_, out, print_recipe, debug)
+    if r is None:
+        return
+    raise NotAvailableYet("eval")
+
+
+@app.command()
+def generate(
+    run: Annotated[Optional[Path], typer.Argument(
+        help="Run directory or checkpoint; default: newest checkpoint of recipes/small.toml's output")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate text from a checkpoint, streaming tokens to stdout."""
+    global _debug
+    _debug = _debug or debug
+    raise NotAvailableYet("generate")
+
+
+@app.command("inspect-memory")
+def inspect_memory(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+                   debug: DebugOpt = False) -> None:
+    """Show what the memory does: read/write attention heatmaps, gate values, slot rankings."""
+    r = resolve(recipe, set_, out, print_recipe, debug)
+    if r is None:
+        return
+    raise NotAvailableYet("inspect-memory")
+
+
+def report_error(err: Lm2Error) -> None:
+    for line in err.problems:
+        print(f"error: {line}", file=sys.stderr)
+    if _debug:
+        traceback.print_exception(err, file=sys.stderr)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` and return the exit code (used by `main` and by the tests)."""
+    global _debug
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _debug = bool(os.environ.get("LM2_DEBUG"))
+    try:
+        app(args=argv, prog_name="lm2", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Lm2Error as e:
+        report_error(e)
+        return e.exit_code
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
