@@ -1,0 +1,329 @@
+"""The one training loop behind `lm2 pretrain` and `lm2 finetune`.
+
+Read it top to bottom: `train_stage` runs optimizer steps; each step sets the learning rate by hand, runs
+`grad_accum` micro-batches (gradients summed, normalised by the number of target tokens of the whole step
+across all processes, so any split into micro-batches and ranks gives the same update), clips, steps AdamW,
+logs, and then, at the step boundaries the recipe asks for, saves and evaluates — always in that order, so a
+crash in evaluation never costs training. A signal stops the run after the current step and a save; a
+non-finite loss stops it before the optimizer step, leaving every checkpoint as it was.
+
+The data side is duck-typed: pretraining windows and fine-tuning rows both provide `batch(first_row, n)`
+(a `Batch` of rows by global row number) and `val_batches(rank, world)` (fixed validation batches).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lm2cli.errors import Lm2Error
+from lm2cli.training import checkpoints as ck
+from lm2cli.training.cursor import rows_for
+from lm2cli.training.metrics import Console, LossEMA, MetricsLog
+from lm2cli.training.optim import lr_at, set_lr
+from lm2cli.training.runtime import Runtime, StopRequest, TrainingInterrupted
+
+IGNORE = -100  # target id that carries no loss (context, padding)
+
+
+@dataclass
+class Batch:
+    inputs: Tensor  # (B, T) int64
+    targets: Tensor  # (B, T) int64, IGNORE where there is no loss
+    n_tokens: int  # real (non-padding) input tokens, for throughput
+    n_bytes: float = 0.0  # UTF-8 bytes of the target tokens (bits per byte); 0 = not measured
+    answers: bool = False  # each row's targets are one answer (+ EOS): report exact match
+
+
+@dataclass
+class Stage:
+    """A stretch of optimizer steps with its own schedule: all of pretraining, or one curriculum stage."""
+
+    index: int  # 0-based
+    count: int  # number of stages
+    start_step: int  # global step count when the stage begins
+    steps: int
+    label: str = ""  # prefix of console lines, e.g. "[stage 2/3, 2 segments] "
+    best_pointers: tuple[str, ...] = ("best",)  # pointer files naming the best checkpoint of this stage
+
+    @property
+    def end_step(self) -> int:
+        return self.start_step + self.steps
+
+
+@dataclass
+class Session:
+    """Everything the loop touches, built by pretrain.py / finetune.py."""
+
+    command: str  # "pretrain" | "finetune"
+    recipe: Any  # resolved Recipe (model.vocab_size filled in)
+    rt: Runtime
+    model: torch.nn.Module  # the plain module: saved, evaluated
+    train_model: torch.nn.Module  # what the step runs: compiled and/or DDP-wrapped `model`
+    optimizer: torch.optim.Optimizer
+    tokenizer: Any
+    run_dir: Path
+    console: Console
+    metrics: MetricsLog | None  # rank 0 only
+    stop: StopRequest
+    resume_hint: str  # the command that resumes this run
+    step: int = 0  # optimizer steps done (global, across stages)
+    rows_done: int = 0  # data cursor: rows consumed by this stage so far (see cursor.RowOrder)
+    stage: int = 0
+    best: dict[str, dict] = field(default_factory=dict)  # pointer name -> {"val_loss", "checkpoint"}
+    carry: Any = None  # memory carried across steps (memory.carry = true)
+    train_seconds: float = 0.0  # wall time spent in training steps, across resumes
+    extra_state: dict = field(default_factory=dict)  # command-specific values stored in trainer_state.json
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / ck.CHECKPOINTS
+
+    def say(self, text: str) -> None:
+        self.console.say(text)
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed token cross-entropy over positions with a target (float32 logits from the model)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def forward_loss(s: Session, batch: Batch, model: torch.nn.Module, state: Any = None) -> tuple[Tensor, Tensor, Any]:
+    with s.rt.autocast():
+        logits, new_state = model(batch.inputs, state)
+    return loss_sum(logits, batch.targets), logits, new_state
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if batch.inputs.device == device:
+        return batch
+    nb = device.type == "cuda"
+    return Batch(batch.inputs.to(device, non_blocking=nb), batch.targets.to(device, non_blocking=nb),
+                 batch.n_tokens, batch.n_bytes, batch.answers)
+
+
+class NonFiniteLoss(Lm2Error):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def schedule_due(local_step: int, stage_steps: int, every: int) -> bool:
+    """Is a save/eval due after `local_step` steps of a stage? Always at the stage's end; 0 = only there."""
+    return local_step == stage_steps or (every > 0 and local_step % every == 0)
+
+
+def train_stage(s: Session, data, stage: Stage) -> None:
+    """Run optimizer steps until the end of `stage`, starting from `s.step` (fresh or resumed)."""
+    r, rt, tcfg = s.recipe, s.rt, s.recipe.train
+    rows_per_step = tcfg.batch_size * tcfg.grad_accum * rt.world
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    ema = LossEMA()
+    tokens_since, t_log = 0, time.perf_counter()
+    s.console.first, s.console.total = s.step, stage.end_step
+    if s.step == stage.start_step and s.step < stage.end_step:
+        log_eval(s, stage, evaluate(s, data), ckpt=None)  # where the stage starts from, for the curve
+    while s.step < stage.end_step:
+        t0 = time.perf_counter()
+        local = s.step - stage.start_step
+        lr = lr_at(local, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_steps=tcfg.warmup_steps, total_steps=stage.steps)
+        set_lr(s.optimizer, lr)
+        first_row = s.rows_done
+        batches = [to_device(data.batch(rows_for(first_row, m, rt.rank, rt.world, tcfg.batch_size),
+                                        tcfg.batch_size), rt.device) for m in range(tcfg.grad_accum)]
+        counts = torch.tensor([sum(int((b.targets != IGNORE).sum()) for b in batches),
+                               sum(b.n_tokens for b in batches)], dtype=torch.float64)
+        n_targets, n_tokens = (int(x) for x in rt.all_reduce(counts).tolist())
+        total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+        for m, batch in enumerate(batches):
+            # DDP all-reduces gradients on the last micro-batch only; the others accumulate locally.
+            last = m == len(batches) - 1
+            sync = nullcontext() if last or not rt.distributed or not hasattr(s.train_model, "no_sync") \
+                else s.train_model.no_sync()
+            with sync:
+                loss, _, state = forward_loss(s, batch, s.train_model, s.carry)
+                # Scale so that the gradient DDP averages over ranks is the mean over all target tokens.
+                (loss * (rt.world / max(1, n_targets))).backward()
+            total_loss += loss.detach().double()
+            if r.memory.carry:
+                s.carry = s.model.carry_memory(state)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        step_loss = float(rt.all_reduce(total_loss).item()) / max(1, n_targets)
+        if not math.isfinite(step_loss) or not math.isfinite(float(grad_norm)):
+            raise non_finite(s, s.step + 1, step_loss, float(grad_norm))
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.rows_done += rows_per_step
+        rt.sync()
+        s.train_seconds += time.perf_counter() - t0
+        tokens_since += n_tokens
+        smooth = ema.update(step_loss)
+        local += 1
+        if local % tcfg.log_every == 0 or s.step == stage.end_step:
+            dt = max(1e-9, time.perf_counter() - t_log)
+            tok_s = tokens_since / dt
+            peak = rt.peak_flops()
+            mfu = s.extra_state["flops_per_token"] * tok_s / (peak * rt.world) if peak else None
+            s.console.step(s.step, smooth, lr, tok_s, mfu, stage.label)
+            if s.metrics is not None:
+                s.metrics.write({"kind": "train", "step": s.step, "stage": stage.index + 1, "loss": step_loss,
+                                 "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens, "tokens_per_s": tok_s,
+                                 "mfu": mfu, "elapsed_s": round(s.train_seconds, 3),
+                                 "epoch": round(data.epoch_at(s.rows_done), 4)})
+            tokens_since, t_log = 0, time.perf_counter()
+        stop = stop_requested(s)
+        eval_now = schedule_due(local, stage.steps, tcfg.eval_every)
+        if stop or eval_now or schedule_due(local, stage.steps, tcfg.save_every):
+            ckpt = save(s, stage, eval_pending=eval_now)
+            if eval_now:
+                log_eval(s, stage, evaluate(s, data), ckpt)
+            t_log = time.perf_counter()  # saving and evaluating are not training throughput
+        if stop:
+            raise TrainingInterrupted(
+                f"stopped by {s.stop.name} after step {s.step}; saved {s.ckpt_root / ck.checkpoint_name(s.step)}. "
+                f"Resume with: {s.resume_hint}", s.stop.signum)
+
+
+def stop_requested(s: Session) -> bool:
+    """Whether any process got SIGINT/SIGTERM (all ranks must stop at the same step to save together)."""
+    flag = torch.tensor([float(s.stop.signum or 0)])
+    if s.rt.distributed:
+        flag = s.rt.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not s.stop.signum:
+            s.stop.signum = int(flag.item())  # another rank was signalled: stop with it
+    return bool(flag.item())
+
+
+def non_finite(s: Session, step: int, loss: float, grad_norm: float) -> NonFiniteLoss:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    last = ck.newest_checkpoint(s.ckpt_root)
+    kept = (f"the last good checkpoint {s.ckpt_root / last} is intact (resume with: {s.resume_hint})" if last
+            else "no checkpoint had been saved yet")
+    return NonFiniteLoss(f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
+                         f"Lower train.lr (now {s.recipe.train.lr}) or train.grad_clip, or check the data")
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(s: Session, data) -> dict[str, float]:
+    """Loss, perplexity, bits per byte (and exact match for answer rows) on the fixed validation batches.
+
+    Each rank evaluates its share of the batches; sums are all-reduced, so every rank returns the same numbers.
+    Exact match is teacher-forced: a row counts when the argmax at every answer position (and EOS) is the
+    target token, which is exactly when greedy decoding would reproduce the answer and stop.
+    """
+    model = s.model if not getattr(s.train_model, "_lm2_fsdp", False) else s.train_model
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, targets, bytes, correct rows, answer rows
+    has_answers = False
+    for batch in data.val_batches(s.rt.rank, s.rt.world):
+        batch = to_device(batch, s.rt.device)
+        loss, logits, _ = forward_loss(s, batch, model)
+        mask = batch.targets != IGNORE
+        sums[0] += float(loss)
+        sums[1] += int(mask.sum())
+        sums[2] += batch.n_bytes
+        if batch.answers:
+            has_answers = True
+            hit = (logits.argmax(-1) == batch.targets) | ~mask
+            rows = mask.any(dim=1)
+            sums[3] += int((hit.all(dim=1) & rows).sum())
+            sums[4] += int(rows.sum())
+    model.train(was_training)
+    sums = s.rt.all_reduce(sums.to(s.rt.device)).cpu()
+    flag = s.rt.all_reduce(torch.tensor([float(has_answers)], device=s.rt.device)).item()
+    if sums[1] == 0:
+        raise Lm2Error("validation found no target tokens; check the validation data")
+    loss = float(sums[0] / sums[1])
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+    if sums[2] > 0:
+        out["val_bpb"] = float(sums[0] / (math.log(2) * sums[2]))
+    if flag and sums[4] > 0:
+        out["val_em"] = float(sums[3] / sums[4])
+    return out
+
+
+def log_eval(s: Session, stage: Stage, result: dict[str, float], ckpt: Path | None) -> None:
+    """Report a validation result; if it belongs to a checkpoint, record it there and update `best`."""
+    parts = [f"val loss {result['val_loss']:.4f}", f"ppl {result['val_ppl']:.2f}"]
+    if "val_bpb" in result:
+        parts.append(f"bpb {result['val_bpb']:.4f}")
+    if "val_em" in result:
+        parts.append(f"exact match {result['val_em']:.1%}")
+    s.say(f"{stage.label}step {s.step}: " + ", ".join(parts))
+    if ckpt is None:  # the validation before a stage's first step: the start of its curve
+        s.extra_state["start_val_loss"] = result["val_loss"]
+    s.extra_state["last_val_loss"] = result["val_loss"]
+    if s.metrics is not None:
+        s.metrics.write({"kind": "val", "step": s.step, "stage": stage.index + 1, **result})
+    if ckpt is None:
+        return
+    improved = []
+    for pointer in stage.best_pointers:
+        current = s.best.get(pointer)
+        if current is None or result["val_loss"] < current["val_loss"]:
+            s.best[pointer] = {"val_loss": result["val_loss"], "checkpoint": ckpt.name}
+            improved.append(pointer)
+    if s.rt.is_main:
+        ck.update_trainer_state(ckpt, eval_pending=False, val=result, best=s.best)
+        for pointer in improved:
+            ck.write_pointer(s.ckpt_root, pointer, ckpt.name)
+        ck.rotate(s.ckpt_root, s.recipe.train.keep_last, protected=set())
+    s.rt.barrier()
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def trainer_state(s: Session, stage: Stage, eval_pending: bool, rng_info: dict) -> dict:
+    from lm2cli import __version__
+
+    tcfg = s.recipe.train
+    return {
+        "command": s.command, "lm2_version": __version__, "step": s.step, "stage": stage.index,
+        "stage_start_step": stage.start_step, "stage_steps": stage.steps, "rows_done": s.rows_done,
+        "world_size": s.rt.world, "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
+        "seq_len": tcfg.seq_len, "seed": tcfg.seed, "eval_pending": eval_pending, "val": None, "best": s.best,
+        "train_seconds": round(s.train_seconds, 3), "tokenizer_sha256": s.tokenizer.sha256,
+        "memory_carried": s.carry is not None, "rng": rng_info, **s.extra_state,
+    }
+
+
+def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
+    """Checkpoint the current step (rank 0 writes; every rank contributes its RNG and carried memory).
+
+    `eval_pending`: a validation is due at this step and follows the save; its result is added to the
+    checkpoint's trainer_state.json afterwards, and a run resumed before that happened validates first.
+    """
+    from lm2cli.checkpoint import save_model_files
+
+    rng_tensors, rng_info = ck.capture_rng(s.rt.rank)
+    gathered = s.rt.gather_objects((rng_tensors, rng_info, s.carry))
+    path = s.ckpt_root / ck.checkpoint_name(s.step)
+    if s.rt.is_main:
+        all_tensors = {k: v for t, _, _ in gathered for k, v in t.items()}
+        infos = {f"rank{i}": info for i, (_, info, _) in enumerate(gathered)}
+        carried = [c for _, _, c in gathered] if s.carry is not None else None
+        state = trainer_state(s, stage, eval_pending, infos)
+        path = ck.save_checkpoint(s.ckpt_root, s.step, lambda d: save_model_files(d, s.model, s.recipe, s.tokenizer),
+                                  state, s.optimizer, all_tensors, carried)
+        if not eval_pending:  # else rotation waits until validation has updated the best pointers
+            ck.rotate(s.ckpt_root, s.recipe.train.keep_last, protected=set())
+    s.rt.barrier()
+    return path
