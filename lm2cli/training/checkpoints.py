@@ -20,7 +20,6 @@ Nothing is ever unpickled: tensors come from safetensors and everything else fro
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import os
@@ -285,15 +284,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
 
 
 def capture_rng(rank: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """This process's RNG states: torch (CPU and CUDA) as uint8 tensors, python and numpy as JSON."""
+    """This process's RNG states: torch (CPU and CUDA) as uint8 tensors; python's and numpy's Mersenne
+    Twister states as JSON (the 624-word key as a hex string, so trainer_state.json stays readable)."""
     tensors = {f"rank{rank}.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rank{rank}.cuda{i}"] = s
     version, internal, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    info = {"python": [version, list(internal), gauss],
-            "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    info = {"python": {"version": version, "key": np.asarray(internal[:-1], "<u4").tobytes().hex(),
+                       "pos": internal[-1], "gauss": gauss},
+            "numpy": {"name": np_name, "key": np.asarray(np_keys, "<u4").tobytes().hex(), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
     return tensors, info
 
 
@@ -302,10 +304,12 @@ def restore_rng(rank: int, tensors: dict[str, torch.Tensor], info: dict) -> None
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith(f"rank{rank}.cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    version, internal, gauss = info["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = info["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    py = info["python"]
+    key = np.frombuffer(bytes.fromhex(py["key"]), "<u4").tolist()
+    random.setstate((py["version"], (*key, py["pos"]), py["gauss"]))
+    n = info["numpy"]
+    np.random.set_state((n["name"], np.frombuffer(bytes.fromhex(n["key"]), "<u4").astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
 
 
 # ------------------------------------------------------------------------------ tensor trees (no pickle)
@@ -360,6 +364,3 @@ def unflatten_tree(tensors: dict[str, torch.Tensor], skeleton: Any, device: Any 
 
     return build(skeleton)
 
-
-def file_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

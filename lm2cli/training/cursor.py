@@ -67,7 +67,7 @@ def _stats(starts: np.ndarray, row_len: int, n_tokens: int, doc_starts: np.ndarr
     ends = np.append(doc_starts[1:], n_tokens)
     idx = np.searchsorted(starts, doc_starts, side="right") - 1
     whole = (idx >= 0) & (ends <= np.where(idx >= 0, starts[np.maximum(idx, 0)] + row_len, -1))
-    cropped = 1.0 - float(whole.mean()) if len(doc_starts) else 0.0
+    cropped = float((~whole).mean()) if len(doc_starts) else 0.0
     return bos_aligned, max(0.0, repeated), cropped, int(n_tokens - covered_until)
 
 

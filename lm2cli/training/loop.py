@@ -135,6 +135,7 @@ def train_stage(s: Session, data, stage: Stage) -> None:
     s.console.first, s.console.total = s.step, stage.end_step
     if s.step == stage.start_step and s.step < stage.end_step:
         log_eval(s, stage, evaluate(s, data), ckpt=None)  # where the stage starts from, for the curve
+        t_log = time.perf_counter()
     while s.step < stage.end_step:
         t0 = time.perf_counter()
         local = s.step - stage.start_step
