@@ -331,6 +331,6 @@ def dry_run_report(s: Session, data, stage: Stage) -> None:
     tok_s = batch.n_tokens / dt
     per_step = dt * t.grad_accum
     info(rt, f"forward+backward of one micro-batch: {dt:.3f} s, {tok_s:,.0f} tok/s per process, loss "
-             f"{float(loss) / max(1, int((batch.targets != IGNORE).sum())):.4f}; {stage.steps} steps ~ "
+             f"{float(loss.detach()) / max(1, int((batch.targets != IGNORE).sum())):.4f}; {stage.steps} steps ~ "
              f"{fmt_duration(per_step * stage.steps)} without validation")
     info(rt, "dry run: nothing was written")
