@@ -137,7 +137,7 @@ class FinetuneData:
     """Rows of one curriculum stage (those that fit its token budget), in a seeded order per epoch."""
 
     def __init__(self, train: list[Example], val: list[Example], budget: int, recipe, tokenizer, stage: int,
-                 label: str):
+                 label: str, world: int = 1):
         t = recipe.train
         self.batch_size, self.pad_id = t.batch_size, tokenizer.pad_id
         self.train = [e for e in train if len(e) <= budget]
@@ -149,7 +149,8 @@ class FinetuneData:
             raise Lm2Error(f"{label}no training row fits {budget} tokens (the shortest has {longest}); {hint}")
         if not fitting_val:
             raise Lm2Error(f"{label}no validation row fits {budget} tokens; check finetune.val_data")
-        self.val = [fitting_val[i] for i in spread_indices(len(fitting_val), t.eval_batches * t.batch_size)]
+        wanted = t.eval_batches * t.batch_size * world  # global batches: the same rows for any world size
+        self.val = [fitting_val[i] for i in spread_indices(len(fitting_val), wanted)]
         self.order = RowOrder(len(self.train), (t.seed, stage))
         self.budget = budget
 
@@ -353,7 +354,8 @@ def _finetune(recipe, rt, resume, resume_from, dry_run) -> None:
                      extra_state={"init_from": recipe.finetune.init_from})
 
     def data_for(stage: Stage) -> FinetuneData:
-        d = FinetuneData(train_rows, val_rows, budgets[stage.index], recipe, tokenizer, stage.index, stage.label)
+        d = FinetuneData(train_rows, val_rows, budgets[stage.index], recipe, tokenizer, stage.index, stage.label,
+                         rt.world)
         info(rt, f"{stage.label}{d.describe()}")
         return d
 

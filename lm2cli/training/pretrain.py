@@ -41,7 +41,7 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 class PretrainData:
     """Train rows and fixed validation rows over the token shards."""
 
-    def __init__(self, shards, recipe, tokenizer):
+    def __init__(self, shards, recipe, tokenizer, world: int = 1):
         t = recipe.train
         self.batch_size, self.seq_len = t.batch_size, t.seq_len
         self.train_tokens = shards.split("train")
@@ -57,7 +57,8 @@ class PretrainData:
         if len(val_plan) == 0:
             raise Lm2Error(f"the val split in {shards.dir} has {len(self.val_tokens):,} tokens, fewer than one row "
                            f"of train.seq_len + 1 = {t.seq_len + 1}; raise data.val_fraction or lower train.seq_len")
-        wanted = t.eval_batches * t.batch_size
+        # eval_batches counts global batches (batch_size x processes), so every world size sees the same rows
+        wanted = t.eval_batches * t.batch_size * world
         self.val_starts = val_plan.starts[spread_indices(len(val_plan), wanted)]
         self.byte_lengths = token_byte_lengths(tokenizer)
 
@@ -121,7 +122,7 @@ def _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run) -> None:
     tokenizer = shards.tokenizer()
     recipe = with_vocab(recipe, tokenizer.vocab_size)
     check_lengths(recipe, rt)
-    data = PretrainData(shards, recipe, tokenizer)
+    data = PretrainData(shards, recipe, tokenizer, rt.world)
     for line in data.describe():
         info(rt, line)
     plan = plan_run(recipe, "pretrain", resume, resume_from, rt, dry_run)
