@@ -82,7 +82,9 @@ def tokenize(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_r
     r = resolve(recipe, set_, out, print_recipe, debug, out_key="data.dir")
     if r is None:
         return
-    raise NotAvailableYet("tokenize")
+    from lm2cli.data.prepare import tokenize_command
+
+    tokenize_command(r, force=force)
 
 
 @app.command()

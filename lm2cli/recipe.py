@@ -100,7 +100,7 @@ class TokenizerConfig:
     vocab_size: int = opt(4096, "Vocabulary size to train", min=16, max=1_000_000)
     byte_fallback: bool = opt(True, "Encode unknown characters as bytes instead of <unk>")
     character_coverage: float = opt(0.9995, "Share of characters the vocabulary must cover", gt=0, max=1)
-    sample_sentences: int = opt(1_000_000, "Sentences sampled from the corpus to train the tokenizer", min=1)
+    sample_sentences: int = opt(1_000_000, "Lines from the start of the corpus the tokenizer is trained on", min=1)
     answer_token: str = opt("<ans>", "Reserved separator between a question and its answer (fine-tuning)")
     extra_symbols: list[str] = opt([], "More user-defined symbols reserved in the vocabulary")
 
