@@ -8,6 +8,7 @@ carries about a megabyte of text. Items come out in a fixed order, whatever the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,17 @@ class HubCorpus:
         ds = load_hub_dataset(self.name, self.config or None, split=self.split, streaming=self.streaming,
                               revision=self.revision or None, key="data.hub_name")
         n = 0
-        for i, row in enumerate(ds):
+        rows = iter(ds)
+        for i in itertools.count():
+            try:  # streaming reads the network here, so failures surface here too
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:
+                if is_network_error(e):
+                    raise Lm2Error(f"data.hub_name = '{self.name}': lost the Hugging Face hub while reading "
+                                   f"row {i + 1} ({_first_line(e)})") from None
+                raise
             for text in _text_of(row, self.text_field, f"{self.name} row {i + 1}"):
                 yield text
                 n += 1
@@ -231,6 +242,11 @@ _NETWORK_HINTS = ("connection", "offline", "resolve", "timed out", "timeout", "n
                   "max retries", "name or service", "temporary failure", "unreachable", "ssl")
 
 
+def is_network_error(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(h in text for h in _NETWORK_HINTS)
+
+
 def load_hub_dataset(name: str, *args, key: str, alternative: str = "", **kwargs):
     """`datasets.load_dataset(name, ...)` with its failures turned into one line naming `key`."""
     datasets = _quiet_datasets()
@@ -238,8 +254,7 @@ def load_hub_dataset(name: str, *args, key: str, alternative: str = "", **kwargs
         return datasets.load_dataset(name, *args, **kwargs)
     except Exception as e:
         reason = _first_line(e)
-        lowered = f"{type(e).__name__} {reason}".lower()
-        if any(h in lowered for h in _NETWORK_HINTS):
+        if is_network_error(e):
             also = f"; {alternative}" if alternative else ""
             raise Lm2Error(f"{key} = '{name}': the Hugging Face hub cannot be reached (offline or no network: "
                            f"{reason}){also}") from None

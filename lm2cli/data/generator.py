@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 from lm2cli.data.babi import Line, Story
 
+# Bump when the same (task, split, seed, index) would produce a different story.
+GENERATOR_VERSION = 1
+
 ROOMS = ["bathroom", "bedroom", "garden", "hallway", "kitchen", "office"]
 PLACES = ["bedroom", "cinema", "kitchen", "office", "park", "school"]  # qa10
 OBJECTS = ["apple", "football", "milk"]
