@@ -16,10 +16,9 @@ from typing import Any
 
 from lm2cli.fileio import sha256_file
 
-# Bump when the shard layout changes, or when the built-in generator or filler would write different text
-# for the same recipe: old shards then become stale instead of silently mismatching.
+# Bump when the shard layout (or the built-in corpus layout) changes: old shards then become stale instead of
+# silently mismatching. The generator and the filler carry their own versions, which are fingerprinted too.
 SHARD_FORMAT_VERSION = 1
-BUILTIN_CORPUS_VERSION = 1
 
 # Files up to this size are fingerprinted by content (a `touch` does not force a rebuild); larger ones by
 # size and modification time, so checking a 100 GB corpus stays instant.
@@ -60,7 +59,10 @@ def fingerprint_inputs(recipe) -> dict[str, Any]:
     else:
         inputs["tokenizer"].update({k: tok[k] for k in _TOKENIZER_TRAINING_KEYS})
     if data["source"] == "builtin":
-        inputs["sources"] = {"builtin_corpus_version": BUILTIN_CORPUS_VERSION}
+        from lm2cli.data.filler import FILLER_VERSION
+        from lm2cli.data.generator import GENERATOR_VERSION
+
+        inputs["sources"] = {"generator_version": GENERATOR_VERSION, "filler_version": FILLER_VERSION}
     elif data["source"] == "files":
         inputs["sources"] = [file_signature(p) for p in resolve_files(data["files"])]
     else:

@@ -104,7 +104,8 @@ class Tokenizer:
         spm = _import_spm()
         self._bytes = bytes(model_bytes)
         self.where = where
-        self.sp = spm.SentencePieceProcessor()
+        # One thread: lm2 parallelises with processes (lm2cli.data.prepare), never with hidden thread pools.
+        self.sp = spm.SentencePieceProcessor(num_threads=1)
         try:
             self.sp.LoadFromSerializedProto(self._bytes)
         except (RuntimeError, OSError) as e:
@@ -174,6 +175,10 @@ class Tokenizer:
         if bos or eos:
             out = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
         return out
+
+    def encode_numpy(self, texts: list[str]) -> list:
+        """int32 numpy arrays of token ids (no BOS/EOS), the fast path used to write shards."""
+        return self.sp.encode(list(texts), return_type="numpy", num_threads=1)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control pieces (BOS, EOS, PAD) are dropped, byte pieces are reassembled."""

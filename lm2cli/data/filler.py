@@ -1,0 +1,149 @@
+"""Templated narrative filler: varied, seeded prose for the built-in corpus and the built-in BABILong haystack.
+
+A document is a few scenes; a scene has a setting, one to three characters, weather or time of day,
+actions, thoughts and dialogue, drawn from many templates and word lists. The grammar never uses a bAbI
+actor name, a room, place or object word, a compass direction, or a movement verb followed by "to the", so
+filler can never state or contradict a bAbI fact (babilong.md §8.3). `FORBIDDEN_WORDS` is checked by a test.
+
+Document `index` of (side, seed) always has the same text: the train side (pretraining corpus, BABILong
+training sets) and the test side (BABILong evaluation sets) are different random streams.
+"""
+
+from __future__ import annotations
+
+import random
+
+FILLER_VERSION = 1
+
+FORBIDDEN_WORDS = {
+    "mary", "john", "daniel", "sandra", "bill", "fred", "jeff", "julie",
+    "bathroom", "bedroom", "garden", "hallway", "kitchen", "office", "cinema", "park", "school",
+    "apple", "football", "milk", "north", "south", "east", "west",
+    "moved", "went", "journeyed", "travelled",
+}
+
+FIRST_NAMES = [
+    "Ada", "Alder", "Amos", "Anika", "Arlo", "Beatrix", "Bram", "Cassia", "Cedric", "Clara", "Corin", "Dalia",
+    "Edwin", "Elsa", "Emeric", "Esther", "Felix", "Flora", "Gideon", "Greta", "Hal", "Hazel", "Ines", "Isidore",
+    "Jonas", "Juniper", "Kasimir", "Leona", "Linus", "Lorna", "Magnus", "Marisol", "Mateo", "Mirela", "Nadia",
+    "Nils", "Odette", "Oren", "Perpetua", "Piet", "Quentin", "Rosalind", "Rufus", "Selma", "Silas", "Tamsin",
+    "Theo", "Ursula", "Valentin", "Vera", "Wendel", "Wilhelmina", "Xavier", "Yara", "Yusuf", "Zelda", "Agnes",
+    "Barnaby", "Constance", "Dorian", "Evander", "Fenella", "Ignatius", "Lavinia", "Mortimer", "Philippa",
+]
+FAMILY_NAMES = [
+    "Ashdown", "Blackwood", "Carrow", "Dunmore", "Everly", "Fairweather", "Greaves", "Holloway", "Ingram",
+    "Kettering", "Lockhart", "Marchbanks", "Nettleford", "Oakes", "Pemberton", "Quill", "Ravensworth",
+    "Sallow", "Thorne", "Underhill", "Vance", "Whitlock", "Yardley",
+]
+TITLES = ["the old clockmaker", "the ferryman", "the tailor's cousin", "the baker", "the lamplighter",
+          "the young clerk", "the widow", "the fisherman", "the cartographer", "the innkeeper", "the apprentice",
+          "the retired captain", "the weaver", "the organist", "the stationmaster"]
+TOWNS = ["Harrowgate", "Millbrook", "Saltmere", "Wyncombe", "Ashford Cross", "Kestrel Bay", "Fernhollow",
+         "Greystone", "Larkspur", "Otterburn", "Pennywell", "Thistledown", "Brackenridge", "Coldharbour"]
+SETTINGS = [
+    "the harbour", "the market square", "the old mill", "the chapel", "the stone bridge", "the lighthouse",
+    "the orchard", "the library", "the railway platform", "the bakery", "the inn", "the boathouse",
+    "the riverbank", "the village green", "the greenhouse", "the bell tower", "the workshop", "the meadow",
+    "the attic", "the cellar", "the courtyard", "the tea room", "the museum", "the quay", "the lane",
+    "the hill above the town", "the churchyard", "the ferry landing", "the bookshop", "the pier",
+]
+THINGS = [
+    "lantern", "letter", "violin", "compass", "teacup", "ribbon", "map", "umbrella", "pocket watch", "basket",
+    "notebook", "candle", "shawl", "key", "bicycle", "kettle", "paintbrush", "telescope", "parcel", "hat",
+    "photograph", "scarf", "wooden box", "fishing rod", "jar of honey", "loaf of bread", "chess set", "quilt",
+]
+ADJECTIVES = ["old", "small", "battered", "polished", "faded", "heavy", "delicate", "crooked", "bright",
+              "dusty", "curious", "weathered", "tiny", "enormous", "familiar", "borrowed", "silver", "wooden"]
+WEATHER = [
+    "Rain drummed softly on the roofs of {town}.", "A thin fog had settled over {setting}.",
+    "The wind came in cold from the sea.", "It was a bright and windless morning.",
+    "Snow had fallen in the night and the streets were quiet.", "The afternoon was hot and heavy with bees.",
+    "Clouds gathered slowly above {town}.", "A pale sun broke through the mist over {setting}.",
+    "The evening light turned the water to copper.", "Thunder rolled somewhere far beyond the hills.",
+    "Frost glittered on every railing.", "A warm drizzle blurred the windows of {setting}.",
+]
+TIMES = ["That morning", "Later that day", "In the evening", "Just before noon", "At dusk", "The next day",
+         "Some weeks later", "On Sunday", "Long after midnight", "At first light", "By the afternoon"]
+ACTIONS = [
+    "{name} sat by the window and read for an hour.", "{name} waited patiently near {setting}.",
+    "{name} laughed at something nobody else had noticed.", "{name} wrote a long letter and never sent it.",
+    "{name} mended the {adj} {thing} with great care.", "{name} hummed an old tune while working.",
+    "{name} counted the coins twice and sighed.", "{name} watched the boats rocking on the tide.",
+    "{name} found a {adj} {thing} under the bench.", "{name} polished the {thing} until it shone.",
+    "{name} stood very still and listened.", "{name} sketched {setting} in a {adj} notebook.",
+    "{name} lit a candle and opened the {adj} book.", "{name} forgot the {thing} on the windowsill.",
+    "{name} asked {other} about the {adj} {thing}.", "{name} and {other} argued about the price of bread.",
+    "{name} helped {other} carry a heavy crate up the stairs.", "{name} smiled at {other} across {setting}.",
+    "{name} lent {other} a {adj} {thing} for the evening.", "{name} told {other} a story about {town}.",
+    "{name} kept the {thing} wrapped in a {adj} cloth.", "{name} paused at {setting} to catch a breath.",
+]
+THOUGHTS = [
+    "{name} wondered whether the letter would ever arrive.", "{name} remembered summers spent in {town}.",
+    "{name} could not decide what to say.", "It seemed to {name} that the day would never end.",
+    "{name} felt, for the first time in years, entirely at ease.", "A strange thought occurred to {name}.",
+    "{name} was certain that something had changed.", "{name} hoped that {other} would understand.",
+    "Nobody had ever explained the matter to {name}.", "{name} thought of the {adj} {thing} and smiled.",
+]
+SAYINGS = [
+    "I have never seen the tide so high", "You should have told me sooner", "It will rain before supper",
+    "There is always another way", "Nobody in {town} remembers that winter", "Do you hear the bells",
+    "We ought to wait a little longer", "That is the oddest thing I have heard all week",
+    "The {thing} belonged to my grandmother", "I think we are being watched", "Let us not quarrel today",
+    "Everything costs twice as much as it used to", "The road will be muddy after this weather",
+    "I only wanted to help", "Come and look at this", "Perhaps tomorrow will be kinder",
+]
+SPEECH_VERBS = ["said", "replied", "whispered", "muttered", "called", "admitted", "insisted", "declared"]
+QUESTION_VERBS = ["asked", "wondered aloud", "inquired"]
+DESCRIPTIONS = [
+    "The {adj} door creaked on its hinges.", "Gulls wheeled and cried above {setting}.",
+    "Somewhere a dog barked twice and fell silent.", "The smell of fresh bread drifted along the lane.",
+    "A cart rattled over the cobbles.", "The clock in the tower struck the hour.",
+    "Children were singing somewhere out of sight.", "The river ran fast and brown after the rain.",
+    "Smoke rose straight up from the chimneys of {town}.", "The shelves were crowded with {adj} jars.",
+    "Ivy had crept over the walls of {setting}.", "The lamps of {town} came on one by one.",
+]
+
+
+def _fill(template: str, rng: random.Random, cast: list[str], setting: str, town: str) -> str:
+    name = rng.choice(cast)
+    others = [c for c in cast if c != name] or [rng.choice(TITLES)]
+    return template.format(name=name, other=rng.choice(others), setting=setting, town=town,
+                           thing=rng.choice(THINGS), adj=rng.choice(ADJECTIVES))
+
+
+def _character(rng: random.Random) -> str:
+    roll = rng.random()
+    if roll < 0.55:
+        return rng.choice(FIRST_NAMES)
+    if roll < 0.8:
+        return f"{rng.choice(['Mr', 'Mrs', 'Miss', 'Dr'])} {rng.choice(FAMILY_NAMES)}"
+    return rng.choice(TITLES)  # "the baker": capitalised only where it starts a sentence
+
+
+def _sentence(rng: random.Random, cast: list[str], setting: str, town: str) -> str:
+    kind = rng.choices(["action", "thought", "dialogue", "description", "weather"], [5, 2, 3, 2, 1])[0]
+    if kind == "dialogue":
+        speaker = rng.choice(cast)
+        saying = _fill(rng.choice(SAYINGS), rng, cast, setting, town)
+        if saying.startswith("Do you"):
+            return f"\u201c{saying}?\u201d {rng.choice(QUESTION_VERBS)} {speaker}."
+        return f"\u201c{saying},\u201d {rng.choice(SPEECH_VERBS)} {speaker}."
+    pool = {"action": ACTIONS, "thought": THOUGHTS, "description": DESCRIPTIONS, "weather": WEATHER}[kind]
+    text = _fill(rng.choice(pool), rng, cast, setting, town)
+    return text[0].upper() + text[1:]
+
+
+def _scene(rng: random.Random) -> str:
+    town, setting = rng.choice(TOWNS), rng.choice(SETTINGS)
+    cast = list(dict.fromkeys(_character(rng) for _ in range(rng.randint(1, 3))))
+    opening = rng.choice([f"{rng.choice(TIMES)}, {cast[0]} arrived at {setting}.",
+                          _fill(rng.choice(WEATHER), rng, cast, setting, town),
+                          f"{rng.choice(TIMES)} the streets of {town} were busy."])
+    sentences = [opening] + [_sentence(rng, cast, setting, town) for _ in range(rng.randint(3, 9))]
+    return " ".join(sentences)
+
+
+def filler_document(side: str, seed: int, index: int) -> str:
+    """Document `index` of the (side, seed) stream: 1-5 paragraphs separated by blank lines."""
+    rng = random.Random(f"lm2-filler/{side}/{seed}/{index}")
+    return "\n\n".join(_scene(rng) for _ in range(rng.randint(1, 5)))
