@@ -99,7 +99,7 @@ def babilong_lengths(source: str, tasks: list[str], recipe) -> list[str]:
     """Lengths present for the tasks: the files of a local directory, else the recipe's babilong.lengths."""
     root = Path(source)
     if root.is_dir():
-        found = sorted({p.stem for t in tasks for p in (root / t).glob("*.json")},
+        found = sorted({p.stem for t in tasks for d in (root / t, root / "data" / t) for p in d.glob("*.json")},
                        key=lambda s: (len(s), s))
         if not found:
             raise Lm2Error(f"{root}: no BABILong files for {', '.join(tasks)} (expected {root}/qa1/0k.json ...); "
@@ -385,7 +385,7 @@ def make_stages(recipe, budgets: list[int]) -> list[Stage]:
     out = []
     for i in range(n):
         label = f"[stage {i + 1}/{n}, {recipe.finetune.stages[i]} segments] " if n > 1 else ""
-        pointers = ("best", f"best_stage_{i + 1}") if n > 1 else ("best",)
+        pointers = ("best", f"best_stage_{i + 1}")  # per stage, so a finished run can gain stages later
         out.append(Stage(index=i, count=n, start_step=i * steps, steps=steps, label=label, best_pointers=pointers))
     return out
 
