@@ -30,7 +30,7 @@ import torch
 from lm2cli.errors import Lm2Error
 from lm2cli.training import checkpoints as ck
 from lm2cli.training.cursor import RowOrder, spread_indices
-from lm2cli.training.loop import IGNORE, Batch, Session, Stage, evaluate, log_eval, train_stage
+from lm2cli.training.loop import IGNORE, Batch, Session, Stage, train_stage, validate
 from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
 from lm2cli.training.session import (
     begin_logging,
@@ -368,7 +368,7 @@ def _finetune(recipe, rt, resume, resume_from, dry_run) -> None:
         for stage in stages[s.stage:]:
             data = data_for(stage)
             if pending:
-                log_eval(s, stage, evaluate(s, data), s.ckpt_root / ck.checkpoint_name(s.step))
+                validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
                 pending = False
             if s.step >= stage.end_step:
                 continue  # finished before the interruption: go on to the next stage

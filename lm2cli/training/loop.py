@@ -134,7 +134,7 @@ def train_stage(s: Session, data, stage: Stage) -> None:
     tokens_since, t_log = 0, time.perf_counter()
     s.console.first, s.console.total = s.step, stage.end_step
     if s.step == stage.start_step and s.step < stage.end_step:
-        log_eval(s, stage, evaluate(s, data), ckpt=None)  # where the stage starts from, for the curve
+        validate(s, stage, data, ckpt=None)  # where the stage starts from, for the curve
         t_log = time.perf_counter()
     while s.step < stage.end_step:
         t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def train_stage(s: Session, data, stage: Stage) -> None:
         if stop or eval_now or schedule_due(local, stage.steps, tcfg.save_every):
             ckpt = save(s, stage, eval_pending=eval_now)
             if eval_now:
-                log_eval(s, stage, evaluate(s, data), ckpt)
+                validate(s, stage, data, ckpt)
             t_log = time.perf_counter()  # saving and evaluating are not training throughput
         if stop:
             raise TrainingInterrupted(
@@ -258,6 +258,22 @@ def evaluate(s: Session, data) -> dict[str, float]:
     if flag and sums[4] > 0:
         out["val_em"] = float(sums[3] / sums[4])
     return out
+
+
+def validate(s: Session, stage: Stage, data, ckpt: Path | None) -> None:
+    """Evaluate and record. Running out of memory here costs a warning, not the run (it was saved first)."""
+    try:
+        result = evaluate(s, data)
+    except torch.OutOfMemoryError:
+        s.model.train()
+        if s.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        s.say(f"warning: validation at step {s.step} ran out of memory and was skipped; lower train.eval_batches "
+              f"or train.batch_size")
+        if ckpt is not None and s.rt.is_main:
+            ck.update_trainer_state(ckpt, eval_pending=False)
+        return
+    log_eval(s, stage, result, ckpt)
 
 
 def log_eval(s: Session, stage: Stage, result: dict[str, float], ckpt: Path | None) -> None:

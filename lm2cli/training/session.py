@@ -19,7 +19,7 @@ from lm2cli.errors import Lm2Error
 from lm2cli.fileio import atomic_write_text
 from lm2cli.recipe import Recipe, section_fields, sections, toml_value
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.loop import IGNORE, Session, Stage, evaluate, forward_loss, log_eval, to_device, train_stage
+from lm2cli.training.loop import IGNORE, Session, Stage, forward_loss, to_device, train_stage, validate
 from lm2cli.training.metrics import Console, MetricsLog, fmt_duration, truncate_after
 from lm2cli.training.optim import build_optimizer
 from lm2cli.training.runtime import Runtime, StopRequest
@@ -281,7 +281,7 @@ def run_stage(s: Session, data, stage: Stage, resumed: bool, eval_pending: bool)
     begin_logging(s, s.recipe.to_toml(), stage.end_step, resumed)
     try:
         if eval_pending:
-            log_eval(s, stage, evaluate(s, data), s.ckpt_root / ck.checkpoint_name(s.step))
+            validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
         if s.step >= stage.end_step:
             s.say(f"nothing to train: the checkpoint is at step {s.step} and train.steps = {stage.steps}; "
                   f"raise train.steps to continue")
