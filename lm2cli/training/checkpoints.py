@@ -7,8 +7,8 @@ holds what exact resume needs:
 
     trainer_state.json      step, data cursor, stage, best validation, RNG of python/numpy (per rank),
                             and a manifest (size + sha256 of every other file) to detect corruption
-    optimizer.safetensors   AdamW moments and step counts, keyed `state.<param index>.<name>`; the group
-                            layout is in the safetensors metadata (JSON)
+    optimizer.safetensors   AdamW moments and step counts, keyed `state/<param index or name>/<name>`; the
+                            group layout is in the safetensors metadata (JSON)
     rng.safetensors         torch CPU (and CUDA) generator states per rank, as uint8 tensors
     memory_state.safetensors  the carried memory (memory.carry = true only), with its structure as JSON
 
@@ -132,7 +132,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], None], trainer_state: dict,
-                    optimizer: torch.optim.Optimizer | None, rng_tensors: dict[str, torch.Tensor],
+                    optimizer_state: dict | None, rng_tensors: dict[str, torch.Tensor],
                     memory_state: Any = None) -> Path:
     """Write checkpoint `step` atomically and point `latest` at it. Returns the final directory.
 
@@ -148,8 +148,8 @@ def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], N
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_model_files(tmp)
-    if optimizer is not None:
-        tensors, meta = optimizer_tensors(optimizer)
+    if optimizer_state is not None:
+        tensors, meta = flatten_optimizer_state(optimizer_state)
         save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"lm2": json.dumps(meta)})
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / RNG_FILE)
     if memory_state is not None:
@@ -236,48 +236,81 @@ def load_safetensors(ckpt: Path, fname: str) -> tuple[dict[str, torch.Tensor], d
 # ------------------------------------------------------------------------------------- optimizer state
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer's state into safetensors tensors plus a JSON-able description of its groups."""
-    sd = optimizer.state_dict()
+def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into safetensors tensors plus a JSON description of its groups.
+
+    `sd` is `optimizer.state_dict()` (parameters keyed by index) or, under FSDP, the gathered full state dict
+    (keyed by parameter name); the key kind is recorded so loading gives back the same keys.
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
+    for key, st in sd["state"].items():
+        for name, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous().clone()
+                tensors[f"state/{key}/{name}"] = value.detach().to("cpu").contiguous().clone()
             else:
-                scalars[f"{idx}.{key}"] = value
+                scalars[f"{key}/{name}"] = value
     groups = [{"name": g.get("name", str(i)), "params": list(g["params"])} for i, g in enumerate(sd["param_groups"])]
-    return tensors, {"groups": groups, "scalars": scalars, "class": type(optimizer).__name__}
+    keys = "name" if any(isinstance(k, str) for k in sd["state"]) else "index"
+    return tensors, {"groups": groups, "scalars": scalars, "keys": keys}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+def read_optimizer_state(ckpt: Path) -> tuple[dict[Any, dict[str, Any]], dict]:
+    """(per-parameter state, metadata) of a checkpoint's optimizer.safetensors."""
+    tensors, meta = load_safetensors(ckpt, OPTIMIZER_FILE)
+    by_index = meta.get("keys", "index") == "index"
+    state: dict[Any, dict[str, Any]] = {}
+    items = [(k.split("/", 2)[1:], v) for k, v in tensors.items()]
+    items += [(k.rsplit("/", 1), v) for k, v in meta.get("scalars", {}).items()]
+    for (key, name), value in items:
+        state.setdefault(int(key) if by_index else key, {})[name] = value
+    return state, meta
+
+
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (its state dict keys parameters by this position)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def rekey(state: dict, names: list[str], by_name: bool) -> dict:
+    """Convert optimizer state keys between positions and names (an FSDP checkpoint resumed without FSDP, or
+    the other way round)."""
+    if by_name:
+        return {names[k] if isinstance(k, int) else k: v for k, v in state.items()}
+    index = {n: i for i, n in enumerate(names)}
+    return {index[k] if isinstance(k, str) else k: v for k, v in state.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path, names: list[str] | None = None) -> None:
     """Restore moments and step counts into `optimizer`, whose groups were built from the current recipe.
 
     Group hyperparameters (betas, weight decay, lr multipliers) stay as the current recipe sets them; only
     the state tensors come from the checkpoint, after checking that the parameter layout is the same.
+    `names` (parameter names in optimizer order) lets a name-keyed (FSDP) checkpoint load.
     """
-    tensors, meta = load_safetensors(ckpt, OPTIMIZER_FILE)
+    state, meta = read_optimizer_state(ckpt)
     current = optimizer.state_dict()
-    layout_now = [(g.get("name", str(i)), len(g["params"])) for i, g in enumerate(current["param_groups"])]
-    layout_then = [(g["name"], len(g["params"])) for g in meta.get("groups", [])]
-    if layout_now != layout_then:
-        raise Lm2Error(f"checkpoint {ckpt}: its optimizer groups {layout_then} do not match this run's "
-                       f"{layout_now}; the model's parameters changed (see the recipe differences above)")
+    check_group_layout(ckpt, meta, [(g.get("name", str(i)), len(g["params"]))
+                                    for i, g in enumerate(current["param_groups"])])
+    if names is not None:
+        state = rekey(state, names, by_name=False)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta.get("scalars", {}).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
     for idx, st in state.items():
+        if not isinstance(idx, int) or not 0 <= idx < len(params):
+            raise _corrupt(ckpt, f"optimizer state for an unknown parameter {idx!r}")
         for name, value in st.items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[idx].shape:
                 raise _corrupt(ckpt, f"optimizer tensor {name} of parameter {idx} has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(params[idx].shape)}")
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def check_group_layout(ckpt: Path, meta: dict, layout_now: list[tuple[str, int]]) -> None:
+    layout_then = [(g["name"], len(g["params"])) for g in meta.get("groups", [])]
+    if layout_now != layout_then:
+        raise Lm2Error(f"checkpoint {ckpt}: its optimizer groups {layout_then} do not match this run's "
+                       f"{layout_now}; the model's parameters changed (see the recipe differences above)")
 
 
 # ----------------------------------------------------------------------------------------------- RNG

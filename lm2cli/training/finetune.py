@@ -30,7 +30,7 @@ import torch
 from lm2cli.errors import Lm2Error
 from lm2cli.training import checkpoints as ck
 from lm2cli.training.cursor import RowOrder, spread_indices
-from lm2cli.training.loop import IGNORE, Batch, Session, Stage, train_stage, validate
+from lm2cli.training.loop import IGNORE, Batch, Session, Stage, load_model_weights, train_stage, validate
 from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
 from lm2cli.training.session import (
     begin_logging,
@@ -392,14 +392,12 @@ def make_stages(recipe, budgets: list[int]) -> list[Stage]:
 
 def start_next_stage(s: Session, stage: Stage) -> None:
     """Begin curriculum stage `stage` from the best checkpoint of the previous one, with a fresh optimizer."""
-    from lm2cli.checkpoint import load_weights
-
     previous = s.best.get(f"best_stage_{stage.index}")
     if previous is None:
         raise Lm2Error(f"{stage.label}the previous stage has no validated checkpoint to start from")
     ckpt = s.ckpt_root / previous["checkpoint"]
     s.rt.barrier()
-    load_weights(s.model, ckpt)
+    load_model_weights(s, ckpt)
     s.optimizer = new_optimizer(s.model, s.recipe, s.rt, announce=False)
     s.stage, s.rows_done, s.carry = stage.index, 0, None
     s.best.pop("best", None)  # `best` tracks the current stage

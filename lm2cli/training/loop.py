@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class Session:
     best: dict[str, dict] = field(default_factory=dict)  # pointer name -> {"val_loss", "checkpoint"}
     carry: Any = None  # memory carried across steps (memory.carry = true)
     train_seconds: float = 0.0  # wall time spent in training steps, across resumes
+    fsdp: bool = False  # `model` is sharded in place (train.distributed = "fsdp" under torchrun)
     extra_state: dict = field(default_factory=dict)  # command-specific values stored in trainer_state.json
 
     @property
@@ -149,18 +150,18 @@ def train_stage(s: Session, data, stage: Stage) -> None:
         n_targets, n_tokens = (int(x) for x in rt.all_reduce(counts).tolist())
         total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
         for m, batch in enumerate(batches):
-            # DDP all-reduces gradients on the last micro-batch only; the others accumulate locally.
+            # Gradients are reduced across ranks on the last micro-batch only; the others accumulate locally.
             last = m == len(batches) - 1
-            sync = nullcontext() if last or not rt.distributed or not hasattr(s.train_model, "no_sync") \
-                else s.train_model.no_sync()
-            with sync:
+            with gradient_sync(s, last):
                 loss, _, state = forward_loss(s, batch, s.train_model, s.carry)
-                # Scale so that the gradient DDP averages over ranks is the mean over all target tokens.
+                # Scale so that the gradient DDP/FSDP average over ranks is the mean over all target tokens.
                 (loss * (rt.world / max(1, n_targets))).backward()
             total_loss += loss.detach().double()
             if r.memory.carry:
                 s.carry = s.model.carry_memory(state)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         step_loss = float(rt.all_reduce(total_loss).item()) / max(1, n_targets)
         if not math.isfinite(step_loss) or not math.isfinite(float(grad_norm)):
             raise non_finite(s, s.step + 1, step_loss, float(grad_norm))
@@ -198,6 +199,24 @@ def train_stage(s: Session, data, stage: Stage) -> None:
                 f"Resume with: {s.resume_hint}", s.stop.signum)
 
 
+@contextmanager
+def gradient_sync(s: Session, enabled: bool):
+    """DDP's no_sync / FSDP's requires_gradient_sync(False) for accumulation micro-batches."""
+    if enabled or not s.rt.distributed:
+        yield
+    elif s.fsdp:
+        from lm2cli.training.fsdp import set_gradient_sync
+
+        set_gradient_sync(s.model, False)
+        try:
+            yield
+        finally:
+            set_gradient_sync(s.model, True)
+    else:
+        with s.train_model.no_sync():
+            yield
+
+
 def stop_requested(s: Session) -> bool:
     """Whether any process got SIGINT/SIGTERM (all ranks must stop at the same step to save together)."""
     flag = torch.tensor([float(s.stop.signum or 0)])
@@ -228,13 +247,20 @@ def evaluate(s: Session, data) -> dict[str, float]:
     Exact match is teacher-forced: a row counts when the argmax at every answer position (and EOS) is the
     target token, which is exactly when greedy decoding would reproduce the answer and stop.
     """
-    model = s.model if not getattr(s.train_model, "_lm2_fsdp", False) else s.train_model
+    model = s.model  # never the DDP/compile wrapper; under FSDP the sharded module itself
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss, targets, bytes, correct rows, answer rows
     has_answers = False
-    for batch in data.val_batches(s.rt.rank, s.rt.world):
-        batch = to_device(batch, s.rt.device)
+    batches = list(data.val_batches(s.rt.rank, s.rt.world))
+    n_calls = len(batches)
+    if s.fsdp:  # every rank must run the same number of forwards (each gathers the shards collectively)
+        n_calls = int(s.rt.all_reduce(torch.tensor([float(n_calls)]), op=torch.distributed.ReduceOp.MAX).item())
+    for i in range(n_calls):
+        if i >= len(batches):  # padding call on a rank with fewer batches: run it, count nothing
+            forward_loss(s, to_device(next(iter(data.val_batches(0, 1))), s.rt.device), model)
+            continue
+        batch = to_device(batches[i], s.rt.device)
         loss, logits, _ = forward_loss(s, batch, model)
         mask = batch.targets != IGNORE
         sums[0] += float(loss)
@@ -332,15 +358,34 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
 
     rng_tensors, rng_info = ck.capture_rng(s.rt.rank)
     gathered = s.rt.gather_objects((rng_tensors, rng_info, s.carry))
+    if s.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+        from lm2cli.training import fsdp
+
+        model = fsdp.gathered_model(s.model, s.recipe, s.rt.rank)
+        optimizer_state = fsdp.gathered_optimizer_state(s.model, s.optimizer)
+    else:
+        model, optimizer_state = s.model, (s.optimizer.state_dict() if s.rt.is_main else None)
     path = s.ckpt_root / ck.checkpoint_name(s.step)
     if s.rt.is_main:
         all_tensors = {k: v for t, _, _ in gathered for k, v in t.items()}
         infos = {f"rank{i}": info for i, (_, info, _) in enumerate(gathered)}
         carried = [c for _, _, c in gathered] if s.carry is not None else None
         state = trainer_state(s, stage, eval_pending, infos)
-        path = ck.save_checkpoint(s.ckpt_root, s.step, lambda d: save_model_files(d, s.model, s.recipe, s.tokenizer),
-                                  state, s.optimizer, all_tensors, carried)
+        path = ck.save_checkpoint(s.ckpt_root, s.step, lambda d: save_model_files(d, model, s.recipe, s.tokenizer),
+                                  state, optimizer_state, all_tensors, carried)
         if not eval_pending:  # else rotation waits until validation has updated the best pointers
             ck.rotate(s.ckpt_root, s.recipe.train.keep_last, protected=set())
     s.rt.barrier()
     return path
+
+
+def load_model_weights(s: Session, ckpt: Path) -> None:
+    """Weights of checkpoint `ckpt` into the session's model (sharded or not)."""
+    if s.fsdp:
+        from lm2cli.training.fsdp import load_model_file
+
+        load_model_file(s.model, ckpt / "model.safetensors")
+    else:
+        from lm2cli.checkpoint import load_weights
+
+        load_weights(s.model, ckpt)

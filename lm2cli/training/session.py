@@ -19,7 +19,16 @@ from lm2cli.errors import Lm2Error
 from lm2cli.fileio import atomic_write_text
 from lm2cli.recipe import Recipe, section_fields, sections, toml_value
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.loop import IGNORE, Session, Stage, forward_loss, to_device, train_stage, validate
+from lm2cli.training.loop import (
+    IGNORE,
+    Session,
+    Stage,
+    forward_loss,
+    load_model_weights,
+    to_device,
+    train_stage,
+    validate,
+)
 from lm2cli.training.metrics import Console, MetricsLog, fmt_duration, truncate_after
 from lm2cli.training.optim import build_optimizer
 from lm2cli.training.runtime import Runtime, StopRequest
@@ -161,8 +170,9 @@ def place_model(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> torch.nn
     return model
 
 
-def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> torch.nn.Module:
-    """The module the training step calls: optionally compiled, DDP-wrapped under torchrun.
+def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp: bool) -> torch.nn.Module:
+    """The module the training step calls: optionally compiled, DDP-wrapped under torchrun (FSDP shards the
+    model in place before the optimizer is built, see open_session).
 
     The plain `model` stays what is saved and evaluated: a compiled wrapper's state dict has `_orig_mod.`
     prefixes and DDP's has `module.` (both broke resume and sampling in other toolkits).
@@ -170,7 +180,7 @@ def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> to
     train_model = model
     if recipe.train.compile:
         train_model = torch.compile(train_model)
-    if rt.distributed:
+    if rt.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
@@ -200,15 +210,26 @@ def open_session(command: str, recipe: Recipe, rt: Runtime, tokenizer, model: to
     """Everything the loop needs, on the right device, restored from `plan.resume_from` when resuming."""
     place_model(model, recipe, rt)
     describe_model(model, rt)
+    flops = model.flops_per_token(recipe.train.seq_len)
+    fsdp = rt.distributed and recipe.train.distributed == "fsdp"
+    if fsdp:
+        from lm2cli.training.fsdp import shard
+
+        shard(model)
+        info(rt, f"FSDP: parameters, gradients and optimizer state sharded over {rt.world} processes "
+                 f"(one unit per decoder block)")
+    elif recipe.train.distributed == "fsdp" and not rt.distributed:
+        info(rt, "train.distributed = \"fsdp\" takes effect under torchrun with several processes; one process "
+                 "trains unsharded")
     optimizer = new_optimizer(model, recipe, rt)
     s = Session(command=command, recipe=recipe, rt=rt, model=model, train_model=model, optimizer=optimizer,
                 tokenizer=tokenizer, run_dir=plan.run_dir, console=Console(False, 1, 0, command), metrics=None,
                 stop=StopRequest(), resume_hint=resume_hint(command, plan.run_dir),
-                extra_state=dict(extra_state or {}))
-    s.extra_state["flops_per_token"] = model.flops_per_token(recipe.train.seq_len)
+                extra_state=dict(extra_state or {}), fsdp=fsdp)
+    s.extra_state["flops_per_token"] = flops
     if plan.resume_from is not None:
         restore(s, plan.resume_from, plan.state)
-    s.train_model = wrap_for_training(model, recipe, rt)
+    s.train_model = wrap_for_training(model, recipe, rt, fsdp)
     return s
 
 
@@ -235,7 +256,7 @@ def end_logging(s: Session) -> None:
 
 def restore(s: Session, ckpt: Path, state: dict) -> None:
     """Put the session exactly where checkpoint `ckpt` left off: weights, optimizer, RNG, cursor, memory."""
-    from lm2cli.checkpoint import load_recipe_of, load_weights
+    from lm2cli.checkpoint import load_recipe_of
 
     saved = load_recipe_of(ckpt)
     for w in compare_recipes(saved, s.recipe, ckpt):
@@ -243,8 +264,13 @@ def restore(s: Session, ckpt: Path, state: dict) -> None:
     if state.get("tokenizer_sha256") != s.tokenizer.sha256:
         raise Lm2Error(f"checkpoint {ckpt} was trained with another tokenizer than {s.tokenizer.where} "
                        f"(sha256 differs); resume on the data it was trained on")
-    load_weights(s.model, ckpt)
-    ck.load_optimizer_state(s.optimizer, ckpt)
+    load_model_weights(s, ckpt)
+    if s.fsdp:
+        from lm2cli.training.fsdp import load_optimizer
+
+        load_optimizer(s.model, s.optimizer, ckpt)
+    else:
+        ck.load_optimizer_state(s.optimizer, ckpt, ck.optimizer_param_names(s.model, s.optimizer))
     s.step, s.rows_done, s.stage = int(state["step"]), int(state["rows_done"]), int(state.get("stage", 0))
     s.best = dict(state.get("best") or {})
     s.train_seconds = float(state.get("train_seconds", 0.0))
