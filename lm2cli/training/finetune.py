@@ -141,6 +141,7 @@ class FinetuneData:
         t = recipe.train
         self.batch_size, self.pad_id = t.batch_size, tokenizer.pad_id
         self.train = [e for e in train if len(e) <= budget]
+        self.left_out = len(train) - len(self.train)
         fitting_val = sorted((e for e in val if len(e) <= budget), key=len)
         if not self.train:
             longest = min(len(e) for e in train)
@@ -160,8 +161,9 @@ class FinetuneData:
 
     def describe(self) -> str:
         lengths = np.array([len(e) for e in self.train])
-        return (f"{len(self.train):,} training rows of at most {self.budget} tokens (mean {lengths.mean():.0f}, "
-                f"max {lengths.max()}), {len(self.val)} validation rows")
+        left_out = f" ({self.left_out:,} longer rows left out)" if self.left_out else ""
+        return (f"{len(self.train):,} training rows of at most {self.budget} tokens{left_out} (mean "
+                f"{lengths.mean():.0f}, max {lengths.max()}), {len(self.val)} validation rows")
 
     def epoch_at(self, rows_done: int) -> float:
         return rows_done / len(self.train)
