@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+import lm2cli.training  # noqa: E402,F401  (first: sets lm2's OMP_WAIT_POLICY default before torch loads OpenMP)
 from lm2cli.model import build_model  # noqa: E402
 from lm2cli.recipe import load_recipe  # noqa: E402
 from lm2cli.training.loop import loss_sum  # noqa: E402
@@ -88,7 +90,8 @@ def main() -> None:
     if args.compile:
         variants.append(("compile", [], {"compile": True}))
     print(f"recipe {args.recipe}: {t.batch_size} x {t.seq_len} tokens per step, vocab {vocab}, "
-          f"torch {torch.__version__}, {default_threads} threads by default; "
+          f"torch {torch.__version__}, {default_threads} threads by default, OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY')}; "
           f"best of {args.repeats} rounds x {args.steps} steps")
     built = []
     for name, overrides, opts in variants:

@@ -11,6 +11,14 @@ pure-function data order), `optim` (AdamW groups, LR schedule), `metrics` (conso
 
 from __future__ import annotations
 
+import os
+
+# Set before torch loads its OpenMP runtime (training imports torch only after this package): idle compute
+# threads sleep instead of spinning. On a CPU shared with other jobs, spinning threads steal the cores that
+# the threads they wait for need, and a step became 2-5x slower (docs/performance.md, Training). Results do
+# not depend on it. An OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __all__ = ["pretrain_command", "finetune_command"]
 
 

@@ -128,9 +128,7 @@ def schedule_due(local_step: int, stage_steps: int, every: int) -> bool:
 
 def train_stage(s: Session, data, stage: Stage) -> None:
     """Run optimizer steps until the end of `stage`, starting from `s.step` (fresh or resumed)."""
-    r, rt, tcfg = s.recipe, s.rt, s.recipe.train
-    rows_per_step = tcfg.batch_size * tcfg.grad_accum * rt.world
-    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    tcfg = s.recipe.train
     ema = LossEMA()
     tokens_since, t_log = 0, time.perf_counter()
     s.console.first, s.console.total = s.step, stage.end_step
@@ -141,50 +139,14 @@ def train_stage(s: Session, data, stage: Stage) -> None:
         t0 = time.perf_counter()
         local = s.step - stage.start_step
         lr = lr_at(local, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_steps=tcfg.warmup_steps, total_steps=stage.steps)
-        set_lr(s.optimizer, lr)
-        first_row = s.rows_done
-        batches = [to_device(data.batch(rows_for(first_row, m, rt.rank, rt.world, tcfg.batch_size),
-                                        tcfg.batch_size), rt.device) for m in range(tcfg.grad_accum)]
-        counts = torch.tensor([sum(int((b.targets != IGNORE).sum()) for b in batches),
-                               sum(b.n_tokens for b in batches)], dtype=torch.float64)
-        n_targets, n_tokens = (int(x) for x in rt.all_reduce(counts).tolist())
-        total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
-        for m, batch in enumerate(batches):
-            # Gradients are reduced across ranks on the last micro-batch only; the others accumulate locally.
-            last = m == len(batches) - 1
-            with gradient_sync(s, last):
-                loss, _, state = forward_loss(s, batch, s.train_model, s.carry)
-                # Scale so that the gradient DDP/FSDP average over ranks is the mean over all target tokens.
-                (loss * (rt.world / max(1, n_targets))).backward()
-            total_loss += loss.detach().double()
-            if r.memory.carry:
-                s.carry = s.model.carry_memory(state)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        step_loss = float(rt.all_reduce(total_loss).item()) / max(1, n_targets)
-        if not math.isfinite(step_loss) or not math.isfinite(float(grad_norm)):
-            raise non_finite(s, s.step + 1, step_loss, float(grad_norm))
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        s.step += 1
-        s.rows_done += rows_per_step
-        rt.sync()
+        loss, grad_norm, n_tokens = optimizer_step(s, data, lr)
         s.train_seconds += time.perf_counter() - t0
         tokens_since += n_tokens
-        smooth = ema.update(step_loss)
+        smooth = ema.update(loss)
         local += 1
         if local % tcfg.log_every == 0 or s.step == stage.end_step:
-            dt = max(1e-9, time.perf_counter() - t_log)
-            tok_s = tokens_since / dt
-            peak = rt.peak_flops()
-            mfu = s.extra_state["flops_per_token"] * tok_s / (peak * rt.world) if peak else None
-            s.console.step(s.step, smooth, lr, tok_s, mfu, stage.label)
-            if s.metrics is not None:
-                s.metrics.write({"kind": "train", "step": s.step, "stage": stage.index + 1, "loss": step_loss,
-                                 "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens, "tokens_per_s": tok_s,
-                                 "mfu": mfu, "elapsed_s": round(s.train_seconds, 3),
-                                 "epoch": round(data.epoch_at(s.rows_done), 4)})
+            tok_s = tokens_since / max(1e-9, time.perf_counter() - t_log)
+            log_step(s, data, stage, loss, smooth, lr, grad_norm, n_tokens, tok_s)
             tokens_since, t_log = 0, time.perf_counter()
         stop = stop_requested(s)
         eval_now = schedule_due(local, stage.steps, tcfg.eval_every)
@@ -197,6 +159,51 @@ def train_stage(s: Session, data, stage: Stage) -> None:
             raise TrainingInterrupted(
                 f"stopped by {s.stop.name} after step {s.step}; saved {s.ckpt_root / ck.checkpoint_name(s.step)}. "
                 f"Resume with: {s.resume_hint}", s.stop.signum)
+
+
+def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm, input tokens)."""
+    rt, tcfg = s.rt, s.recipe.train
+    set_lr(s.optimizer, lr)
+    batches = [to_device(data.batch(rows_for(s.rows_done, m, rt.rank, rt.world, tcfg.batch_size), tcfg.batch_size),
+                         rt.device) for m in range(tcfg.grad_accum)]
+    counts = torch.tensor([sum(int((b.targets != IGNORE).sum()) for b in batches),
+                           sum(b.n_tokens for b in batches)], dtype=torch.float64)
+    n_targets, n_tokens = (int(x) for x in rt.all_reduce(counts).tolist())
+    total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for m, batch in enumerate(batches):
+        # Gradients are reduced across ranks on the last micro-batch only; the others accumulate locally.
+        with gradient_sync(s, enabled=m == len(batches) - 1):
+            loss, _, state = forward_loss(s, batch, s.train_model, s.carry)
+            # Scaled so that the gradient DDP/FSDP average over ranks is the mean over all target tokens.
+            (loss * (rt.world / max(1, n_targets))).backward()
+        total_loss += loss.detach().double()
+        if s.recipe.memory.carry:
+            s.carry = s.model.carry_memory(state)
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    step_loss, norm = float(rt.all_reduce(total_loss).item()) / max(1, n_targets), float(grad_norm)
+    if not math.isfinite(step_loss) or not math.isfinite(norm):
+        raise non_finite(s, s.step + 1, step_loss, norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    s.rows_done += tcfg.batch_size * tcfg.grad_accum * rt.world
+    rt.sync()
+    return step_loss, norm, n_tokens
+
+
+def log_step(s: Session, data, stage: Stage, loss: float, smooth: float, lr: float, grad_norm: float,
+             n_tokens: int, tok_s: float) -> None:
+    peak = s.rt.peak_flops()
+    mfu = s.extra_state["flops_per_token"] * tok_s / (peak * s.rt.world) if peak else None
+    s.console.step(s.step, smooth, lr, tok_s, mfu, stage.label)
+    if s.metrics is not None:
+        s.metrics.write({"kind": "train", "step": s.step, "stage": stage.index + 1, "loss": loss, "lr": lr,
+                         "grad_norm": grad_norm, "tokens": n_tokens, "tokens_per_s": tok_s, "mfu": mfu,
+                         "elapsed_s": round(s.train_seconds, 3), "epoch": round(data.epoch_at(s.rows_done), 4)})
 
 
 @contextmanager
