@@ -104,11 +104,43 @@ DESCRIPTIONS = [
 ]
 
 
+TAILS = [
+    "without a word", "as the bells rang", "before anyone else was awake", "for the third time that week",
+    "while the kettle boiled", "with a puzzled frown", "long after the others had gone home",
+    "as if nothing had happened", "in the grey light", "to nobody's surprise", "once the rain had stopped",
+    "humming under {pronoun} breath", "with more patience than usual", "as the clock struck four",
+    "until the candles burned low", "in spite of the cold", "while the gulls quarrelled overhead",
+    "with a sigh of relief", "just as the shutters were closing", "before supper", "after a long silence",
+    "as the tide turned", "in the usual careful way", "with trembling hands", "for reasons nobody explained",
+]
+PLACES_ON = ["on the table", "beside the door", "under a pile of papers", "on the highest shelf",
+             "by the fireplace", "in a drawer", "on the windowsill", "behind the curtain", "near the stove",
+             "at the bottom of a trunk"]
+STILL_LIFE = [
+    "The {adj} {thing} lay {place_on}.", "Someone had left a {adj} {thing} {place_on}.",
+    "A {adj} {thing} waited {place_on}, forgotten.", "Nobody touched the {thing} {place_on}.",
+]
+LEADS = ["Outside", "Somewhere nearby", "Across {town}", "Above {setting}", "For a while", "Meanwhile",
+         "Not far from {setting}", "All at once", "Later", "Beyond the rooftops", "Once again", "Just then"]
+CONNECTIVES = [", and then ", ", while ", ", although ", "; meanwhile ", ", because ", ", so "]
+
+
+_COMMON_STARTS = {"The", "A", "It", "Nobody", "Someone", "Somewhere", "Children", "Gulls", "Smoke", "Snow",
+                  "Rain", "Thunder", "Clouds", "Frost", "Ivy"}
+
+
+def _continue(text: str) -> str:
+    """`text` as the continuation of a sentence: lower-case its first word unless it is a name."""
+    first = text.split(" ", 1)[0]
+    return text[0].lower() + text[1:] if first in _COMMON_STARTS else text
+
+
 def _fill(template: str, rng: random.Random, cast: list[str], setting: str, town: str) -> str:
     name = rng.choice(cast)
     others = [c for c in cast if c != name] or [rng.choice(TITLES)]
     return template.format(name=name, other=rng.choice(others), setting=setting, town=town,
-                           thing=rng.choice(THINGS), adj=rng.choice(ADJECTIVES))
+                           thing=rng.choice(THINGS), adj=rng.choice(ADJECTIVES), place_on=rng.choice(PLACES_ON),
+                           pronoun=rng.choice(["her", "his", "their"]))
 
 
 def _character(rng: random.Random) -> str:
@@ -121,15 +153,27 @@ def _character(rng: random.Random) -> str:
 
 
 def _sentence(rng: random.Random, cast: list[str], setting: str, town: str) -> str:
-    kind = rng.choices(["action", "thought", "dialogue", "description", "weather"], [5, 2, 3, 2, 1])[0]
+    kind = rng.choices(["action", "thought", "dialogue", "description", "weather", "still", "compound"],
+                       [5, 2, 3, 2, 1, 1, 2])[0]
     if kind == "dialogue":
         speaker = rng.choice(cast)
         saying = _fill(rng.choice(SAYINGS), rng, cast, setting, town)
         if saying.startswith("Do you"):
             return f"\u201c{saying}?\u201d {rng.choice(QUESTION_VERBS)} {speaker}."
         return f"\u201c{saying},\u201d {rng.choice(SPEECH_VERBS)} {speaker}."
-    pool = {"action": ACTIONS, "thought": THOUGHTS, "description": DESCRIPTIONS, "weather": WEATHER}[kind]
-    text = _fill(rng.choice(pool), rng, cast, setting, town)
+    if kind == "compound":  # two clauses: "X did this, while Y did that."
+        first = _fill(rng.choice(ACTIONS), rng, cast, setting, town).rstrip(".")
+        second = _fill(rng.choice(ACTIONS + THOUGHTS), rng, cast, setting, town)
+        text = first + rng.choice(CONNECTIVES) + _continue(second)
+    else:
+        pool = {"action": ACTIONS, "thought": THOUGHTS, "description": DESCRIPTIONS, "weather": WEATHER,
+                "still": STILL_LIFE}[kind]
+        text = _fill(rng.choice(pool), rng, cast, setting, town)
+        if kind in ("description", "weather", "still") and rng.random() < 0.6:
+            lead = _fill(rng.choice(LEADS), rng, cast, setting, town)
+            text = f"{lead}, {_continue(text)}"
+        if kind == "action" and rng.random() < 0.5:
+            text = text.rstrip(".") + " " + _fill(rng.choice(TAILS), rng, cast, setting, town) + "."
     return text[0].upper() + text[1:]
 
 

@@ -33,6 +33,8 @@ def split_sentences(text: str) -> list[str]:
     sentences, start = [], 0
     for m in _BOUNDARY.finditer(text):
         end = m.start() + 1
+        if text[m.end():m.end() + 1].islower():  # '"Is it?" asked Ann.' continues the sentence
+            continue
         if text[end - 1] == ".":
             word = re.search(r"([\w.]+)\.$", text[start:end])
             if word and (word.group(1).lower() in ABBREVIATIONS or len(word.group(1)) == 1):

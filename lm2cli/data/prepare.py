@@ -144,7 +144,7 @@ def build_tokenizer(recipe, corpus, workers: int):
                           vocab_size=t.vocab_size, byte_fallback=t.byte_fallback,
                           character_coverage=t.character_coverage, sample_sentences=t.sample_sentences,
                           answer_token=t.answer_token, extra_symbols=list(t.extra_symbols),
-                          seed=recipe.data.seed, threads=workers)
+                          seed=recipe.data.seed)
     _echo(f"tokenizer: trained in {time.time() - started:.1f}s")
     return tok
 
