@@ -148,15 +148,10 @@ class FileCorpus:
 
     def _text_documents(self, path: Path) -> Iterator[str]:
         errors = "ignore" if self.on_decode_error == "skip" else "strict"
-        if self.text_unit == "file":  # one document: read directly (the text builder's chunking adds nothing)
-            text = path.read_text(encoding="utf-8", errors=errors)
-            if text.strip():
-                yield text.strip("\n")
-            return
         datasets = _quiet_datasets()
+        sample_by = {"file": "document", "paragraph": "paragraph", "line": "line"}[self.text_unit]
         ds = datasets.load_dataset("text", data_files=[str(path)], split="train", streaming=True,
-                                   sample_by="paragraph" if self.text_unit == "paragraph" else "line",
-                                   encoding_errors=errors)
+                                   sample_by=sample_by, encoding_errors=errors)
         for row in ds:
             text = row["text"].strip("\n")
             if text.strip():
