@@ -103,10 +103,12 @@ def test_second_run_is_a_no_op_and_changes_are_detected(cli, tmp_path):
     assert res.code == 0 and "rebuilding (--force)" in res.out
 
 
-def test_output_does_not_depend_on_the_number_of_workers(cli, tmp_path):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_output_does_not_depend_on_the_number_of_workers(cli, tmp_path, monkeypatch, start):
     one = write_recipe(tmp_path, "one.toml", data={"dir": str(tmp_path / "one"), "workers": 1})
     two = write_recipe(tmp_path, "two.toml", data={"dir": str(tmp_path / "two"), "workers": 2})
     assert cli("tokenize", one).code == 0
+    monkeypatch.setenv("LM2_MP_START", start)  # spawn: workers get nothing but what the initializer passes
     res = cli("tokenize", two)
     assert res.code == 0 and "with 2 worker(s)" in res.out
     for name in ("tokenizer.model", "train.bin", "train.idx", "val.bin", "val.idx"):
