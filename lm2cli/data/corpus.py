@@ -106,10 +106,17 @@ def materialize(item: tuple) -> list[str]:
 
 
 def _quiet_datasets():
+    """Import `datasets` with its progress bars and the hub client's retry chatter off: lm2 reports one line."""
     import datasets
 
     datasets.utils.logging.set_verbosity_error()
     datasets.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets always brings huggingface_hub
+        pass
     return datasets
 
 

@@ -301,3 +301,28 @@ def test_hub_without_network_is_one_clear_line(cli, tmp_path, monkeypatch):
 def test_hub_source_needs_a_name(cli, tmp_path):
     res = cli("tokenize", write_recipe(tmp_path, data={"source": "hub"}))
     assert res.code == 2 and "needs data.hub_name" in res.err
+
+
+def test_real_process_with_spawned_workers(lm2_proc, tmp_path):
+    """The installed entry point under spawn: workers re-import lm2cli.__main__ without re-running the CLI."""
+    recipe_path = write_recipe(tmp_path, data={"workers": 2})
+    proc = lm2_proc("tokenize", recipe_path, env={"LM2_MP_START": "spawn"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "with 2 worker(s)" in proc.stdout
+    proc = lm2_proc("tokenize", recipe_path, "--set", "tokenizer.vocab_size=60000", timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: tokenizer.vocab_size = 60000")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_babilong_command_options(cli, tmp_path):
+    from pathlib import Path
+
+    from lm2cli.recipe import recipe_from_toml
+
+    small = Path(__file__).resolve().parents[2] / "recipes" / "small.toml"
+    res = cli("babilong", small, "--print-recipe", "--out", tmp_path / "bl", "--set", "babilong.margin=20")
+    assert res.code == 0
+    r = recipe_from_toml(res.out)
+    assert r.babilong.dir == str(tmp_path / "bl") and r.babilong.margin == 20
+    res = cli("babilong", "--help")
+    assert res.code == 0 and "--babi-text" in res.out
