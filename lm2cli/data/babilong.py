@@ -146,7 +146,7 @@ class SamplePool:
 
 def facts_description(facts: str, tasks: list[str], split: str) -> tuple[str, dict]:
     from lm2cli.data.babi import find_babi_file
-    from lm2cli.data.fingerprint import file_signature
+    from lm2cli.data.fingerprint import files_signature
     from lm2cli.data.generator import GENERATOR_VERSION
 
     if facts == "synthetic":
@@ -154,7 +154,7 @@ def facts_description(facts: str, tasks: list[str], split: str) -> tuple[str, di
     if not Path(facts).is_dir():
         raise Lm2Error(f'babilong.facts = \'{facts}\': expected "synthetic" or a bAbI v1.2 directory (e.g. en-10k/)')
     files = [find_babi_file(facts, t, split) for t in tasks]
-    return f"babi-v1.2:{Path(facts).resolve()}", {"files": [file_signature(f.resolve()) for f in files]}
+    return f"babi-v1.2:{Path(facts).resolve()}", {"files": files_signature([f.resolve() for f in files])}
 
 
 # ------------------------------------------------------------------------------------------- command

@@ -326,3 +326,21 @@ def test_babilong_command_options(cli, tmp_path):
     assert r.babilong.dir == str(tmp_path / "bl") and r.babilong.margin == 20
     res = cli("babilong", "--help")
     assert res.code == 0 and "--babi-text" in res.out
+
+
+def test_small_sources_are_hashed_large_ones_stat(cli, tmp_path, monkeypatch):
+    import lm2cli.data.fingerprint as fp
+
+    (tmp_path / "a.txt").write_text("The ferry left at dawn and came back at dusk. " * 40)
+    (tmp_path / "b.txt").write_text("Bells rang over the harbour all afternoon long. " * 40)
+    recipe_path = write_recipe(tmp_path, data={"source": "files", "files": [str(tmp_path / "*.txt")]},
+                               tokenizer={"vocab_size": 300})
+    assert cli("tokenize", recipe_path).code == 0
+    os.utime(tmp_path / "a.txt", ns=(1, 1))  # same content, new modification time
+    assert "up to date" in cli("tokenize", recipe_path).out
+    monkeypatch.setattr(fp, "CONTENT_HASH_LIMIT", 10)  # now the corpus counts as large: size + mtime
+    res = cli("tokenize", recipe_path)
+    assert "rebuilding" in res.out  # the signature changed form
+    assert "up to date" in cli("tokenize", recipe_path).out
+    os.utime(tmp_path / "b.txt", ns=(2, 2))
+    assert "modified source file" in cli("tokenize", recipe_path).out
