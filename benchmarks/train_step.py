@@ -1,136 +1,156 @@
-"""Training-step throughput of the one loop's options, as ratios against a baseline measured in this process.
+"""Training-step throughput: forward + backward + AdamW tokens/s, all four models in one process.
 
-    python benchmarks/train_step.py                       # recipes/small.toml's model and batch
-    python benchmarks/train_step.py --steps 8 --repeats 3 --compile
+    python benchmarks/train_step.py [--steps 5] [--rounds 3] [--device cpu|cuda] [--batch 8] [--seq 1024]
 
-Every variant runs the same step as `lm2 pretrain` (forward with autocast as configured, token cross-entropy,
-backward, clipping, AdamW) on the same random token batch, `--steps` timed steps after 2 warm-up steps; each
-number is the best of `--repeats` rounds, and the rounds visit the variants in turn so that a change of load
-on a shared machine hits them all alike. Variants change one thing against the
-baseline (the recipe as shipped, torch's default thread count):
-
-    threads=1           torch.set_num_threads(1)
-    grad_accum=2        half the batch, two micro-batches (same tokens per optimizer step)
-    act_ckpt            train.activation_checkpointing = true
-    bptt=1              memory.bptt = 1 (backpropagate through the last segment's write only)
-    vanilla             model.arch = "vanilla" (no memory: what the memory costs)
-    bf16                train.dtype = "bf16" (autocast on CPU)
-    compile             train.compile = true (with --compile; first compilation not timed)
-
-It also times one checkpoint save (safetensors, sha256 manifest, fsync, rename) in units of steps.
+(a) Hugging Face transformers LlamaForCausalLM, (b) lm2 vanilla, (c) lm2 LM2 (64 slots, S = 128, memory in
+all blocks), (d) lm2 RMT — at d = 256, 4 layers, 4 heads, vocab 4096, seq 1024, batch 8 by default. Models are
+timed in interleaved rounds (a b c d a b c d ...) so that a noisy neighbour hurts all of them alike; the best
+round of each counts. MFU is reported against an fp32 (or bf16 on CUDA) matmul peak measured in the same run.
+Targets (issue 3): b/a >= 1.0, c/b >= 0.75.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-
-import lm2cli.training  # noqa: E402,F401  (first: sets lm2's OMP_WAIT_POLICY default before torch loads OpenMP)
-from lm2cli.model import build_model  # noqa: E402
-from lm2cli.recipe import load_recipe  # noqa: E402
-from lm2cli.training.loop import loss_sum  # noqa: E402
-from lm2cli.training.optim import build_optimizer  # noqa: E402
+from lm2cli import build_model, load_recipe
 
 
-def make_step(recipe, vocab: int, batch, accum: int, bf16: bool, compile_: bool):
-    torch.manual_seed(0)
-    model = build_model(recipe, vocab)
-    model.set_activation_checkpointing(recipe.train.activation_checkpointing)
-    model.train()
-    opt, _ = build_optimizer(model, recipe.train, model.is_memory_param)
-    run = torch.compile(model) if compile_ else model
-    params = list(model.parameters())
-    x, y = batch
-    micro = x.shape[0] // accum
+def matmul_peak_flops(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
-    def step():
-        for m in range(accum):
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            with ctx:
-                logits, _ = run(x[m * micro:(m + 1) * micro])
-            (loss_sum(logits, y[m * micro:(m + 1) * micro]) / y.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    return step, model, opt
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def lm2_model(arch: str, args):
+    recipe = load_recipe(None, [
+        f"model.arch={arch}", f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
+        f"model.n_heads={args.heads}", f"model.vocab_size={args.vocab}", "model.tie_embeddings=false",
+        f"memory.slots={args.slots}", f"memory.segment_len={args.segment}", f"memory.heads={args.heads}",
+        "memory.layers=all", f"memory.slots={args.slots if arch == 'lm2' else args.rmt_tokens}"])
+    return build_model(recipe)
+
+
+def hf_model(args, ffn_hidden: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=ffn_hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, max_position_embeddings=args.seq,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+class Runner:
+    """One model with its optimizer; `step()` is one forward + backward + AdamW update on a fixed batch."""
+
+    def __init__(self, name, model, is_hf, args, device, autocast_dtype):
+        self.name, self.is_hf, self.device = name, is_hf, device
+        self.model = model.to(device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
+        self.autocast_dtype = autocast_dtype
+        self.best = float("inf")
+
+    def step(self) -> None:
+        inp, tgt = self.x[:, :-1], self.x[:, 1:]
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(inp).logits if self.is_hf else self.model(inp)[0]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def time_round(self, steps: int) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        seconds = (time.perf_counter() - t0) / steps
+        self.best = min(self.best, seconds)
+        return seconds
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", default=str(REPO / "recipes" / "small.toml"))
-    ap.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: tokenizer.vocab_size)")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
-    args = ap.parse_args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--segment", type=int, default=128)
+    p.add_argument("--rmt-tokens", type=int, default=16)
+    p.add_argument("--only", default="a,b,c,d", help="subset of models to run, e.g. b,c")
+    args = p.parse_args()
 
-    base = load_recipe(args.recipe)
-    vocab = args.vocab or base.model.vocab_size or base.tokenizer.vocab_size
-    t = base.train
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, vocab, (t.batch_size, t.seq_len + 1), generator=g)
-    batch = (rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
-    tokens = t.batch_size * t.seq_len
-    default_threads = torch.get_num_threads()
-    variants = [("baseline", [], {}), ("threads=1", [], {"threads": 1}),
-                ("grad_accum=2", [], {"accum": 2}), ("act_ckpt", ["train.activation_checkpointing=true"], {}),
-                ("bptt=1", ["memory.bptt=1"], {}), ("vanilla", ["model.arch=vanilla"], {}),
-                ("bf16", [], {"bf16": True})]
-    if args.compile:
-        variants.append(("compile", [], {"compile": True}))
-    print(f"recipe {args.recipe}: {t.batch_size} x {t.seq_len} tokens per step, vocab {vocab}, "
-          f"torch {torch.__version__}, {default_threads} threads by default, OMP_WAIT_POLICY "
-          f"{os.environ.get('OMP_WAIT_POLICY')}; "
-          f"best of {args.repeats} rounds x {args.steps} steps")
-    built = []
-    for name, overrides, opts in variants:
-        recipe = load_recipe(args.recipe, overrides)
-        torch.set_num_threads(opts.get("threads", default_threads))
-        step, model, opt = make_step(recipe, vocab, batch, opts.get("accum", 1), opts.get("bf16", False),
-                                     opts.get("compile", False))
-        for _ in range(2):  # warm-up (and compilation)
-            step()
-        built.append((name, opts.get("threads", default_threads), step))
-        if name == "baseline":
-            save_time = time_save(model, opt, recipe)
-    best = {name: float("inf") for name, _, _ in built}
-    for _ in range(args.repeats):
-        for name, threads, step in built:
-            torch.set_num_threads(threads)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
-    torch.set_num_threads(default_threads)
-    baseline = best["baseline"]
-    for name, sec in best.items():
-        print(f"{name:>14}: {sec * 1000:8.1f} ms/step {tokens / sec:9,.0f} tok/s   x{baseline / sec:5.2f} vs baseline")
-    print(f"checkpoint save: {save_time * 1000:.0f} ms = {save_time / baseline:.1f} baseline steps")
+    torch.manual_seed(0)
+    device = args.device
+    autocast_dtype = torch.bfloat16 if device.startswith("cuda") else None
+    peak_dtype = torch.bfloat16 if autocast_dtype is not None else torch.float32
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"compute={'bf16 autocast' if autocast_dtype else 'fp32'}")
+    print(f"config: d={args.d_model} layers={args.layers} heads={args.heads} vocab={args.vocab} "
+          f"seq={args.seq} batch={args.batch}; LM2 slots={args.slots} S={args.segment}; RMT tokens={args.rmt_tokens}")
 
+    vanilla = lm2_model("vanilla", args)
+    wanted = set(args.only.split(","))
+    runners = []
+    if "a" in wanted:
+        runners.append(Runner("a HF LlamaForCausalLM", hf_model(args, vanilla.args.ffn_hidden), True, args, device,
+                              autocast_dtype))
+    if "b" in wanted:
+        runners.append(Runner("b lm2 vanilla", vanilla, False, args, device, autocast_dtype))
+    if "c" in wanted:
+        runners.append(Runner("c lm2 LM2", lm2_model("lm2", args), False, args, device, autocast_dtype))
+    if "d" in wanted:
+        runners.append(Runner("d lm2 RMT", lm2_model("rmt", args), False, args, device, autocast_dtype))
 
-def time_save(model, opt, recipe) -> float:
-    """One atomic checkpoint of this model and optimizer, as the loop writes it."""
-    from safetensors.torch import save_model
-
-    from lm2cli.training import checkpoints as ck
-
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        tensors, info = ck.capture_rng(0)
-        ck.save_checkpoint(Path(d), 1, lambda p: save_model(model, str(p / "model.safetensors")),
-                           {"step": 1, "rng": {"rank0": info}}, opt.state_dict(), tensors)
-        return time.perf_counter() - t0
+    for r in runners:  # warm-up: allocator, kernels, optimizer state
+        r.step()
+    for _ in range(args.rounds):
+        for r in runners:
+            r.time_round(args.steps)
+    peak = matmul_peak_flops(device, peak_dtype)
+    tokens = args.batch * args.seq
+    print(f"matmul peak ({peak_dtype}): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'model':24s} {'tokens/s':>10s} {'s/step':>8s} {'MFU':>6s}")
+    rates = {}
+    for r in runners:
+        rate = tokens / r.best
+        rates[r.name[0]] = rate
+        model = r.model if not r.is_hf else vanilla  # same shapes: use lm2's FLOPs estimate for HF too
+        mfu = model.flops_per_token(args.seq) * rate / peak
+        print(f"{r.name:24s} {rate:10.0f} {r.best:8.3f} {100 * mfu:5.1f}%")
+    if {"a", "b"} <= rates.keys():
+        print(f"ratio b/a (lm2 vanilla vs HF Llama): {rates['b'] / rates['a']:.2f}  (target >= 1.0)")
+    if {"b", "c"} <= rates.keys():
+        print(f"ratio c/b (LM2 vs vanilla):          {rates['c'] / rates['b']:.2f}  (target >= 0.75)")
+    if {"b", "d"} <= rates.keys():
+        print(f"ratio d/b (RMT vs vanilla):          {rates['d'] / rates['b']:.2f}")
 
 
 if __name__ == "__main__":

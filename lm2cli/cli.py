@@ -162,9 +162,11 @@ def babilong(
         "--babi-text", metavar="DIR",
         help="Instead: write generated stories of babilong.tasks as bAbI v1.2 text files into DIR")] = None,
     train_questions: Annotated[int, typer.Option(
-        "--train-questions", min=1, help="With --babi-text: questions per task in the train files")] = 10_000,
+        "--train-questions", min=1, metavar="N",
+        help="With --babi-text: questions per task in the train files")] = 10_000,
     test_questions: Annotated[int, typer.Option(
-        "--test-questions", min=1, help="With --babi-text: questions per task in the test files")] = 1_000,
+        "--test-questions", min=1, metavar="N",
+        help="With --babi-text: questions per task in the test files")] = 1_000,
     debug: DebugOpt = False,
 ) -> None:
     """Build BABILong-style sets (bAbI facts in haystack text) as babilong.dir/qaN/<length>.json."""

@@ -126,9 +126,27 @@ def sample_stream(facts: str, task: str, split: str, seed: int) -> Iterator:
         yield from block
 
 
+class SamplePool:
+    """`sample_stream` drawn lazily once and replayed for every length (generating stories is the slow part)."""
+
+    def __init__(self, stream: Iterator):
+        self.stream, self.seen = stream, []
+
+    def __iter__(self) -> Iterator:
+        i = 0
+        while True:
+            if i == len(self.seen):
+                try:
+                    self.seen.append(next(self.stream))
+                except StopIteration:
+                    return
+            yield self.seen[i]
+            i += 1
+
+
 def facts_description(facts: str, tasks: list[str], split: str) -> tuple[str, dict]:
     from lm2cli.data.babi import find_babi_file
-    from lm2cli.data.fingerprint import file_signature
+    from lm2cli.data.fingerprint import files_signature
     from lm2cli.data.generator import GENERATOR_VERSION
 
     if facts == "synthetic":
@@ -136,7 +154,7 @@ def facts_description(facts: str, tasks: list[str], split: str) -> tuple[str, di
     if not Path(facts).is_dir():
         raise Lm2Error(f'babilong.facts = \'{facts}\': expected "synthetic" or a bAbI v1.2 directory (e.g. en-10k/)')
     files = [find_babi_file(facts, t, split) for t in tasks]
-    return f"babi-v1.2:{Path(facts).resolve()}", {"files": [file_signature(f.resolve()) for f in files]}
+    return f"babi-v1.2:{Path(facts).resolve()}", {"files": files_signature([f.resolve() for f in files])}
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -189,13 +207,14 @@ def babilong_command(recipe, force: bool = False) -> Path:
     files = []
     window = (b.fact_window[0], b.fact_window[1])
     for task in b.tasks:
+        pool = SamplePool(sample_stream(b.facts, task, b.split, b.seed))
         for name, length in lengths.items():
             stream_key = f"lm2-babilong/{b.seed}/{task}/{name}"
             sampler = SentenceSampler(haystack, tokenizer, random.Random(stream_key + "/haystack"),
                                       b.max_sentence_tokens)
             gaps = random.Random(stream_key + "/gaps")
             rows, reasons = [], {"fact_filter": 0, "facts_over_budget": 0}
-            for sample in sample_stream(b.facts, task, b.split, b.seed):
+            for sample in pool:
                 row, reason = build_row(sample, length, b.margin, tokenizer, sampler, gaps, window)
                 if row is None:
                     reasons[reason] += 1

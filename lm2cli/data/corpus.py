@@ -106,10 +106,17 @@ def materialize(item: tuple) -> list[str]:
 
 
 def _quiet_datasets():
+    """Import `datasets` with its progress bars and the hub client's retry chatter off: lm2 reports one line."""
     import datasets
 
     datasets.utils.logging.set_verbosity_error()
     datasets.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets always brings huggingface_hub
+        pass
     return datasets
 
 
@@ -148,15 +155,10 @@ class FileCorpus:
 
     def _text_documents(self, path: Path) -> Iterator[str]:
         errors = "ignore" if self.on_decode_error == "skip" else "strict"
-        if self.text_unit == "file":  # one document: read directly (the text builder's chunking adds nothing)
-            text = path.read_text(encoding="utf-8", errors=errors)
-            if text.strip():
-                yield text.strip("\n")
-            return
         datasets = _quiet_datasets()
+        sample_by = {"file": "document", "paragraph": "paragraph", "line": "line"}[self.text_unit]
         ds = datasets.load_dataset("text", data_files=[str(path)], split="train", streaming=True,
-                                   sample_by="paragraph" if self.text_unit == "paragraph" else "line",
-                                   encoding_errors=errors)
+                                   sample_by=sample_by, encoding_errors=errors)
         for row in ds:
             text = row["text"].strip("\n")
             if text.strip():

@@ -33,6 +33,8 @@ def split_sentences(text: str) -> list[str]:
     sentences, start = [], 0
     for m in _BOUNDARY.finditer(text):
         end = m.start() + 1
+        if text[m.end():m.end() + 1].islower():  # '"Is it?" asked Ann.' continues the sentence
+            continue
         if text[end - 1] == ".":
             word = re.search(r"([\w.]+)\.$", text[start:end])
             if word and (word.group(1).lower() in ABBREVIATIONS or len(word.group(1)) == 1):
@@ -96,9 +98,9 @@ class FileHaystack:
         return data.decode("utf-8", errors="ignore")  # cut characters sit in the dropped edge sentences
 
     def describe(self) -> dict[str, Any]:
-        from lm2cli.data.fingerprint import file_signature
+        from lm2cli.data.fingerprint import files_signature
 
-        signatures = [file_signature(p) for p in self.files]
+        signatures = files_signature(self.files)
         return {"kind": "books", "name": ", ".join(p.name for p in self.files[:5])
                 + (f" and {len(self.files) - 5} more" if len(self.files) > 5 else ""),
                 "files": [str(p) for p in self.files],

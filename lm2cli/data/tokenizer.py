@@ -220,8 +220,11 @@ _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+)
 
 def train_tokenizer(sentences: Iterable[str], *, model_type: str, vocab_size: int, byte_fallback: bool,
                     character_coverage: float, sample_sentences: int, answer_token: str,
-                    extra_symbols: list[str], seed: int, threads: int = 1) -> Tokenizer:
+                    extra_symbols: list[str], seed: int) -> Tokenizer:
     """Train a SentencePiece model on `sentences` with lm2's fixed special ids (see the module docstring).
+
+    One training thread: SentencePiece's result depends on its thread count, and the same recipe must give
+    the same tokenizer on every machine and for any `data.workers`.
 
     Errors SentencePiece reports about the vocabulary size become one line naming `tokenizer.vocab_size`.
     """
@@ -251,7 +254,7 @@ def train_tokenizer(sentences: Iterable[str], *, model_type: str, vocab_size: in
             input_sentence_size=sample_sentences, shuffle_input_sentence=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, user_defined_symbols=symbols,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
-            max_sentence_length=MAX_TRAIN_SENTENCE_BYTES * 2, num_threads=max(1, threads),
+            max_sentence_length=MAX_TRAIN_SENTENCE_BYTES * 2, num_threads=1,
             minloglevel=2)
     except RuntimeError as e:
         raise _vocab_error(str(e), vocab_size, n_seen) from None
