@@ -1,7 +1,7 @@
 """Training-step throughput of the one loop's options, as ratios against a baseline measured in this process.
 
-    python benchmarks/train_step.py                       # recipes/small.toml's model and batch
-    python benchmarks/train_step.py --steps 8 --repeats 3 --compile
+    python benchmarks/train_loop.py                       # recipes/small.toml's model and batch
+    python benchmarks/train_loop.py --steps 8 --repeats 3 --compile
 
 Every variant runs the same step as `lm2 pretrain` (forward with autocast as configured, token cross-entropy,
 backward, clipping, AdamW) on the same random token batch, `--steps` timed steps after 2 warm-up steps; each
