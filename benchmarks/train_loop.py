@@ -22,13 +22,19 @@ It also times one checkpoint save (safetensors, sha256 manifest, fsync, rename) 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+# benchmarks/ holds a tokenize.py: drop this folder from the import path so that it does not shadow the
+# standard library's `tokenize` (imported by inspect, which numpy and torch use).
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
