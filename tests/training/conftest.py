@@ -1,4 +1,4 @@
-"""Fixtures for the training tests: a tiny corpus tokenized once per session, tiny-recipe overrides, and a
+"""Fixtures for the training tests: the tiny recipe's corpus tokenized once per session, tiny-recipe overrides, a
 single compute thread (2 shared CPU cores: with more threads than free cores, OpenMP barriers make every op
 wait for descheduled threads, and a 0.03 s step becomes seconds)."""
 
@@ -80,22 +80,23 @@ def build_shards(out_dir: Path, recipe, train_docs: list[str], val_docs: list[st
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """Token shards for recipes/tiny.toml with a 400-piece vocabulary: 400 short stories, 40 held out."""
-    from lm2cli.recipe import load_recipe
+    """`lm2 tokenize recipes/tiny.toml` (built-in corpus) with a 400-piece vocabulary."""
+    from lm2cli.cli import run
 
     out = tmp_path_factory.mktemp("data-tiny")
-    build_shards(out, load_recipe(TINY, ["tokenizer.vocab_size=400"]), corpus(400, seed=1), corpus(40, seed=2))
+    assert run(["tokenize", str(TINY), "--set", "tokenizer.vocab_size=400", "--out", str(out)]) == 0
     return out
 
 
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory, tiny_data) -> Path:
-    """Like tiny_data but with 40 stories: an epoch is only a few steps long."""
+    """20 short stories with tiny_data's tokenizer, written as `lm2 tokenize` writes shards: an epoch is only a
+    few steps long."""
     from lm2cli.data.tokenizer import Tokenizer
     from lm2cli.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("data-mini")
-    build_shards(out, load_recipe(TINY, ["tokenizer.vocab_size=400"]), corpus(40, seed=3), corpus(10, seed=4),
+    build_shards(out, load_recipe(TINY, ["tokenizer.vocab_size=400"]), corpus(20, seed=3), corpus(10, seed=4),
                  tok=Tokenizer.load(tiny_data / "tokenizer.model"))
     return out
 
