@@ -89,3 +89,14 @@ def test_tensorboard_gets_scalars_when_installed(monkeypatch, tmp_path):
     log.write({"kind": "val", "step": 3, "stage": 1, "val_loss": 1.5})
     log.close()
     assert calls == [("train/loss", 2.0, 3), ("train/lr", 0.1, 3), ("val/val_loss", 1.5, 3), "closed"]
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_the_plain_model(cli, tiny_args, tmp_path):
+    """torch.compile (about a minute of compilation on CPU): the checkpoint holds plain parameter names."""
+    from safetensors.torch import load_file
+
+    res = cli("pretrain", *tiny_args("train.steps=2", "train.compile=true", "train.eval_batches=1"))
+    assert res.code == 0, res.err
+    keys = load_file(str(tmp_path / "run/checkpoints/step_00000002/model.safetensors")).keys()
+    assert "norm.weight" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
