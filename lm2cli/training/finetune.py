@@ -144,10 +144,10 @@ class FinetuneData:
         self.left_out = len(train) - len(self.train)
         fitting_val = sorted((e for e in val if len(e) <= budget), key=len)
         if not self.train:
-            longest = min(len(e) for e in train)
+            shortest = min(len(e) for e in train)
             hint = ("build longer rows with `lm2 babilong` (larger babilong.lengths)" if recipe.finetune.format ==
                     "babilong" else "raise train.seq_len")
-            raise Lm2Error(f"{label}no training row fits {budget} tokens (the shortest has {longest}); {hint}")
+            raise Lm2Error(f"{label}no training row fits {budget} tokens (the shortest has {shortest}); {hint}")
         if not fitting_val:
             raise Lm2Error(f"{label}no validation row fits {budget} tokens; check finetune.val_data")
         wanted = t.eval_batches * t.batch_size * world  # global batches: the same rows for any world size
@@ -276,7 +276,10 @@ def _start_from_hf(recipe, rt, path: Path, answer_token: str):
         raise Lm2Error(f"{path}: no tokenizer.model (SentencePiece); lm2 needs the model's SentencePiece tokenizer "
                        f"(tokenizer.json-only models are not supported)")
     tokenizer = Tokenizer.load(tok_path, answer_token=answer_token)
-    cfg, hf_state = read_hf_llama_dir(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Lm2Error(f"{path / 'config.json'}: invalid JSON ({e})") from None
     overrides = recipe_overrides_from_hf_config(cfg, str(path / "config.json"))
     model_cfg = recipe.model
     for text in overrides:
@@ -288,10 +291,10 @@ def _start_from_hf(recipe, rt, path: Path, answer_token: str):
     if tokenizer.vocab_size > recipe.model.vocab_size:
         raise Lm2Error(f"{tok_path} has {tokenizer.vocab_size} pieces but config.json's vocab_size is "
                        f"{recipe.model.vocab_size}")
-    state = llama_from_hf(hf_state, cfg)
 
-    def load(model) -> None:
-        load_partial(model, state, str(path), rt)
+    def load(model) -> None:  # the weights are read only when a fresh run needs them (not on --resume)
+        hf_cfg, hf_state = read_hf_llama_dir(path)
+        load_partial(model, llama_from_hf(hf_state, hf_cfg), str(path), rt)
 
     return recipe, tokenizer, load
 
