@@ -86,7 +86,7 @@ def test_random_chunkings_match_the_reference(seed):
     text = "".join(rnd.choice(alphabet) for _ in range(60))
     stops = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 4))) for _ in range(rnd.randint(1, 3))]
     cuts = sorted(rnd.sample(range(1, len(text)), 15))
-    chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+    chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert run(chunks, stops) == reference(text, stops)
     # A prefix of the emitted text never contains a stop, and the emitted text never ends mid-stop.
     m = StopMatcher(stops)
