@@ -114,9 +114,12 @@ class DataConfig:
     dir: str = opt("data/small", "Directory for the tokenizer, train.bin, val.bin and meta.json")
     files: list[str] = opt([], "Files, directories or globs of .txt, .jsonl, .json or .parquet (source = files)")
     text_field: str = opt("text", "Field holding the text in .jsonl, .json and .parquet records")
+    text_unit: Literal["file", "paragraph", "line"] = opt(
+        "file", "What one document of a .txt file is: the whole file, a blank-line paragraph, or a line")
     hub_name: str = opt("", "Hugging Face dataset name (source = hub)")
     hub_config: str = opt("", "Hugging Face dataset configuration")
     hub_split: str = opt("train", "Hugging Face dataset split")
+    hub_revision: str = opt("", "Hugging Face dataset revision (commit or tag) to pin; empty = latest")
     hub_streaming: bool = opt(False, "Stream the hub dataset instead of downloading it whole")
     hub_max_docs: int = opt(0, "Stop after this many hub documents; 0 = all", min=0)
     builtin_tasks: list[str] = opt(BABI_TASKS, "bAbI tasks the built-in story generator draws from",
