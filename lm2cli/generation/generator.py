@@ -79,10 +79,11 @@ class Generator:
     # ------------------------------------------------------------------------------------------ checks
 
     def encode_prompt(self, prompt: str, where: str = "prompt") -> list[int]:
-        """BOS + prompt tokens (training documents start with BOS). Empty prompts are refused."""
-        ids = self.tokenizer.encode(prompt) if prompt else []
+        """BOS + prompt tokens (training documents start with BOS). Empty or all-blank prompts are refused."""
+        ids = self.tokenizer.encode(prompt) if prompt.strip() else []
         if not ids:
-            raise Lm2Error(f"{where}: the prompt is empty; give some text to continue")
+            kind = "empty" if not prompt else "empty (only whitespace)"
+            raise Lm2Error(f"{where}: the prompt is {kind}; give some text to continue")
         return [self.tokenizer.bos_id, *ids]
 
     def check_length(self, prompt_tokens: int, params: SamplingParams, where: str = "prompt") -> None:

@@ -1,12 +1,9 @@
-"""Fixtures for the generation tests: a tiny SentencePiece model trained on the spot (byte fallback on, some
-non-ASCII text) and a small model that follows the lm2 model contract without being the real model."""
+"""Fixtures for the generation tests: a tiny lm2 tokenizer trained on the spot (SentencePiece, byte fallback
+on, some non-ASCII text) and a small model that follows the lm2 model contract without being the real one."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
-import sentencepiece as spm
 import torch
 
 CORPUS = [
@@ -20,38 +17,13 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def sp_model_bytes() -> bytes:
-    """A SentencePiece model with the lm2 special ids (unk 0, BOS 1, EOS 2, pad 3, <ans> 4)."""
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 40), model_writer=out, model_type="bpe", vocab_size=400,
-        hard_vocab_limit=False, byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=3, user_defined_symbols=["<ans>"], minloglevel=2, num_threads=1)
-    return out.getvalue()
+def tokenizer():
+    """An lm2 Tokenizer (special ids unk 0, BOS 1, EOS 2, pad 3, <ans> 4), trained the way `lm2 tokenize` does."""
+    from lm2cli.data.tokenizer import train_tokenizer
 
-
-class SentencePieceTokenizer:
-    """The slice of the lm2 Tokenizer interface that generation uses, over a raw SentencePiece model."""
-
-    bos_id, eos_id, pad_id, answer_id = 1, 2, 3, 4
-
-    def __init__(self, model_bytes: bytes):
-        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        self.vocab_size = self.sp.vocab_size()
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return ([self.bos_id] if bos else []) + self.sp.encode(text) + ([self.eos_id] if eos else [])
-
-    def decode(self, ids) -> str:
-        return self.sp.decode(list(ids))
-
-    def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(i)
-
-
-@pytest.fixture(scope="session")
-def sp_tokenizer(sp_model_bytes) -> SentencePieceTokenizer:
-    return SentencePieceTokenizer(sp_model_bytes)
+    return train_tokenizer(CORPUS * 40, model_type="bpe", vocab_size=400, byte_fallback=True,
+                           character_coverage=0.98, sample_sentences=10_000, answer_token="<ans>",
+                           extra_symbols=[], seed=1)
 
 
 class RunningMeanLM(torch.nn.Module):
@@ -83,5 +55,5 @@ class RunningMeanLM(torch.nn.Module):
 
 
 @pytest.fixture
-def mock_lm(sp_tokenizer) -> RunningMeanLM:
-    return RunningMeanLM(sp_tokenizer.vocab_size)
+def mock_lm(tokenizer) -> RunningMeanLM:
+    return RunningMeanLM(tokenizer.vocab_size)

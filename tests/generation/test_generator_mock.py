@@ -28,16 +28,16 @@ def full_forward_greedy(model, prompt_ids, n):
     return ids[len(prompt_ids):]
 
 
-def test_greedy_equals_argmax_of_full_forward(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer)
+def test_greedy_equals_argmax_of_full_forward(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer)
     prompt = gen.encode_prompt("Mary went to the kitchen and then")
     res = gen.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=30, min_new_tokens=30))
     assert res.token_ids == full_forward_greedy(mock_lm, prompt, 30)
 
 
-def test_prefill_goes_in_whole_segments(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer)
-    prompt = [sp_tokenizer.bos_id] + sp_tokenizer.encode("Mary went to the kitchen. " * 80)
+def test_prefill_goes_in_whole_segments(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer)
+    prompt = [tokenizer.bos_id] + tokenizer.encode("Mary went to the kitchen. " * 80)
     mock_lm.calls.clear()
     gen.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=3, min_new_tokens=3))
     prefill_calls = mock_lm.calls[:-2]
@@ -46,8 +46,8 @@ def test_prefill_goes_in_whole_segments(mock_lm, sp_tokenizer):
     assert mock_lm.calls[-2:] == [1, 1]  # then one token per step; the last token is not fed back
 
 
-def test_seeded_sampling_is_reproducible(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer)
+def test_seeded_sampling_is_reproducible(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer)
     params = SamplingParams(temperature=1.0, max_new_tokens=40, min_new_tokens=40, seed=7)
     a = gen.generate("Mary went", params)
     b = gen.generate("Mary went", params)
@@ -56,25 +56,25 @@ def test_seeded_sampling_is_reproducible(mock_lm, sp_tokenizer):
     assert a.token_ids != c.token_ids
 
 
-def test_streamed_text_equals_final_text_and_full_decode(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer)
+def test_streamed_text_equals_final_text_and_full_decode(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer)
     streamed = []
     prompt = gen.encode_prompt("Ça coûte")
     res = gen.generate(prompt, SamplingParams(temperature=1.2, max_new_tokens=60, min_new_tokens=60, seed=3),
                        on_text=streamed.append)
     assert "".join(streamed) == res.text
-    assert res.text == sp_tokenizer.decode(prompt + res.token_ids)[len(sp_tokenizer.decode(prompt)):]
+    assert res.text == tokenizer.decode(prompt + res.token_ids)[len(tokenizer.decode(prompt)):]
     assert res.stop_reason == "length" and res.new_tokens == 60
 
 
-def test_eos_stops_generation(mock_lm, sp_tokenizer):
+def test_eos_stops_generation(mock_lm, tokenizer):
     with torch.no_grad():
-        mock_lm.bias[sp_tokenizer.eos_id] = 1e4  # EOS always wins
-    gen = make_generator(mock_lm, sp_tokenizer)
+        mock_lm.bias[tokenizer.eos_id] = 1e4  # EOS always wins
+    gen = make_generator(mock_lm, tokenizer)
     res = gen.generate("Mary", SamplingParams(temperature=0.0, max_new_tokens=10))
-    assert res.stop_reason == "eos" and res.token_ids == [sp_tokenizer.eos_id] and res.text == ""
+    assert res.stop_reason == "eos" and res.token_ids == [tokenizer.eos_id] and res.text == ""
     res = gen.generate("Mary", SamplingParams(temperature=0.0, max_new_tokens=10, min_new_tokens=4))
-    assert res.token_ids[:4].count(sp_tokenizer.eos_id) == 0 and res.token_ids[4] == sp_tokenizer.eos_id
+    assert res.token_ids[:4].count(tokenizer.eos_id) == 0 and res.token_ids[4] == tokenizer.eos_id
 
 
 def pick_stop(text):
@@ -87,8 +87,8 @@ def pick_stop(text):
     pytest.skip("generated text too short")
 
 
-def test_stop_string_cuts_output_across_token_boundaries(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer)
+def test_stop_string_cuts_output_across_token_boundaries(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer)
     params = SamplingParams(temperature=1.0, max_new_tokens=60, min_new_tokens=60, seed=11)
     free = gen.generate("Mary went", params)
     at, stop = pick_stop(free.text)
@@ -100,31 +100,31 @@ def test_stop_string_cuts_output_across_token_boundaries(mock_lm, sp_tokenizer):
     prompt = gen.encode_prompt("Mary went")
 
     def continuation(ids):
-        return sp_tokenizer.decode(prompt + ids)[len(sp_tokenizer.decode(prompt)):]
+        return tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)):]
 
     assert continuation(res.token_ids).find(stop) == at  # the last token completed the stop string
     assert stop not in continuation(res.token_ids[:-1])
 
 
-def test_empty_prompt_is_refused(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer)
+def test_empty_prompt_is_refused(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer)
     for prompt in ("", "   "):
         with pytest.raises(Lm2Error, match="empty"):
             gen.generate(prompt, SamplingParams())
 
 
-def test_full_attention_length_limit(mock_lm, sp_tokenizer):
-    gen = make_generator(mock_lm, sp_tokenizer, "attention.window=0", "model.max_seq_len=20")
+def test_full_attention_length_limit(mock_lm, tokenizer):
+    gen = make_generator(mock_lm, tokenizer, "attention.window=0", "model.max_seq_len=20")
     with pytest.raises(Lm2Error, match="max_seq_len = 20"):
         gen.generate("Mary went to the kitchen", SamplingParams(max_new_tokens=15))
-    windowed = make_generator(mock_lm, sp_tokenizer, "attention.window=4", "model.max_seq_len=20")
+    windowed = make_generator(mock_lm, tokenizer, "attention.window=4", "model.max_seq_len=20")
     res = windowed.generate("Mary went to the kitchen", SamplingParams(max_new_tokens=15, min_new_tokens=15))
     assert res.new_tokens == 15
 
 
-def test_result_summary_fields(mock_lm, sp_tokenizer):
-    res = make_generator(mock_lm, sp_tokenizer).generate("Mary", SamplingParams(max_new_tokens=5))
+def test_result_summary_fields(mock_lm, tokenizer):
+    res = make_generator(mock_lm, tokenizer).generate("Mary", SamplingParams(max_new_tokens=5))
     s = res.summary()
     assert set(s) == {"text", "prompt_tokens", "new_tokens", "stop_reason", "prefill_tokens_per_s",
                       "decode_tokens_per_s"}
-    assert s["prompt_tokens"] == 1 + len(sp_tokenizer.encode("Mary")) and s["decode_tokens_per_s"] > 0
+    assert s["prompt_tokens"] == 1 + len(tokenizer.encode("Mary")) and s["decode_tokens_per_s"] > 0
