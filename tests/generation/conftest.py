@@ -17,13 +17,22 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    """An lm2 Tokenizer (special ids unk 0, BOS 1, EOS 2, pad 3, <ans> 4), trained the way `lm2 tokenize` does."""
+def make_tokenizer():
+    """make_tokenizer(vocab_size) -> an lm2 Tokenizer trained the way `lm2 tokenize` does (special ids unk 0,
+    BOS 1, EOS 2, pad 3, <ans> 4)."""
     from lm2cli.data.tokenizer import train_tokenizer
 
-    return train_tokenizer(CORPUS * 40, model_type="bpe", vocab_size=400, byte_fallback=True,
-                           character_coverage=0.98, sample_sentences=10_000, answer_token="<ans>",
-                           extra_symbols=[], seed=1)
+    def make(vocab_size: int = 400):
+        return train_tokenizer(CORPUS * 40, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+                               character_coverage=0.98, sample_sentences=10_000, answer_token="<ans>",
+                               extra_symbols=[], seed=1)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer(make_tokenizer):
+    return make_tokenizer(400)
 
 
 class RunningMeanLM(torch.nn.Module):
