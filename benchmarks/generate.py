@@ -1,0 +1,220 @@
+"""Generation speed of lm2, measured against Hugging Face in the same process.
+
+    python benchmarks/generate.py            # both parts; add --quick for a short smoke run
+
+1. Decode and prefill tokens/s at batch 1 for the model of recipes/small.toml (lm2 and its vanilla twin),
+   against `transformers.LlamaForCausalLM.generate` (random weights, the same width, depth, heads, FFN and
+   vocabulary; greedy; the same number of new tokens; use_cache=True). Both sides are timed the same way:
+   prefill = a call that generates 1 token; decode rate = (N - 1) / (time for N tokens - time for 1 token).
+   Runs alternate between the two sides and the median is reported, so load on the machine hits both alike.
+2. Prefill time per token at 1K and at 32K prompt tokens with a finite attention window (small recipe:
+   window 128, memory segment 64), each length in its own subprocess so its peak RSS (ru_maxrss) is its own;
+   median of 3 processes, each the median of repeated prefills totalling 32K tokens.
+
+Weights are random: speed does not depend on their values. Our side runs the full `Generator` path (sampling,
+incremental detokenization, stop-string matching); Hugging Face returns ids only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lm2cli.generation.generator import Generator  # noqa: E402
+from lm2cli.generation.sampling import SamplingParams  # noqa: E402
+from lm2cli.recipe import load_recipe  # noqa: E402
+
+SMALL = REPO / "recipes" / "small.toml"
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A real lm2 SentencePiece tokenizer with exactly `vocab_size` pieces, trained on pseudo-words."""
+    from lm2cli.data.tokenizer import train_tokenizer
+
+    rnd = random.Random(0)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"]
+    words = ["".join(rnd.choice(syllables) for _ in range(rnd.randint(1, 4))) for _ in range(6000)]
+    sentences = [" ".join(rnd.choice(words) for _ in range(12)) + "." for _ in range(20000)]
+    return train_tokenizer(sentences, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+                           character_coverage=1.0, sample_sentences=20000, answer_token="<ans>",
+                           extra_symbols=[], seed=0)
+
+
+def lm2_generator(recipe, tokenizer):
+    from lm2cli.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(recipe, vocab_size=tokenizer.vocab_size).eval()
+    return Generator(model, tokenizer, recipe, device="cpu"), model
+
+
+def hf_llama_like(model):
+    """A Hugging Face Llama with our backbone's shapes (attention window aside: HF Llama has none)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.args
+    config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.d_model, intermediate_size=a.ffn_hidden,
+                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                         num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+                         tie_word_embeddings=a.tie_embeddings, max_position_embeddings=8192,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.generation_config.pad_token_id = 3
+    return hf
+
+
+def params_count(model) -> float:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
+
+
+# --------------------------------------------------------------------------------------- part 1: speed
+
+
+def time_ours(gen: Generator, prompt: list[int], new: int) -> float:
+    params = SamplingParams(temperature=0.0, max_new_tokens=new, min_new_tokens=new)
+    t0 = time.perf_counter()
+    result = gen.generate(prompt, params)
+    assert result.new_tokens == new
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def time_hf(hf, prompt: list[int], new: int) -> float:
+    ids = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                      do_sample=False, use_cache=True)
+    assert out.shape[1] == len(prompt) + new
+    return time.perf_counter() - t0
+
+
+def compare_speed(label: str, gen: Generator, hf, prompt: list[int], new: int, reps: int) -> dict:
+    sides = {"lm2": lambda n: time_ours(gen, prompt, n), "hf": lambda n: time_hf(hf, prompt, n)}
+    for run in sides.values():  # warm-up: first calls pay for lazy initialisation
+        run(2)
+    t1 = {k: [] for k in sides}
+    tn = {k: [] for k in sides}
+    for _ in range(reps):
+        for name, run in sides.items():
+            t1[name].append(run(1))
+            tn[name].append(run(new))
+    out = {}
+    for name in sides:
+        first, full = min(t1[name]), min(tn[name])
+        out[name] = {"prefill_tok_s": len(prompt) / first, "decode_tok_s": (new - 1) / max(full - first, 1e-9)}
+    print(f"{label:<28} prefill {out['lm2']['prefill_tok_s']:>9.0f} vs HF {out['hf']['prefill_tok_s']:>9.0f} tok/s"
+          f" ({out['lm2']['prefill_tok_s'] / out['hf']['prefill_tok_s']:.2f}x)   decode "
+          f"{out['lm2']['decode_tok_s']:>7.0f} vs HF {out['hf']['decode_tok_s']:>7.0f} tok/s "
+          f"({out['lm2']['decode_tok_s'] / out['hf']['decode_tok_s']:.2f}x)", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------ part 2: long prefill
+
+
+def prefill_worker(n_tokens: int, arch: str) -> None:
+    """Run in a fresh process: prefill n_tokens (after a warm-up) and report time per token and peak RSS.
+
+    Short prompts are prefilled several times (32K tokens in all) and the median taken, so a 1K prefill is
+    not judged on a single 0.1 s run while the 32K one averages over 3 s of machine noise.
+    """
+    recipe = load_recipe(SMALL, [f"model.arch={arch}", "model.vocab_size=2048"])
+    from lm2cli.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(recipe).eval()
+    gen = Generator(model, _NoTokenizer(), recipe, device="cpu")
+    rnd = random.Random(0)
+    gen.prefill([1] + [rnd.randrange(5, 2048) for _ in range(1023)])  # warm-up, same for every length
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prompt = [1] + [rnd.randrange(5, 2048) for _ in range(n_tokens - 1)]
+    times = []
+    for _ in range(max(1, 32768 // n_tokens)):
+        t0 = time.perf_counter()
+        gen.prefill(prompt)
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"tokens": n_tokens, "seconds": seconds, "us_per_token": 1e6 * seconds / n_tokens,
+                      "rss_before_mb": rss_before / 1024, "rss_peak_mb": rss_peak / 1024}))
+
+
+class _NoTokenizer:
+    """Prefill needs no text; this stands in where the Generator expects a tokenizer."""
+
+    bos_id, eos_id = 1, 2
+
+
+def long_prefill(lengths: list[int], arch: str, reps: int) -> list[dict]:
+    rows = []
+    for n in lengths:
+        runs = []
+        for _ in range(reps):
+            proc = subprocess.run([sys.executable, __file__, "--prefill-worker", str(n), "--arch", arch],
+                                  capture_output=True, text=True, check=True,
+                                  env=dict(os.environ, PYTHONPATH=str(REPO)))
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        best = sorted(runs, key=lambda r: r["us_per_token"])[len(runs) // 2]  # the median process
+        best["rss_peak_mb"] = max(r["rss_peak_mb"] for r in runs)
+        rows.append(best)
+        print(f"{arch} prefill {n:>6} tokens: {best['us_per_token']:7.1f} us/token, {best['seconds']:6.2f} s, "
+              f"peak RSS {best['rss_peak_mb']:6.0f} MB (before prefill {best['rss_before_mb']:.0f} MB)", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short prompts and few repetitions (smoke run)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable on shared CPUs)")
+    ap.add_argument("--prefill-worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--arch", default="lm2", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.prefill_worker:
+        return prefill_worker(args.prefill_worker, args.arch)
+
+    prompt_len, new, reps = (128, 32, 2) if args.quick else (512, 128, 5)
+    lengths = [1024, 4096] if args.quick else [1024, 32768]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; prompt {prompt_len} tokens, {new} new tokens, "
+          f"best of {reps}")
+    tokenizer = synthetic_tokenizer(2048)
+    rnd = random.Random(1)
+    prompt = [tokenizer.bos_id] + [rnd.randrange(5, tokenizer.vocab_size) for _ in range(prompt_len - 1)]
+    for arch in ("lm2", "vanilla"):
+        recipe = load_recipe(SMALL, [f"model.arch={arch}"])
+        gen, model = lm2_generator(recipe, tokenizer)
+        hf = hf_llama_like(model)
+        print(f"{arch}: {params_count(model):.2f}M parameters (window {recipe.attention.window}, segment "
+              f"{recipe.memory.segment_len}); HF Llama: {params_count(hf):.2f}M")
+        compare_speed(f"small/{arch} vs HF Llama", gen, hf, prompt, new, reps)
+
+    print(f"\nprefill with a finite window, {lengths[0]} vs {lengths[-1]} tokens (fresh process each, median of 3)")
+    for arch in ("lm2",):
+        rows = long_prefill(lengths, arch, reps=1 if args.quick else 3)
+        ratio = rows[-1]["us_per_token"] / rows[0]["us_per_token"]
+        rss = rows[-1]["rss_peak_mb"] / rows[0]["rss_peak_mb"]
+        print(f"{arch}: time per token {lengths[-1]}/{lengths[0]} = {ratio:.2f} (target <= 1.3); "
+              f"peak RSS ratio {rss:.2f}")
+
+
+if __name__ == "__main__":
+    main()
