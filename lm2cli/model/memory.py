@@ -1,0 +1,158 @@
+"""The LM2 memory module: a gated memory bank read by cross-attention and written once per segment.
+
+Causal, segment-recurrent and well-typed version of Kang et al. 2025 (see docs/architecture.md):
+
+    read  (every token of segment k, from the bank M as it stood after segment k-1)
+        P      = softmax_slots(Q Kᵀ/√dh)          Q = x W_Q, K = M W_K, V = M W_V
+        E_mem  = merge_heads(P V);   g_out = σ(E_mem W_out + b_out);   block adds g_out ⊙ E_mem
+    write (after the S tokens of segment k, slot-side, reusing the read scores transposed)
+        P_w    = softmax_tokens(Q Kᵀ/√dh)          each slot's view of the segment
+        U      = merge_heads(P_w (x W_U))
+        g_in   = σ([U, M] W_in + b_in);   g_f = σ([U, M] W_f + b_f)
+        M'     = g_in ⊙ tanh(U) + g_f ⊙ M
+
+Memory only ever holds the past, so causality holds by construction. The bank is kept in float32 even under
+autocast: it is a recurrence over many segments and bf16 rounding would accumulate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class MemoryState:
+    """One memory block's recurrent state for a batch of sequences."""
+
+    bank: Tensor  # (B, N, d_m) float32: M after the last completed segment
+    pending: Tensor | None  # (B, r, d) block inputs of the open segment (r < S), None when r = 0
+    # Key/value projections of `bank`, cached for inference so that decoding does not recompute them for every
+    # token. With autograd on they are always recomputed: a cache made before an optimizer step would be stale.
+    keys: Tensor | None = None  # (B, h, N, dh)
+    values: Tensor | None = None
+
+    @property
+    def pending_len(self) -> int:
+        return 0 if self.pending is None else self.pending.shape[1]
+
+    def detach(self) -> MemoryState:
+        return MemoryState(self.bank.detach(), None if self.pending is None else self.pending.detach())
+
+
+class LM2Memory(nn.Module):
+    def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
+                 out_gate_bias: float, forget_gate_bias: float):
+        super().__init__()
+        if d_model % heads or slot_dim % heads:
+            raise ValueError("memory heads must divide d_model and slot_dim")
+        self.d_model, self.slots, self.slot_dim, self.heads = d_model, slots, slot_dim, heads
+        self.segment_len = segment_len
+        self.head_dim = d_model // heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)  # queries from the block input
+        self.kv_proj = nn.Linear(slot_dim, 2 * d_model, bias=False)  # keys and values from the slots
+        self.u_proj = nn.Linear(d_model, slot_dim, bias=False)  # content a slot gathers from the segment
+        self.out_gate = nn.Linear(d_model, d_model)
+        self.in_forget_gate = nn.Linear(2 * slot_dim, 2 * slot_dim)  # [g_in | g_f] from [U, M]
+        bank0 = identity_bank(slots, slot_dim)
+        if init == "learned":
+            self.bank0 = nn.Parameter(bank0)
+        else:
+            self.register_buffer("bank0", bank0, persistent=False)
+        self._out_gate_bias, self._forget_gate_bias = out_gate_bias, forget_gate_bias
+
+    def reset_gate_biases(self) -> None:
+        """Gate biases from the recipe: output gate (negative = start nearly closed), forget gate +1 (remember)."""
+        with torch.no_grad():
+            self.out_gate.bias.fill_(self._out_gate_bias)
+            self.in_forget_gate.bias[: self.slot_dim].zero_()
+            self.in_forget_gate.bias[self.slot_dim:].fill_(self._forget_gate_bias)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def init_state(self, batch_size: int, device=None) -> MemoryState:
+        bank = self.bank0.to(device=device, dtype=torch.float32).unsqueeze(0).expand(batch_size, -1, -1)
+        return MemoryState(bank, None)
+
+    def _with_keys(self, state: MemoryState) -> MemoryState:
+        if state.keys is not None and not torch.is_grad_enabled():
+            return state
+        keys, values = self._split_heads(self.kv_proj(state.bank.to(self.kv_proj.weight.dtype))).chunk(2, dim=-1)
+        return MemoryState(state.bank, state.pending, keys, values)
+
+    def _split_heads(self, t: Tensor) -> Tensor:
+        """(B, L, h·c) -> (B, h, L, c)."""
+        b, length, width = t.shape
+        return t.view(b, length, self.heads, width // self.heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge_heads(t: Tensor) -> Tensor:
+        b, h, length, c = t.shape
+        return t.transpose(1, 2).reshape(b, length, h * c)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor, state: MemoryState, writes_kept: int | None = None,
+                recorder=None, layer: int = 0, start_pos: int = 0) -> tuple[Tensor, MemoryState]:
+        """Read for every token of `x` (B, T, d); write whenever a segment completes.
+
+        Returns the gated memory output g_out ⊙ E_mem (B, T, d) and the new state. `writes_kept`: only the last
+        this-many writes of this call keep their autograd history (truncated BPTT); None keeps all.
+        """
+        seg = self.segment_len
+        state = self._with_keys(state)
+        total, pos, reads = x.shape[1], 0, []
+        n_writes = (state.pending_len + total) // seg
+        write_idx = 0
+        while pos < total:
+            take = min(seg - state.pending_len, total - pos)
+            chunk = x[:, pos:pos + take]
+            q = self._split_heads(self.q_proj(chunk))  # (B, h, take, dh)
+            scores = torch.matmul(q, state.keys.transpose(-1, -2)) * self.scale  # (B, h, take, N)
+            probs = scores.softmax(dim=-1)
+            reads.append(self._merge_heads(torch.matmul(probs, state.values)))
+            if recorder is not None:
+                recorder.on_read(layer, start_pos + pos, probs)
+            if state.pending_len + take == seg:  # the segment is complete: write it into the bank
+                if state.pending is not None:  # the segment began in an earlier call: its queries are needed
+                    chunk = torch.cat([state.pending, chunk], dim=1)
+                    q = self._split_heads(self.q_proj(chunk))
+                    scores = torch.matmul(q, state.keys.transpose(-1, -2)) * self.scale
+                detach = writes_kept is not None and write_idx < n_writes - writes_kept
+                state = self._write(chunk, scores, state, detach, recorder, layer, start_pos + pos + take)
+                write_idx += 1
+            else:
+                pending = chunk if state.pending is None else torch.cat([state.pending, chunk], dim=1)
+                state = MemoryState(state.bank, pending, state.keys, state.values)
+            pos += take
+        read = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)
+        gate = torch.sigmoid(self.out_gate(read))
+        if recorder is not None:
+            recorder.on_out_gate(layer, start_pos, gate)
+        return gate * read, state
+
+    def _write(self, seg_x: Tensor, scores: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
+               end_pos: int) -> MemoryState:
+        probs_w = scores.softmax(dim=-2).transpose(-1, -2)  # (B, h, N, S): each slot attends over the tokens
+        content = self._split_heads(self.u_proj(seg_x))  # (B, h, S, d_m/h)
+        update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
+        bank = state.bank
+        gates = torch.sigmoid(self.in_forget_gate(torch.cat([update, bank], dim=-1).to(seg_x.dtype))).float()
+        g_in, g_forget = gates.chunk(2, dim=-1)
+        new_bank = g_in * torch.tanh(update) + g_forget * bank
+        if detach:
+            new_bank = new_bank.detach()
+        if recorder is not None:
+            recorder.on_write(layer, end_pos, probs_w, g_in, g_forget, new_bank)
+        return self._with_keys(MemoryState(new_bank, None))
+
+
+def identity_bank(slots: int, slot_dim: int) -> Tensor:
+    """Slot r starts as the one-hot vector e_(r mod d_m), as in the paper."""
+    bank = torch.zeros(slots, slot_dim)
+    bank[torch.arange(slots), torch.arange(slots) % slot_dim] = 1.0
+    return bank

@@ -1,0 +1,397 @@
+"""The one model core: a Llama-style decoder with optional LM2 memory per block, and the RMT baseline.
+
+    arch = "vanilla"  plain Llama: RMSNorm pre-norm, RoPE, grouped-query attention, SwiGLU
+    arch = "lm2"      the same blocks, plus an LM2 memory module (memory.py) in all / the first K / listed blocks
+    arch = "rmt"      the same blocks without memory, run segment by segment on [M ; tokens ; M] (memory tokens)
+
+`model(input_ids, state)` returns `(logits, state)`; passing the state back continues the sequence, so feeding a
+sequence in chunks equals one full forward. The state holds the KV cache (the last W-1 keys with a window W, all
+of them with W = 0), each memory block's bank and pending segment inputs, and the token position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lm2cli.model.memory import LM2Memory, MemoryState
+
+
+@dataclass
+class ModelArgs:
+    """Flat model hyper-parameters (built from a recipe by `ModelArgs.from_recipe`)."""
+
+    vocab_size: int
+    arch: str = "lm2"
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_hidden: int = 704
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    max_seq_len: int = 4096
+    window: int = 0
+    memory_layers: list[int] = field(default_factory=list)
+    slots: int = 16
+    slot_dim: int = 256
+    memory_heads: int = 4
+    segment_len: int = 128
+    bptt: int = 0
+    memory_init: str = "identity"
+    out_gate_bias: float = 0.0
+    forget_gate_bias: float = 1.0
+
+    @staticmethod
+    def from_recipe(recipe, vocab_size: int | None = None) -> ModelArgs:
+        m, mem = recipe.model, recipe.memory
+        vocab = m.vocab_size or vocab_size
+        if not vocab:
+            raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary size was given")
+        hidden = m.ffn_hidden or llama_ffn_hidden(m.d_model, m.ffn_multiple_of)
+        return ModelArgs(
+            vocab_size=vocab, arch=m.arch, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads or m.n_heads, ffn_hidden=hidden, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+            tie_embeddings=m.tie_embeddings, init_std=m.init_std, max_seq_len=m.max_seq_len,
+            window=recipe.attention.window, memory_layers=recipe.memory_layer_indices(), slots=mem.slots,
+            slot_dim=mem.slot_dim or m.d_model, memory_heads=mem.heads, segment_len=mem.segment_len,
+            bptt=mem.bptt, memory_init=mem.init, out_gate_bias=mem.out_gate_bias,
+            forget_gate_bias=mem.forget_gate_bias,
+        )
+
+
+def llama_ffn_hidden(d_model: int, multiple_of: int) -> int:
+    """Llama's SwiGLU width: 2/3 of 4d, rounded up to a multiple (keeps FLOPs equal to a 4d GELU MLP)."""
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class LayerState:
+    k: Tensor | None = None  # (B, n_kv, L, dh) cached keys (already rotated)
+    v: Tensor | None = None
+    memory: MemoryState | None = None
+
+
+@dataclass
+class ModelState:
+    """Everything needed to continue a batch of sequences: position, per-block caches, memory."""
+
+    pos: int
+    layers: list[LayerState]
+    rmt_memory: Tensor | None = None  # (B, m, d) RMT memory tokens for the current segment
+    rmt_seg_len: int = 0  # RMT: tokens of the open segment already in the cache
+
+    def detach(self) -> ModelState:
+        """Same sequence, history cut: for truncated backpropagation across training steps."""
+        layers = [LayerState(None if ls.k is None else ls.k.detach(), None if ls.v is None else ls.v.detach(),
+                             None if ls.memory is None else ls.memory.detach()) for ls in self.layers]
+        rmt = None if self.rmt_memory is None else self.rmt_memory.detach()
+        return replace(self, layers=layers, rmt_memory=rmt)
+
+
+# ---------------------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (T, head_dim) for the given absolute positions, in float32 (Llama/HF convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(positions.float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, h, T, dh) by position; the half-split ("rotate_half") layout used by HF Llama weights."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads
+        self.head_dim = a.d_model // a.n_heads
+        self.window = a.window
+        # One fused projection for q, k, v: a single matmul instead of three.
+        self.wqkv = nn.Linear(a.d_model, (a.n_heads + 2 * a.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * self.head_dim, a.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool,
+                cache_k: Tensor | None, cache_v: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        dh = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * dh, self.n_kv_heads * dh, self.n_kv_heads * dh], dim=-1)
+        q = apply_rope(q.view(b, t, self.n_heads, dh).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, self.n_kv_heads, dh).transpose(1, 2), cos, sin)
+        v = v.view(b, t, self.n_kv_heads, dh).transpose(1, 2)
+        if cache_k is not None:
+            k, v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * dh))
+        if self.window > 0:  # the next token needs only the W-1 most recent keys
+            drop = max(0, k.shape[2] - (self.window - 1))
+            k, v = k[:, :, drop:], v[:, :, drop:]
+        return out, k, v
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)  # fused gate and up projections
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.norm1 = RMSNorm(a.d_model, a.norm_eps)
+        self.attn = Attention(a)
+        self.norm2 = RMSNorm(a.d_model, a.norm_eps)
+        self.ffn = SwiGLU(a.d_model, a.ffn_hidden)
+        self.memory = None
+        if a.arch == "lm2" and layer in a.memory_layers:
+            self.memory = LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len,
+                                    a.memory_init, a.out_gate_bias, a.forget_gate_bias)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool, st: LayerState,
+                writes_kept: int | None, recorder, start_pos: int) -> tuple[Tensor, LayerState]:
+        x = self.norm1(h)
+        a, k, v = self.attn(x, cos, sin, mask, causal, st.k, st.v)
+        mem_state = st.memory
+        if self.memory is not None:
+            m, mem_state = self.memory(x, st.memory, writes_kept, recorder, self.layer, start_pos)
+            h = h + a + m  # hybrid pathway: the original flow plus the gated memory read
+        else:
+            h = h + a
+        h = h + self.ffn(self.norm2(h))
+        return h, LayerState(k, v, mem_state)
+
+
+def attention_mask(q_start: int, t: int, n_cached: int, window: int, device) -> tuple[Tensor | None, bool]:
+    """Boolean mask (t, n_cached + t) for queries at q_start.. over cached + new keys; or (None, causal flag).
+
+    Returns (None, True) when plain causal SDPA is exact, and (None, False) when every key is visible.
+    """
+    if n_cached == 0 and (window == 0 or window >= t):
+        return None, t > 1
+    if t == 1 and (window == 0 or n_cached < window):
+        return None, False
+    q_pos = torch.arange(q_start, q_start + t, device=device).unsqueeze(1)
+    k_pos = torch.arange(q_start - n_cached, q_start + t, device=device).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if window > 0:
+        allowed &= q_pos - k_pos < window
+    return allowed, False
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class LanguageModel(nn.Module):
+    """Decoder-only LM; `forward(input_ids, state=None) -> (logits, state)` for every arch."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.tok_emb = nn.Embedding(a.vocab_size, a.d_model)
+        self.blocks = nn.ModuleList(Block(a, i) for i in range(a.n_layers))
+        self.norm = RMSNorm(a.d_model, a.norm_eps)
+        self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
+        if a.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if a.arch == "rmt":
+            # Memory tokens M0: randn x std of the token embeddings (as upstream RMT).
+            self.rmt_memory = nn.Parameter(torch.randn(a.slots, a.d_model) * a.init_std)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------------------------- init / report
+
+    def reset_parameters(self) -> None:
+        std = self.args.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and not name.endswith("bank0") and name != "rmt_memory":
+                # Residual projections scaled down with depth (GPT-2), so the stream does not grow with layers.
+                scale = 1 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 1
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+        for block in self.blocks:
+            if block.memory is not None:
+                block.memory.reset_gate_biases()
+
+    @staticmethod
+    def is_memory_param(name: str) -> bool:
+        """Parameters of the memory path (LM2 memory modules, RMT memory tokens): own LR multiplier."""
+        return ".memory." in f".{name}" or name == "rmt_memory"
+
+    def param_report(self) -> dict[str, int]:
+        seen, report = set(), {"backbone": 0, "memory": 0, "embedding": 0}
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            kind = "memory" if self.is_memory_param(name) else "backbone"
+            report[kind] += p.numel()
+            if name in ("tok_emb.weight", "lm_head.weight"):
+                report["embedding"] += p.numel()
+        report["total"] = report["backbone"] + report["memory"]
+        return report
+
+    def flops_per_token(self, context: int) -> float:
+        """Forward + backward FLOPs per trained token (for MFU): 6 x matmul parameters + attention + memory.
+
+        Counts every weight matrix once per token (x2 multiply-add, x3 forward+backward), the attention scores
+        and weighted sum over `context` keys (min(context, W) with a window; half of them on average under the
+        causal mask), and the memory: per token a read over N slots, per segment the K/V projection of the bank
+        and the slot-side write (amortised over S tokens).
+        """
+        a = self.args
+        report = self.param_report()
+        dense = report["total"] - (0 if a.tie_embeddings else a.vocab_size * a.d_model)  # lookup is free
+        if a.arch == "rmt":
+            dense -= a.slots * a.d_model
+        keys = min(context, a.window) if a.window else context / 2
+        flops = 6 * dense + 6 * a.n_layers * 2 * keys * a.d_model
+        n_mem = len(a.memory_layers) if a.arch == "lm2" else 0
+        if n_mem:
+            per_segment = 2 * a.slots * a.slot_dim * 2 * a.d_model  # K and V of the bank
+            per_segment += 2 * a.slots * 2 * a.slot_dim * 2 * a.slot_dim  # gates
+            per_segment -= 2 * a.slot_dim * 2 * a.d_model + 2 * 2 * a.slot_dim * 2 * a.slot_dim  # counted in 6N
+            read_write = 2 * 2 * a.slots * a.d_model + 2 * a.slots * a.slot_dim  # scores, P.V, P_w.U
+            flops += 3 * n_mem * (per_segment / a.segment_len + read_write)
+        if a.arch == "rmt":  # 2m extra positions per segment of S tokens
+            flops *= 1 + 2 * a.slots / a.segment_len
+        return float(flops)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
+
+    # ---------------------------------------------------------------------------------------- state
+
+    def init_state(self, batch_size: int, device=None) -> ModelState:
+        device = device or self.tok_emb.weight.device
+        layers = [LayerState(memory=None if b.memory is None else b.memory.init_state(batch_size, device))
+                  for b in self.blocks]
+        rmt = None
+        if self.args.arch == "rmt":
+            rmt = self.rmt_memory.unsqueeze(0).expand(batch_size, -1, -1)
+        return ModelState(pos=0, layers=layers, rmt_memory=rmt)
+
+    def carry_memory(self, state: ModelState) -> ModelState:
+        """A fresh sequence that starts from `state`'s memory, detached (memory.carry = true)."""
+        if self.args.arch == "rmt":
+            return replace(self.init_state(state.rmt_memory.shape[0]), rmt_memory=state.rmt_memory.detach())
+        banks = [ls.memory.bank for ls in state.layers if ls.memory is not None]
+        if not banks:  # vanilla: nothing to carry
+            return self.init_state(1)
+        fresh = self.init_state(banks[0].shape[0], banks[0].device)
+        layers = [LayerState(memory=None if ls.memory is None else MemoryState(ls.memory.bank.detach(), None))
+                  for ls in state.layers]
+        return replace(fresh, layers=layers)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, recorder=None,
+                bptt: int | None = None) -> tuple[Tensor, ModelState]:
+        """Logits (B, T, V) for `input_ids` (B, T) continuing `state` (None = a new sequence).
+
+        `recorder` (see lm2cli.model.recorder) collects memory reads, writes and gates; None costs nothing.
+        `bptt` overrides memory.bptt for this call (0 = full backpropagation through time).
+        """
+        if state is None:
+            state = self.init_state(input_ids.shape[0], input_ids.device)
+        bptt = self.args.bptt if bptt is None else bptt
+        writes_kept = bptt if bptt > 0 else None
+        if self.args.arch == "rmt":
+            return self._forward_rmt(input_ids, state, writes_kept, recorder)
+        h = self.tok_emb(input_ids)
+        h, layers = self._run_blocks(h, state.pos, state.layers, writes_kept, recorder)
+        logits = self.lm_head(self.norm(h)).float()
+        return logits, replace(state, pos=state.pos + input_ids.shape[1], layers=layers)
+
+    def _run_blocks(self, h: Tensor, start: int, layer_states: list[LayerState], writes_kept,
+                    recorder) -> tuple[Tensor, list[LayerState]]:
+        """All blocks over h (B, T, d) whose first token sits at position `start` (RMT: within the segment)."""
+        t = h.shape[1]
+        n_cached = 0 if layer_states[0].k is None else layer_states[0].k.shape[2]
+        positions = torch.arange(start, start + t, device=h.device)
+        cos, sin = rope_cos_sin(positions, self.args.d_model // self.args.n_heads, self.args.rope_theta)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        mask, causal = attention_mask(start, t, n_cached, self.args.window, h.device)
+        new_states = []
+        for block, st in zip(self.blocks, layer_states, strict=True):
+            if self.activation_checkpointing and self.training and recorder is None:
+                h, st = checkpoint(block, h, cos, sin, mask, causal, st, writes_kept, None, start,
+                                   use_reentrant=False)
+            else:
+                h, st = block(h, cos, sin, mask, causal, st, writes_kept, recorder, start)
+            new_states.append(st)
+        return h, new_states
+
+    # ------------------------------------------------------------------------------------------- RMT
+
+    def _forward_rmt(self, input_ids: Tensor, state: ModelState, writes_kept, recorder):
+        """RMT: each segment runs as [M ; tokens ; M] with positions restarting; the write suffix's final hidden
+        states become the next memory. Attention stays inside the segment: memory tokens are the only carrier.
+
+        The state keeps the open segment's KV cache (read prefix + tokens so far), so generation can continue a
+        segment token by token; when it fills, the write suffix runs through that cache.
+        """
+        a = self.args
+        seg, m = a.segment_len, a.slots
+        total, pos, outs = input_ids.shape[1], 0, []
+        n_writes = (state.rmt_seg_len + total) // seg
+        write_idx = 0
+        layers, memory, seg_len = state.layers, state.rmt_memory, state.rmt_seg_len
+        while pos < total:
+            take = min(seg - seg_len, total - pos)
+            h = self.tok_emb(input_ids[:, pos:pos + take])
+            if seg_len == 0:  # a new segment starts with the read prefix at positions 0..m-1
+                layers = [LayerState() for _ in self.blocks]
+                h = torch.cat([memory.to(h.dtype), h], dim=1)
+                start = 0
+            else:
+                start = m + seg_len
+            h, layers = self._run_blocks(h, start, layers, writes_kept, recorder)
+            outs.append(self.lm_head(self.norm(h[:, h.shape[1] - take:])).float())
+            seg_len += take
+            if seg_len == seg:  # the segment is full: run the write suffix through its cache
+                w, _ = self._run_blocks(memory.to(h.dtype), m + seg, layers, writes_kept, recorder)
+                memory = self.norm(w)
+                if writes_kept is not None and write_idx < n_writes - writes_kept:
+                    memory = memory.detach()
+                if recorder is not None:
+                    recorder.on_rmt_write(state.pos + pos + take, memory)
+                write_idx += 1
+                layers, seg_len = [LayerState() for _ in self.blocks], 0
+            pos += take
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        new_state = ModelState(pos=state.pos + total, layers=layers, rmt_memory=memory, rmt_seg_len=seg_len)
+        return logits, new_state

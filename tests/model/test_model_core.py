@@ -1,0 +1,156 @@
+"""Model core: causality, incremental = full, gradients, truncated BPTT, recorder, reports (all three archs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm2cli import build_model, load_recipe
+from lm2cli.model import MemoryRecorder
+
+VOCAB = 61
+
+
+def tiny(arch: str, window: int = 0, *extra: str):
+    # N = 5 slots, S = 8, d = 32, d_m = 12: no size tied to another.
+    recipe = load_recipe(None, [
+        f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
+        f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
+        "memory.segment_len=8", f"attention.window={window}", *extra])
+    torch.manual_seed(0)
+    return build_model(recipe)
+
+
+ARCHS = [("lm2", 0), ("lm2", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
+
+
+@pytest.mark.parametrize("arch,window", ARCHS)
+def test_future_tokens_never_change_past_logits(arch, window):
+    model = tiny(arch, window).eval()
+    x = torch.randint(0, VOCAB, (2, 45))  # 5.6 segments: several boundaries, last one open
+    with torch.no_grad():
+        base, _ = model(x)
+        for t in (0, 7, 8, 20, 31, 43):
+            changed = x.clone()
+            changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
+            out, _ = model(changed)
+            assert (out[:, :t + 1] - base[:, :t + 1]).abs().max() <= 1e-6, f"position <= {t} saw the future"
+        # and the test can fail: changing a token does change later logits
+        changed = x.clone()
+        changed[:, 3] = (changed[:, 3] + 1) % VOCAB
+        assert (model(changed)[0][:, 3:] - base[:, 3:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch,window", ARCHS)
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_chunked_decoding_equals_full_forward(arch, window, chunk):
+    model = tiny(arch, window).eval()
+    x = torch.randint(0, VOCAB, (2, 37))
+    with torch.no_grad():
+        full, _ = model(x)
+        state, outs = None, []
+        for i in range(0, x.shape[1], chunk):
+            logits, state = model(x[:, i:i + chunk], state)
+            outs.append(logits)
+    assert (torch.cat(outs, dim=1) - full).abs().max() <= 1e-4
+    assert state.pos == 37
+
+
+def test_window_bounds_the_kv_cache():
+    model = tiny("lm2", 6).eval()
+    with torch.no_grad():
+        _, state = model(torch.randint(0, VOCAB, (1, 50)))
+    assert all(ls.k.shape[2] == 5 for ls in state.layers)  # W - 1 keys: enough for the next token
+
+
+def test_memory_layers_subset_and_params():
+    model = tiny("lm2", 0, "memory.layers=[1]")
+    assert [b.memory is not None for b in model.blocks] == [False, True, False]
+    report = model.param_report()
+    assert report["memory"] > 0 and report["total"] == sum(p.numel() for p in model.parameters())
+    assert tiny("vanilla").param_report()["memory"] == 0
+    first_two = tiny("lm2", 0, "memory.layers=2")
+    assert [b.memory is not None for b in first_two.blocks] == [True, True, False]
+
+
+@pytest.mark.parametrize("arch", ["lm2", "rmt"])
+def test_every_memory_parameter_gets_a_gradient(arch):
+    model = tiny(arch, 4, "memory.init=learned")
+    x = torch.randint(0, VOCAB, (2, 33))  # 4 full segments + 1 token: memory written and read several times
+    logits, _ = model(x)
+    logits.float().logsumexp(-1).mean().backward()
+    memory_params = [(n, p) for n, p in model.named_parameters() if model.is_memory_param(n)]
+    assert memory_params
+    for name, p in memory_params:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def _grad_of_first_segment(model, bptt):
+    emb = model.tok_emb
+    x = torch.randint(0, VOCAB, (1, 32))
+    captured = {}
+
+    def keep(_module, _inp, out):
+        out.retain_grad()
+        captured.setdefault("emb", out)
+
+    handle = emb.register_forward_hook(keep)
+    logits, _ = model(x, bptt=bptt)
+    handle.remove()
+    logits[:, -1].sum().backward()  # last token: window 4 keeps segment 0 out of its attention
+    return captured["emb"].grad[:, :8].abs().sum().item()
+
+
+def test_truncated_bptt_really_stops_gradients():
+    model = tiny("lm2", 4)
+    assert _grad_of_first_segment(model, bptt=0) > 0  # gradient reaches segment 0 only through memory
+    model.zero_grad()
+    assert _grad_of_first_segment(model, bptt=2) == 0
+
+
+def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
+    model = tiny("lm2", 0).eval()
+    x = torch.randint(0, VOCAB, (2, 20))
+    rec = MemoryRecorder()
+    with torch.no_grad():
+        plain, _ = model(x)
+        recorded, _ = model(x, recorder=rec)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == [0, 1, 2]
+    assert rec.read_attention(0).shape == (2, 2, 20, 5)  # (B, heads, T, N)
+    assert torch.allclose(rec.read_attention(0).sum(-1), torch.ones(2, 2, 20))
+    assert rec.output_gate(1).shape == (2, 20, 32)
+    writes = rec.writes[2]
+    assert [w.end_pos for w in writes] == [8, 16]
+    assert writes[0].attention.shape == (2, 2, 5, 8) and writes[0].bank.shape == (2, 5, 12)
+    assert torch.allclose(writes[0].attention.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_identity_initial_memory_and_carry():
+    model = tiny("lm2", 0)
+    state = model.init_state(3)
+    bank = state.layers[0].memory.bank
+    assert bank.shape == (3, 5, 12) and torch.equal(bank[0, :, :5], torch.eye(5))
+    _, after = model(torch.randint(0, VOCAB, (3, 16)))
+    carried = model.carry_memory(after)
+    assert carried.pos == 0 and carried.layers[0].k is None
+    assert torch.equal(carried.layers[0].memory.bank, after.layers[0].memory.bank)
+    assert not carried.layers[0].memory.bank.requires_grad
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, VOCAB, (2, 24))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny("lm2", 0).train()
+        model.set_activation_checkpointing(ckpt)
+        model(x)[0].logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_flops_estimate_is_plausible():
+    vanilla, lm2 = tiny("vanilla"), tiny("lm2")
+    n = vanilla.param_report()["total"]
+    assert 6 * n <= vanilla.flops_per_token(64) < 6 * n * 1.5
+    assert lm2.flops_per_token(64) > vanilla.flops_per_token(64)
