@@ -178,6 +178,73 @@ def long_prefill(lengths: list[int], arch: str, reps: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------- part 3: where decode time goes
+
+
+def per_call_us(fn, calls: int = 200, rounds: int = 5) -> float:
+    """CPU microseconds of this process per call, best round of `calls` calls. CPU time, not wall time: on a
+    shared machine the time spent waiting for a core would otherwise swamp parts of a few microseconds."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.process_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.process_time() - t0) / calls)
+    return best * 1e6
+
+
+@torch.inference_mode()
+def decode_profile(arch: str, tokenizer, prompt: list[int]) -> None:
+    """Split one decode step (batch 1, one token, state after the prompt) into its parts, each timed alone
+    in CPU time; the glue lines are the differences between a whole and its timed parts."""
+    from lm2cli.generation.detokenize import IncrementalDecoder
+    from lm2cli.generation.sampling import choose_next, process_logits
+    from lm2cli.model.model import attention_mask, rope_cos_sin
+
+    recipe = load_recipe(SMALL, [f"model.arch={arch}"])
+    gen, model = lm2_generator(recipe, tokenizer)
+    a = model.args
+    logits, state = gen.prefill(prompt[:len(prompt) - len(prompt) % a.segment_len - 2])  # segment not full
+    token = torch.tensor([[7]])
+    h = model.tok_emb(token)
+    pos = state.pos
+    cos, sin = rope_cos_sin(torch.arange(pos, pos + 1), a.d_model // a.n_heads, a.rope_theta)
+    mask, causal = attention_mask(pos, 1, state.layers[0].k.shape[2], a.window, "cpu")
+    parts = {"embedding": lambda: model.tok_emb(token),
+             "rope tables + mask": lambda: (rope_cos_sin(torch.arange(pos, pos + 1), a.d_model // a.n_heads,
+                                                         a.rope_theta), attention_mask(pos, 1, 127, a.window, "cpu")),
+             "final norm + lm_head": lambda: model.lm_head(model.norm(h)).float()}
+    parts = {name: per_call_us(fn) for name, fn in parts.items()}
+    for name in ("norms (2/block)", "self-attention + KV cache", "memory read", "SwiGLU FFN", "block glue"):
+        parts[name] = 0.0
+    block_total = 0.0
+    for block, st in zip(model.blocks, state.layers, strict=True):
+        x = block.norm1(h)
+        parts["norms (2/block)"] += 2 * per_call_us(lambda b=block: b.norm1(h))
+        parts["self-attention + KV cache"] += per_call_us(
+            lambda b=block, st=st, x=x: b.attn(x, cos, sin, mask, causal, st.k, st.v))
+        if block.memory is not None:
+            parts["memory read"] += per_call_us(lambda b=block, st=st, x=x: b.memory(x, st.memory))
+        parts["SwiGLU FFN"] += per_call_us(lambda b=block: b.ffn(h))
+        block_total += per_call_us(lambda b=block, st=st: b(h, cos, sin, mask, causal, st, None, None, pos))
+    parts["block glue"] = block_total - sum(parts[k] for k in ("norms (2/block)", "self-attention + KV cache",
+                                                                "memory read", "SwiGLU FFN"))
+    forward = per_call_us(lambda: model(token, state))
+    parts["model glue (state, loop)"] = forward - block_total - sum(
+        parts[k] for k in ("embedding", "rope tables + mask", "final norm + lm_head"))
+    params = SamplingParams(temperature=0.0)
+    context = torch.tensor([prompt])
+    parts["greedy choice (+ penalty off)"] = per_call_us(
+        lambda: int(choose_next(process_logits(logits, context, params), params, None)[0]))
+    detok = IncrementalDecoder(tokenizer.decode, prompt)
+    parts["detokenize + stop match"] = per_call_us(lambda: detok.push(100))
+    total = forward + parts["greedy choice (+ penalty off)"] + parts["detokenize + stop match"]
+    print(f"\n{arch}: one decode step ~ {total:.0f} us ({1e6 / total:.0f} tok/s); model forward {forward:.0f} us")
+    for name, us in parts.items():
+        print(f"  {name:<32} {us:7.0f} us  {100 * us / total:5.1f}%")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -185,6 +252,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short prompts and few repetitions (smoke run)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable on shared CPUs)")
+    ap.add_argument("--profile", action="store_true", help="only split one decode step into its parts")
     ap.add_argument("--prefill-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="lm2", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,6 +267,10 @@ def main() -> None:
     tokenizer = synthetic_tokenizer(2048)
     rnd = random.Random(1)
     prompt = [tokenizer.bos_id] + [rnd.randrange(5, tokenizer.vocab_size) for _ in range(prompt_len - 1)]
+    if args.profile:
+        for arch in ("lm2", "vanilla"):
+            decode_profile(arch, tokenizer, prompt)
+        return
     for arch in ("lm2", "vanilla"):
         recipe = load_recipe(SMALL, [f"model.arch={arch}"])
         gen, model = lm2_generator(recipe, tokenizer)

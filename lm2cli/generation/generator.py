@@ -25,8 +25,11 @@ from lm2cli.generation.sampling import SamplingParams, choose_next, make_rng, pr
 from lm2cli.generation.stopping import StopMatcher
 
 # Prefill this many tokens per forward call (rounded down to whole segments, at least one segment): large
-# enough to amortise per-call overhead, small enough that activations stay bounded on long prompts.
-PREFILL_CHUNK_TOKENS = 512
+# enough to amortise per-call overhead, small enough that activations stay bounded on long prompts and that a
+# windowed chunk does not compute many masked-out scores (it attends over W - 1 + chunk keys). Measured on
+# the small recipe (CPU time, 512- and 4K-token prompts): 256 was fastest, 3-10% ahead of 512 and 20-35%
+# ahead of 64 and of 1024.
+PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass
