@@ -175,3 +175,37 @@ def test_empty_prompt_in_a_batch_is_named_by_line(cli, run_dir, tmp_path):
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
     one_line_error(cli("generate", run_dir, "--prompts", rows), "p.jsonl line 2", "empty")
+
+
+class RecordingStdout:
+    """Stands in for sys.stdout and records the order of writes and flushes."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.events.append("w:" + text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.events.append("flush")
+
+
+def test_text_is_flushed_piece_by_piece(run_dir, monkeypatch):
+    from lm2cli.generation.command import generate_command
+
+    out = RecordingStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    generate_command(run_dir, prompt="Mary went", greedy=True, max_new_tokens=20, min_new_tokens=20)
+    writes = [i for i, e in enumerate(out.events) if e.startswith("w:")]
+    assert len(writes) > 5  # many pieces, not one block at the end
+    assert all(out.events[i + 1] == "flush" for i in writes)  # each visible at once
+    assert out.events[writes[-1]] == "w:\n"
+
+
+def test_stop_flag_escapes():
+    from lm2cli.generation.command import unescape_stop
+
+    assert unescape_stop(r"\n\n") == "\n\n"
+    assert unescape_stop(r"a\tb\\n") == "a\tb\\n"
+    assert unescape_stop("plain \\x") == "plain \\x"
