@@ -190,23 +190,26 @@ def long_prefill(lengths: list[int], arch: str, reps: int) -> list[dict]:
 # ------------------------------------------------------------------- part 3: where decode time goes
 
 
-def per_call_us(fn, calls: int = 200, rounds: int = 5) -> float:
-    """CPU microseconds of this process per call, best round of `calls` calls. CPU time, not wall time: on a
-    shared machine the time spent waiting for a core would otherwise swamp parts of a few microseconds."""
-    fn()
-    best = float("inf")
+def per_call_us(fns: dict, calls: int = 100, rounds: int = 15) -> dict:
+    """CPU microseconds of this process per call of each function: the best of `rounds` rounds, the functions
+    interleaved within each round so that all of them see the same quiet and busy moments. CPU time, not wall
+    time: on a shared machine, waiting for a core would swamp parts of a few microseconds."""
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():
+        fn()
     for _ in range(rounds):
-        t0 = time.process_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.process_time() - t0) / calls)
-    return best * 1e6
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.process_time() - t0) / calls * 1e6)
+    return best
 
 
 @torch.inference_mode()
 def decode_profile(arch: str, tokenizer, prompt: list[int]) -> None:
     """Split one decode step (batch 1, one token, state after the prompt) into its parts, each timed alone
-    in CPU time; the glue lines are the differences between a whole and its timed parts."""
+    in CPU time; "unattributed" is the whole step minus its timed parts (Python glue, state bookkeeping)."""
     from lm2cli.generation.detokenize import IncrementalDecoder
     from lm2cli.generation.sampling import choose_next, process_logits
     from lm2cli.model.model import attention_mask, rope_cos_sin
@@ -217,41 +220,35 @@ def decode_profile(arch: str, tokenizer, prompt: list[int]) -> None:
     logits, state = gen.prefill(prompt[:len(prompt) - len(prompt) % a.segment_len - 2])  # segment not full
     token = torch.tensor([[7]])
     h = model.tok_emb(token)
-    pos = state.pos
+    pos, n_cached = state.pos, state.layers[0].k.shape[2]
     cos, sin = rope_cos_sin(torch.arange(pos, pos + 1), a.d_model // a.n_heads, a.rope_theta)
-    mask, causal = attention_mask(pos, 1, state.layers[0].k.shape[2], a.window, "cpu")
-    parts = {"embedding": lambda: model.tok_emb(token),
-             "rope tables + mask": lambda: (rope_cos_sin(torch.arange(pos, pos + 1), a.d_model // a.n_heads,
-                                                         a.rope_theta), attention_mask(pos, 1, 127, a.window, "cpu")),
-             "final norm + lm_head": lambda: model.lm_head(model.norm(h)).float()}
-    parts = {name: per_call_us(fn) for name, fn in parts.items()}
-    for name in ("norms (2/block)", "self-attention + KV cache", "memory read", "SwiGLU FFN", "block glue"):
-        parts[name] = 0.0
-    block_total = 0.0
-    for block, st in zip(model.blocks, state.layers, strict=True):
-        x = block.norm1(h)
-        parts["norms (2/block)"] += 2 * per_call_us(lambda b=block: b.norm1(h))
-        parts["self-attention + KV cache"] += per_call_us(
-            lambda b=block, st=st, x=x: b.attn(x, cos, sin, mask, causal, st.k, st.v))
-        if block.memory is not None:
-            parts["memory read"] += per_call_us(lambda b=block, st=st, x=x: b.memory(x, st.memory))
-        parts["SwiGLU FFN"] += per_call_us(lambda b=block: b.ffn(h))
-        block_total += per_call_us(lambda b=block, st=st: b(h, cos, sin, mask, causal, st, None, None, pos))
-    parts["block glue"] = block_total - sum(parts[k] for k in ("norms (2/block)", "self-attention + KV cache",
-                                                                "memory read", "SwiGLU FFN"))
-    forward = per_call_us(lambda: model(token, state))
-    parts["model glue (state, loop)"] = forward - block_total - sum(
-        parts[k] for k in ("embedding", "rope tables + mask", "final norm + lm_head"))
+    mask, causal = attention_mask(pos, 1, n_cached, a.window, "cpu")
     params = SamplingParams(temperature=0.0)
     context = torch.tensor([prompt])
-    parts["greedy choice (+ penalty off)"] = per_call_us(
-        lambda: int(choose_next(process_logits(logits, context, params), params, None)[0]))
     detok = IncrementalDecoder(tokenizer.decode, prompt)
-    parts["detokenize + stop match"] = per_call_us(lambda: detok.push(100))
-    total = forward + parts["greedy choice (+ penalty off)"] + parts["detokenize + stop match"]
-    print(f"\n{arch}: one decode step ~ {total:.0f} us ({1e6 / total:.0f} tok/s); model forward {forward:.0f} us")
-    for name, us in parts.items():
-        print(f"  {name:<32} {us:7.0f} us  {100 * us / total:5.1f}%")
+    fns = {
+        "whole decode step": lambda: (model(token, state),
+                                      int(choose_next(process_logits(logits, context, params), params, None)[0]),
+                                      detok.push(100)),
+        "embedding": lambda: model.tok_emb(token),
+        "rope tables + mask": lambda: (rope_cos_sin(torch.arange(pos, pos + 1), a.d_model // a.n_heads,
+                                                    a.rope_theta), attention_mask(pos, 1, n_cached, a.window, "cpu")),
+        "final norm + lm_head": lambda: model.lm_head(model.norm(h)).float(),
+        "norms (2 per block)": lambda: [(b.norm1(h), b.norm2(h)) for b in model.blocks],
+        "self-attention + KV cache": lambda: [b.attn(h, cos, sin, mask, causal, st.k, st.v)
+                                              for b, st in zip(model.blocks, state.layers, strict=True)],
+        "memory read (+ pending)": lambda: [b.memory(h, st.memory) for b, st in
+                                            zip(model.blocks, state.layers, strict=True) if b.memory is not None],
+        "SwiGLU FFN": lambda: [b.ffn(h) for b in model.blocks],
+        "greedy choice": lambda: int(choose_next(process_logits(logits, context, params), params, None)[0]),
+        "detokenize": lambda: detok.push(100),
+    }
+    us = per_call_us(fns)
+    total = us.pop("whole decode step")
+    us["unattributed (glue, bookkeeping)"] = total - sum(us.values())
+    print(f"\n{arch}: one decode step {total:.0f} us CPU ({1e6 / total:.0f} tok/s)")
+    for name, t in us.items():
+        print(f"  {name:<34} {t:7.0f} us  {100 * t / total:5.1f}%")
 
 
 # ---------------------------------------------------------------------------------------------- main
