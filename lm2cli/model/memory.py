@@ -29,7 +29,10 @@ class MemoryState:
     """One memory block's recurrent state for a batch of sequences."""
 
     bank: Tensor  # (B, N, d_m) float32: M after the last completed segment
-    pending: Tensor | None  # (B, r, d) block inputs of the open segment (r < S), None when r = 0
+    # The open segment (r < S tokens so far; None when r = 0). Within a segment the bank is fixed, so the
+    # tokens' read scores and write contents are all the write needs: keep those, not the inputs.
+    pending_scores: Tensor | None = None  # (B, h, r, N) Q Kᵀ/√dh of the open segment's tokens
+    pending_content: Tensor | None = None  # (B, h, r, d_m/h) x W_U of the open segment's tokens
     # Key/value projections of `bank`, cached for inference so that decoding does not recompute them for every
     # token. With autograd on they are always recomputed: a cache made before an optimizer step would be stale.
     keys: Tensor | None = None  # (B, h, N, dh)
@@ -37,10 +40,13 @@ class MemoryState:
 
     @property
     def pending_len(self) -> int:
-        return 0 if self.pending is None else self.pending.shape[1]
+        return 0 if self.pending_scores is None else self.pending_scores.shape[2]
 
     def detach(self) -> MemoryState:
-        return MemoryState(self.bank.detach(), None if self.pending is None else self.pending.detach())
+        def d(t):
+            return None if t is None else t.detach()
+
+        return MemoryState(self.bank.detach(), d(self.pending_scores), d(self.pending_content))
 
 
 class LM2Memory(nn.Module):
@@ -53,9 +59,9 @@ class LM2Memory(nn.Module):
         self.segment_len = segment_len
         self.head_dim = d_model // heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)  # queries from the block input
+        # Token side, fused into one matmul over the whole input: read queries W_Q and write contents W_U.
+        self.qu_proj = nn.Linear(d_model, d_model + slot_dim, bias=False)
         self.kv_proj = nn.Linear(slot_dim, 2 * d_model, bias=False)  # keys and values from the slots
-        self.u_proj = nn.Linear(d_model, slot_dim, bias=False)  # content a slot gathers from the segment
         self.out_gate = nn.Linear(d_model, d_model)
         self.in_forget_gate = nn.Linear(2 * slot_dim, 2 * slot_dim)  # [g_in | g_f] from [U, M]
         bank0 = identity_bank(slots, slot_dim)
@@ -76,13 +82,19 @@ class LM2Memory(nn.Module):
 
     def init_state(self, batch_size: int, device=None) -> MemoryState:
         bank = self.bank0.to(device=device, dtype=torch.float32).unsqueeze(0).expand(batch_size, -1, -1)
-        return MemoryState(bank, None)
+        return MemoryState(bank)
 
     def _with_keys(self, state: MemoryState) -> MemoryState:
         if state.keys is not None and not torch.is_grad_enabled():
             return state
-        keys, values = self._split_heads(self.kv_proj(state.bank.to(self.kv_proj.weight.dtype))).chunk(2, dim=-1)
-        return MemoryState(state.bank, state.pending, keys, values)
+        bank = state.bank
+        shared = bank.stride(0) == 0  # the initial bank is one tensor broadcast over the batch: project it once
+        source = bank[:1] if shared else bank
+        kv = self._split_heads(self.kv_proj(source.to(self.kv_proj.weight.dtype)))
+        if shared:
+            kv = kv.expand(bank.shape[0], -1, -1, -1)
+        keys, values = kv.chunk(2, dim=-1)
+        return MemoryState(bank, state.pending_scores, state.pending_content, keys, values)
 
     def _split_heads(self, t: Tensor) -> Tensor:
         """(B, L, h·c) -> (B, h, L, c)."""
@@ -94,6 +106,13 @@ class LM2Memory(nn.Module):
         b, h, length, c = t.shape
         return t.transpose(1, 2).reshape(b, length, h * c)
 
+    def _chunk_sizes(self, pending: int, total: int) -> list[int]:
+        """Split `total` new tokens at segment boundaries, the first chunk completing the open segment."""
+        first = min(self.segment_len - pending, total)
+        rest = total - first
+        sizes = [first] + [self.segment_len] * (rest // self.segment_len)
+        return sizes + [rest % self.segment_len] if rest % self.segment_len else sizes
+
     # ---------------------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, state: MemoryState, writes_kept: int | None = None,
@@ -103,52 +122,48 @@ class LM2Memory(nn.Module):
         Returns the gated memory output g_out ⊙ E_mem (B, T, d) and the new state. `writes_kept`: only the last
         this-many writes of this call keep their autograd history (truncated BPTT); None keeps all.
         """
-        seg = self.segment_len
         state = self._with_keys(state)
-        total, pos, reads = x.shape[1], 0, []
-        n_writes = (state.pending_len + total) // seg
-        write_idx = 0
-        while pos < total:
-            take = min(seg - state.pending_len, total - pos)
-            chunk = x[:, pos:pos + take]
-            q = self._split_heads(self.q_proj(chunk))  # (B, h, take, dh)
-            scores = torch.matmul(q, state.keys.transpose(-1, -2)) * self.scale  # (B, h, take, N)
+        sizes = self._chunk_sizes(state.pending_len, x.shape[1])
+        queries, contents = self.qu_proj(x).split([self.d_model, self.slot_dim], dim=-1)
+        queries = self._split_heads(queries).split(sizes, dim=2)  # split, not slicing: one cheap backward
+        contents = self._split_heads(contents).split(sizes, dim=2)
+        n_writes = (state.pending_len + x.shape[1]) // self.segment_len
+        reads, pos, write_idx = [], start_pos, 0
+        for q, content in zip(queries, contents, strict=True):
+            scores = torch.matmul(q, state.keys.transpose(-1, -2)) * self.scale  # (B, h, t, N)
             probs = scores.softmax(dim=-1)
-            reads.append(self._merge_heads(torch.matmul(probs, state.values)))
+            reads.append(torch.matmul(probs, state.values))
             if recorder is not None:
-                recorder.on_read(layer, start_pos + pos, probs)
-            if state.pending_len + take == seg:  # the segment is complete: write it into the bank
-                if state.pending is not None:  # the segment began in an earlier call: its queries are needed
-                    chunk = torch.cat([state.pending, chunk], dim=1)
-                    q = self._split_heads(self.q_proj(chunk))
-                    scores = torch.matmul(q, state.keys.transpose(-1, -2)) * self.scale
+                recorder.on_read(layer, pos, probs)
+            pos += q.shape[2]
+            if state.pending_scores is not None:  # the segment began in an earlier call
+                scores = torch.cat([state.pending_scores, scores], dim=2)
+                content = torch.cat([state.pending_content, content], dim=2)
+            if scores.shape[2] == self.segment_len:  # the segment is complete: write it into the bank
                 detach = writes_kept is not None and write_idx < n_writes - writes_kept
-                state = self._write(chunk, scores, state, detach, recorder, layer, start_pos + pos + take)
+                state = self._write(scores, content, state, detach, recorder, layer, pos)
                 write_idx += 1
             else:
-                pending = chunk if state.pending is None else torch.cat([state.pending, chunk], dim=1)
-                state = MemoryState(state.bank, pending, state.keys, state.values)
-            pos += take
-        read = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)
+                state = MemoryState(state.bank, scores, content, state.keys, state.values)
+        read = self._merge_heads(reads[0] if len(reads) == 1 else torch.cat(reads, dim=2))
         gate = torch.sigmoid(self.out_gate(read))
         if recorder is not None:
             recorder.on_out_gate(layer, start_pos, gate)
         return gate * read, state
 
-    def _write(self, seg_x: Tensor, scores: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
+    def _write(self, scores: Tensor, content: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
                end_pos: int) -> MemoryState:
         probs_w = scores.softmax(dim=-2).transpose(-1, -2)  # (B, h, N, S): each slot attends over the tokens
-        content = self._split_heads(self.u_proj(seg_x))  # (B, h, S, d_m/h)
         update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
         bank = state.bank
-        gates = torch.sigmoid(self.in_forget_gate(torch.cat([update, bank], dim=-1).to(seg_x.dtype))).float()
+        gates = torch.sigmoid(self.in_forget_gate(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
         g_in, g_forget = gates.chunk(2, dim=-1)
         new_bank = g_in * torch.tanh(update) + g_forget * bank
         if detach:
             new_bank = new_bank.detach()
         if recorder is not None:
             recorder.on_write(layer, end_pos, probs_w, g_in, g_forget, new_bank)
-        return self._with_keys(MemoryState(new_bank, None))
+        return self._with_keys(MemoryState(new_bank))
 
 
 def identity_bank(slots: int, slot_dim: int) -> Tensor:

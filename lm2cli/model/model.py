@@ -304,15 +304,21 @@ class LanguageModel(nn.Module):
             rmt = self.rmt_memory.unsqueeze(0).expand(batch_size, -1, -1)
         return ModelState(pos=0, layers=layers, rmt_memory=rmt)
 
+    @staticmethod
+    def detach_state(state: ModelState) -> ModelState:
+        """The same sequence with its autograd history cut (truncated BPTT across training steps)."""
+        return state.detach()
+
     def carry_memory(self, state: ModelState) -> ModelState:
         """A fresh sequence that starts from `state`'s memory, detached (memory.carry = true)."""
         if self.args.arch == "rmt":
             return replace(self.init_state(state.rmt_memory.shape[0]), rmt_memory=state.rmt_memory.detach())
         banks = [ls.memory.bank for ls in state.layers if ls.memory is not None]
-        if not banks:  # vanilla: nothing to carry
-            return self.init_state(1)
+        if not banks:  # vanilla: no memory to carry, only a fresh sequence
+            k = state.layers[0].k
+            return self.init_state(1 if k is None else k.shape[0])
         fresh = self.init_state(banks[0].shape[0], banks[0].device)
-        layers = [LayerState(memory=None if ls.memory is None else MemoryState(ls.memory.bank.detach(), None))
+        layers = [LayerState(memory=None if ls.memory is None else MemoryState(ls.memory.bank.detach()))
                   for ls in state.layers]
         return replace(fresh, layers=layers)
 
