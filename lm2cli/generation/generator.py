@@ -90,9 +90,10 @@ class Generator:
         return [self.tokenizer.bos_id, *ids]
 
     def check_length(self, prompt_tokens: int, params: SamplingParams, where: str = "prompt") -> None:
-        """A full-attention model cannot go past model.max_seq_len (RoPE and the cache are sized for it);
-        with a window there is no such limit."""
-        if self.recipe.attention.window > 0:
+        """A full-attention model is refused past model.max_seq_len, the longest context it supports (its
+        attention and KV cache grow with the whole sequence). With a window, or with RMT (attention never
+        spans more than one segment, positions restart in each), there is no such limit."""
+        if self.recipe.attention.window > 0 or self.recipe.model.arch == "rmt":
             return
         limit = self.recipe.model.max_seq_len
         if prompt_tokens + params.max_new_tokens > limit:

@@ -117,9 +117,20 @@ def test_full_attention_length_limit(mock_lm, tokenizer):
     gen = make_generator(mock_lm, tokenizer, "attention.window=0", "model.max_seq_len=20")
     with pytest.raises(Lm2Error, match="max_seq_len = 20"):
         gen.generate("Mary went to the kitchen", SamplingParams(max_new_tokens=15))
-    windowed = make_generator(mock_lm, tokenizer, "attention.window=4", "model.max_seq_len=20")
-    res = windowed.generate("Mary went to the kitchen", SamplingParams(max_new_tokens=15, min_new_tokens=15))
-    assert res.new_tokens == 15
+    for unlimited in (["attention.window=4"], ["model.arch=rmt", "attention.window=0"]):
+        gen = make_generator(mock_lm, tokenizer, *unlimited, "model.max_seq_len=20")
+        res = gen.generate("Mary went to the kitchen", SamplingParams(max_new_tokens=15, min_new_tokens=15))
+        assert res.new_tokens == 15
+
+
+def test_top_k_1_and_tiny_top_p_sample_the_greedy_tokens(mock_lm, tokenizer):
+    """Sampling restricted to a support of one token can only follow the argmax, whatever the seed."""
+    gen = make_generator(mock_lm, tokenizer)
+    greedy = gen.generate("Mary went", SamplingParams(temperature=0.0, max_new_tokens=25, min_new_tokens=25))
+    for seed in range(3):
+        for restrict in ({"top_k": 1}, {"top_p": 1e-6}):
+            params = SamplingParams(temperature=1.5, max_new_tokens=25, min_new_tokens=25, seed=seed, **restrict)
+            assert gen.generate("Mary went", params).token_ids == greedy.token_ids
 
 
 def test_result_summary_fields(mock_lm, tokenizer):
