@@ -142,6 +142,8 @@ def generate(
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object per prompt (text, token counts, stop reason, tokens/s)")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    threads: Annotated[int, typer.Option(
+        help="CPU threads; 0 = 1 for models under 100M parameters (fastest at batch 1), else torch's default")] = 0,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout as tokens are produced.
@@ -158,7 +160,8 @@ def generate(
     if len(paths) > 1 or targets.count("-") > 1:
         raise Lm2Error(f"expected at most one run or checkpoint and one -, got: {' '.join(targets)}")
     generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
-                     stdin=stdin, json_output=json_output, device=device, max_new_tokens=max_new_tokens,
+                     stdin=stdin, json_output=json_output, device=device, threads=threads,
+                     max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty, repetition_window=repetition_window, stop=stop,
                      seed=seed, greedy=greedy)

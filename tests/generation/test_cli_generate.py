@@ -146,6 +146,7 @@ def test_no_length_limit_with_a_window(cli, tmp_path, tokenizer):
     (["--temperature", "-1"], "--temperature = -1.0: must be >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens = 0: must be >= 1"),
     (["--device", "tpu"], "--device tpu"),
+    (["--threads", "-2"], "--threads = -2"),
 ])
 def test_bad_flag_values(cli, run_dir, flags, fragment):
     one_line_error(cli("generate", run_dir, "--prompt", "Mary", *flags), fragment)
@@ -209,3 +210,13 @@ def test_stop_flag_escapes():
     assert unescape_stop(r"\n\n") == "\n\n"
     assert unescape_stop(r"a\tb\\n") == "a\tb\\n"
     assert unescape_stop("plain \\x") == "plain \\x"
+
+
+def test_small_models_decode_on_one_thread_and_the_setting_is_restored(cli, run_dir):
+    before = torch.get_num_threads()
+    res = cli("generate", run_dir, "--prompt", "Mary", "--max-new-tokens", "3", "--device", "cpu")
+    assert res.code == 0 and "1 thread (model under 100M parameters)" in res.err
+    assert torch.get_num_threads() == before
+    res = cli("generate", run_dir, "--prompt", "Mary", "--max-new-tokens", "3", "--threads", "2")
+    assert res.code == 0 and "2 threads (--threads)" in res.err
+    assert torch.get_num_threads() == before
