@@ -280,6 +280,7 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
         where += f", {n_threads} thread{'s' if n_threads > 1 else ''} ({why})"
     print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}",
           file=sys.stderr)
+    generator.warm_up()
     try:
         for job, ids, params in planned:
             if json_output:

@@ -111,6 +111,14 @@ class Generator:
             return self.model(ids, state)
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One throwaway prefill and decode step: the first calls pay for lazy initialisation (kernels,
+        allocator), which would otherwise show up in the first prompt's tokens/s."""
+        bos = self.tokenizer.bos_id
+        _, state = self.prefill([bos] * 2)
+        self._forward(torch.tensor([[bos]], device=self.device), state)
+
+    @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]):
         """Run the prompt through a fresh state in chunks of whole segments; return (last logits, state)."""
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
