@@ -82,7 +82,9 @@ def tokenize(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_r
     r = resolve(recipe, set_, out, print_recipe, debug, out_key="data.dir")
     if r is None:
         return
-    raise NotAvailableYet("tokenize")
+    from lm2cli.data.prepare import tokenize_command
+
+    tokenize_command(r, force=force)
 
 
 @app.command()
@@ -175,6 +177,33 @@ def inspect_memory(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, p
     if r is None:
         return
     raise NotAvailableYet("inspect-memory")
+
+
+@app.command()
+def babilong(
+    recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the inputs are unchanged")] = False,
+    babi_text: Annotated[Optional[Path], typer.Option(
+        "--babi-text", metavar="DIR",
+        help="Instead: write generated stories of babilong.tasks as bAbI v1.2 text files into DIR")] = None,
+    train_questions: Annotated[int, typer.Option(
+        "--train-questions", min=1, metavar="N",
+        help="With --babi-text: questions per task in the train files")] = 10_000,
+    test_questions: Annotated[int, typer.Option(
+        "--test-questions", min=1, metavar="N",
+        help="With --babi-text: questions per task in the test files")] = 1_000,
+    debug: DebugOpt = False,
+) -> None:
+    """Build BABILong-style sets (bAbI facts in haystack text) as babilong.dir/qaN/<length>.json."""
+    r = resolve(recipe, set_, out, print_recipe, debug, out_key="babilong.dir")
+    if r is None:
+        return
+    from lm2cli.data import babilong as bl
+
+    if babi_text is not None:
+        bl.write_babi_text(r, babi_text, train_questions, test_questions)
+    else:
+        bl.babilong_command(r, force=force)
 
 
 def report_error(err: Lm2Error) -> None:

@@ -100,7 +100,7 @@ class TokenizerConfig:
     vocab_size: int = opt(4096, "Vocabulary size to train", min=16, max=1_000_000)
     byte_fallback: bool = opt(True, "Encode unknown characters as bytes instead of <unk>")
     character_coverage: float = opt(0.9995, "Share of characters the vocabulary must cover", gt=0, max=1)
-    sample_sentences: int = opt(1_000_000, "Sentences sampled from the corpus to train the tokenizer", min=1)
+    sample_sentences: int = opt(1_000_000, "Lines from the start of the corpus the tokenizer is trained on", min=1)
     answer_token: str = opt("<ans>", "Reserved separator between a question and its answer (fine-tuning)")
     extra_symbols: list[str] = opt([], "More user-defined symbols reserved in the vocabulary")
 
@@ -145,7 +145,13 @@ class BabilongConfig:
     samples: int = opt(100, "Samples per task and length", min=1)
     facts: str = opt("synthetic", 'Where stories come from: "synthetic" (built-in generator) or a bAbI v1.2 directory')
     haystack: str = opt("builtin", 'Haystack text: "builtin" filler, text files/globs, or a hub dataset name')
-    margin: int = opt(300, "Tokens kept free for the prompt: context budget = length - margin", min=0)
+    haystack_field: str = opt("text", "Field holding the text of a hub haystack dataset")
+    margin: int = opt(300, "Tokens kept free for the prompt: context budget = length - margin (fine-tuning "
+                           "sets: 20)", min=0)
+    fact_window: list[float] = opt([0.0, 1.0], "Facts are placed between these fractions of the haystack "
+                                               "sentences, e.g. [0.0, 0.25] for fact-position studies")
+    max_sentence_tokens: int = opt(0, "Skip haystack sentences longer than this many tokens; 0 = keep all",
+                                   min=0)
     seed: int = opt(1234, "Seed of story choice, haystack sampling and fact placement")
 
 
@@ -413,6 +419,9 @@ def _cross_checks(r: Recipe) -> list[str]:
                 p.append(f"memory.layers = {_fmt(layers)}: indices must be in 0..{m.n_layers - 1} (non-empty)")
     if r.train.min_lr > r.train.lr:
         p.append(f"train.min_lr = {r.train.min_lr} must not exceed train.lr = {r.train.lr}")
+    w = r.babilong.fact_window
+    if len(w) != 2 or not 0.0 <= w[0] <= w[1] <= 1.0:
+        p.append(f"babilong.fact_window = {_fmt(w)}: expected [start, end] with 0 <= start <= end <= 1")
     if r.tokenizer.answer_token in r.tokenizer.extra_symbols:
         p.append(f"tokenizer.extra_symbols repeats tokenizer.answer_token '{r.tokenizer.answer_token}'")
     if any(s < 1 for s in r.finetune.stages) or not r.finetune.stages:

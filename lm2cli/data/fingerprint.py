@@ -16,14 +16,13 @@ from typing import Any
 
 from lm2cli.fileio import sha256_file
 
-# Bump when the shard layout changes, or when the built-in generator or filler would write different text
-# for the same recipe: old shards then become stale instead of silently mismatching.
+# Bump when the shard layout (or the built-in corpus layout) changes: old shards then become stale instead of
+# silently mismatching. The generator and the filler carry their own versions, which are fingerprinted too.
 SHARD_FORMAT_VERSION = 1
-BUILTIN_CORPUS_VERSION = 1
 
-# Files up to this size are fingerprinted by content (a `touch` does not force a rebuild); larger ones by
-# size and modification time, so checking a 100 GB corpus stays instant.
-CONTENT_HASH_LIMIT = 8 << 20
+# Sources totalling up to this size are fingerprinted by content (a `touch` does not force a rebuild); larger
+# ones by size and modification time, so checking a 100 GB corpus at every `lm2 pretrain` stays instant.
+CONTENT_HASH_LIMIT = 64 << 20
 
 # [data] keys that never change the shards' content: where they go and how many processes encode them
 # (the output is identical for any worker count; a test checks it).
@@ -35,11 +34,18 @@ _DATA_KEYS_BY_SOURCE = {
 _TOKENIZER_TRAINING_KEYS = ["type", "vocab_size", "byte_fallback", "character_coverage", "sample_sentences"]
 
 
-def file_signature(path: Path) -> dict[str, Any]:
+def file_signature(path: Path, by_content: bool | None = None) -> dict[str, Any]:
     st = path.stat()
-    if st.st_size <= CONTENT_HASH_LIMIT:
+    if by_content is None:
+        by_content = st.st_size <= CONTENT_HASH_LIMIT
+    if by_content:
         return {"path": str(path), "size": st.st_size, "sha256": sha256_file(path)}
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def files_signature(paths: list[Path]) -> list[dict[str, Any]]:
+    by_content = sum(p.stat().st_size for p in paths) <= CONTENT_HASH_LIMIT
+    return [file_signature(p, by_content) for p in paths]
 
 
 def fingerprint_inputs(recipe) -> dict[str, Any]:
@@ -60,9 +66,12 @@ def fingerprint_inputs(recipe) -> dict[str, Any]:
     else:
         inputs["tokenizer"].update({k: tok[k] for k in _TOKENIZER_TRAINING_KEYS})
     if data["source"] == "builtin":
-        inputs["sources"] = {"builtin_corpus_version": BUILTIN_CORPUS_VERSION}
+        from lm2cli.data.filler import FILLER_VERSION
+        from lm2cli.data.generator import GENERATOR_VERSION
+
+        inputs["sources"] = {"generator_version": GENERATOR_VERSION, "filler_version": FILLER_VERSION}
     elif data["source"] == "files":
-        inputs["sources"] = [file_signature(p) for p in resolve_files(data["files"])]
+        inputs["sources"] = files_signature(resolve_files(data["files"]))
     else:
         # A hub dataset cannot be fingerprinted offline beyond its coordinates; pin hub_revision to make the
         # fingerprint mean "the same data".

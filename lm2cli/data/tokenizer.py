@@ -104,7 +104,8 @@ class Tokenizer:
         spm = _import_spm()
         self._bytes = bytes(model_bytes)
         self.where = where
-        self.sp = spm.SentencePieceProcessor()
+        # One thread: lm2 parallelises with processes (lm2cli.data.prepare), never with hidden thread pools.
+        self.sp = spm.SentencePieceProcessor(num_threads=1)
         try:
             self.sp.LoadFromSerializedProto(self._bytes)
         except (RuntimeError, OSError) as e:
@@ -175,6 +176,10 @@ class Tokenizer:
             out = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
         return out
 
+    def encode_numpy(self, texts: list[str]) -> list:
+        """int32 numpy arrays of token ids (no BOS/EOS), the fast path used to write shards."""
+        return self.sp.encode(list(texts), return_type="numpy", num_threads=1)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control pieces (BOS, EOS, PAD) are dropped, byte pieces are reassembled."""
         return self.sp.decode([int(i) for i in ids])
@@ -215,8 +220,11 @@ _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+)
 
 def train_tokenizer(sentences: Iterable[str], *, model_type: str, vocab_size: int, byte_fallback: bool,
                     character_coverage: float, sample_sentences: int, answer_token: str,
-                    extra_symbols: list[str], seed: int, threads: int = 1) -> Tokenizer:
+                    extra_symbols: list[str], seed: int) -> Tokenizer:
     """Train a SentencePiece model on `sentences` with lm2's fixed special ids (see the module docstring).
+
+    One training thread: SentencePiece's result depends on its thread count, and the same recipe must give
+    the same tokenizer on every machine and for any `data.workers`.
 
     Errors SentencePiece reports about the vocabulary size become one line naming `tokenizer.vocab_size`.
     """
@@ -246,7 +254,7 @@ def train_tokenizer(sentences: Iterable[str], *, model_type: str, vocab_size: in
             input_sentence_size=sample_sentences, shuffle_input_sentence=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, user_defined_symbols=symbols,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
-            max_sentence_length=MAX_TRAIN_SENTENCE_BYTES * 2, num_threads=max(1, threads),
+            max_sentence_length=MAX_TRAIN_SENTENCE_BYTES * 2, num_threads=1,
             minloglevel=2)
     except RuntimeError as e:
         raise _vocab_error(str(e), vocab_size, n_seen) from None

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shared_dir(name: str) -> Path:
+    """`../shared/<name>` next to the checkout, or next to one of its parents (worktrees live deeper).
+
+    Reference data for optional checks only: tests that use it skip when it is absent.
+    """
+    for parent in REPO.parents:
+        candidate = parent / "shared" / name
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / name
 
 NAMES = ["Anna", "Bruno", "Chloe", "Dmitri", "Elena", "Farid"]
 VERBS = ["walked", "looked", "smiled", "waited", "spoke", "laughed", "wrote", "read"]

@@ -1,0 +1,246 @@
+"""BABILong-style sets: the injector, the builder command and its meta.json, the loader (local and hub)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lm2cli.data.babi import Sample
+from lm2cli.data.babilong import build_row, inject_facts, length_tokens, load_babilong
+from lm2cli.data.haystack import BuiltinHaystack, SentenceSampler, split_sentences
+from lm2cli.errors import Lm2Error
+
+from .conftest import shared_dir
+from .test_prepare import write_recipe
+
+FACTS = ["Mary moved to the bathroom.", "John went to the hallway.", "Mary got the football there.",
+         "Mary travelled to the office."]
+
+
+def sample(facts=FACTS):
+    return Sample("qa2", list(facts), "Where is the football? ", "office", [facts[2], facts[3]], [2, 3])
+
+
+def test_lengths_are_thousands():
+    assert [length_tokens(x) for x in ("0k", "1k", "4k", "128k", "1M")] == [0, 1000, 4000, 128000, 1_000_000]
+
+
+def test_injection_keeps_fact_order_and_allows_shared_gaps():
+    facts = [[100 + i] for i in range(30)]
+    sentences = [[7, 7, 7] for _ in range(3)]
+    tokens, positions = inject_facts(facts, sentences, random.Random(1))
+    assert [t for t in tokens if t >= 100] == [100 + i for i in range(30)]  # order kept
+    assert positions == sorted(positions) and len(set(positions)) < len(positions)  # shared gaps
+    assert len(tokens) == 30 + 9
+
+
+def test_window_keeps_facts_inside_and_too_narrow_window_fails():
+    facts = [[100 + i] for i in range(20)]
+    sentences = [[7] for _ in range(100)]
+    _, positions = inject_facts(facts, sentences, random.Random(2), window=(0.0, 0.25))
+    assert all(0 <= p <= 25 for p in positions)
+    _, positions = inject_facts(facts, sentences, random.Random(2), window=(0.5, 0.6))
+    assert all(50 <= p <= 60 for p in positions)
+    with pytest.raises(Lm2Error, match="fact_window .* leaves no place"):
+        inject_facts(facts, [[7], [7]], random.Random(2), window=(0.6, 0.9))
+
+
+def make_sampler(tok, seed=0, side="test"):
+    return SentenceSampler(BuiltinHaystack(side, 5), tok, random.Random(seed))
+
+
+@pytest.mark.parametrize("length", [1000, 2000, 4000])
+def test_budget_is_hit_exactly_and_survives_a_decode_round_trip(small_tokenizer, length):
+    sampler = make_sampler(small_tokenizer)
+    for k in range(3):
+        row, reason = build_row(sample(), length, 300, small_tokenizer, sampler, random.Random(k))
+        assert reason is None
+        assert abs(row["n_tokens"] - (length - 300)) <= 2
+        text = row["input"]
+        positions = [text.index(f) for f in FACTS]
+        assert positions == sorted(positions)  # facts appear, in story order
+        assert row["question"] == "Where is the football? " and row["target"] == "office"
+
+
+def test_zero_k_is_the_facts_joined_by_single_spaces(small_tokenizer):
+    row, _ = build_row(sample(), 0, 300, small_tokenizer, make_sampler(small_tokenizer), random.Random(0))
+    assert row["input"] == " ".join(FACTS)
+
+
+def test_fact_filter_and_facts_over_budget_drop_samples(small_tokenizer):
+    many = [f"Mary moved to the {r}." for r in ["office", "garden"] * 60]
+    sampler = make_sampler(small_tokenizer)
+    assert build_row(sample(many), 1000, 300, small_tokenizer, sampler, random.Random(0)) == (None, "fact_filter")
+    long_facts = ["Mary " + "very " * 60 + "slowly moved to the office."] * 4
+    assert build_row(sample(long_facts), 1000, 300, small_tokenizer, sampler,
+                     random.Random(0)) == (None, "facts_over_budget")
+
+
+def test_sentence_splitter_guards_abbreviations_and_collapses_whitespace():
+    text = 'Mr. Darcy bowed.  Mrs. Bennet\nsmiled! "Is it?" asked Dr. Grant. It was, e.g. a test. Done'
+    assert split_sentences(text) == ["Mr. Darcy bowed.", "Mrs. Bennet smiled!", '"Is it?" asked Dr. Grant.',
+                                     "It was, e.g. a test.", "Done"]
+
+
+def babilong_recipe(tmp_path, tokenizer, **babilong):
+    model = tmp_path / "tok.model"
+    tokenizer.save(model)
+    values = {"dir": str(tmp_path / "bl"), "tasks": ["qa1", "qa2"], "lengths": ["0k", "1k", "2k"], "samples": 6}
+    values.update(babilong)
+    return write_recipe(tmp_path, tokenizer={"path": str(model)}, babilong=values)
+
+
+def test_command_writes_the_hub_layout_and_meta(cli, tmp_path, small_tokenizer):
+    recipe = babilong_recipe(tmp_path, small_tokenizer)
+    res = cli("babilong", recipe)
+    assert res.code == 0, res.err
+    out = tmp_path / "bl"
+    for task in ("qa1", "qa2"):
+        for length in ("0k", "1k", "2k"):
+            rows = json.loads((out / task / f"{length}.json").read_text())
+            assert len(rows) == 6 and all({"input", "question", "target"} <= set(r) for r in rows)
+            if length != "0k":
+                assert all(abs(r["n_tokens"] - (length_tokens(length) - 300)) <= 2 for r in rows)
+    zero, two = (json.loads((out / "qa1" / f"{n}.json").read_text()) for n in ("0k", "2k"))
+    assert [r["question"] for r in zero] == [r["question"] for r in two]  # the same samples at every length
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format"] == "babilong" and meta["split"] == "test" and meta["facts_source"] == "synthetic"
+    assert meta["haystack"]["kind"] == "synthetic" and "test side" in meta["haystack"]["name"]
+    assert meta["tokenizer"]["sha256"] == small_tokenizer.sha256 and meta["tokenizer"]["vocab_size"] == 400
+    assert meta["lengths"] == {"0k": 0, "1k": 1000, "2k": 2000} and meta["margin"] == 300
+    assert meta["max_n_facts"] == "budget//8" and meta["whitespace"] == "collapsed"
+    assert meta["mean_chars"]["2k"] > meta["mean_chars"]["1k"] > meta["mean_chars"]["0k"]
+    assert load_babilong(out, "1k", "qa2") == [{k: r[k] for k in ("input", "question", "target")}
+                                              for r in json.loads((out / "qa2" / "1k.json").read_text())]
+    res = cli("babilong", recipe)
+    assert res.code == 0 and "up to date" in res.out
+
+
+def test_identical_seeds_identical_files_and_train_differs_from_test(cli, tmp_path, small_tokenizer):
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["1k"])
+    assert cli("babilong", recipe).code == 0
+    first = (tmp_path / "bl" / "qa1" / "1k.json").read_text()
+    assert cli("babilong", recipe, "--force").code == 0
+    assert (tmp_path / "bl" / "qa1" / "1k.json").read_text() == first
+    assert cli("babilong", recipe, "--set", "babilong.split=train", "--set", "babilong.margin=20",
+               "--out", tmp_path / "train").code == 0
+    train = json.loads((tmp_path / "train" / "qa1" / "1k.json").read_text())
+    test = json.loads(first)
+    assert json.loads((tmp_path / "train" / "meta.json").read_text())["split"] == "train"
+    train_sentences = {s for r in train for s in split_sentences(r["input"])}
+    test_sentences = {s for r in test for s in split_sentences(r["input"])}
+    overlap = len(train_sentences & test_sentences) / len(test_sentences)
+    assert overlap < 0.3  # different haystack streams (short templated sentences may still coincide)
+
+
+def test_reading_real_format_facts_from_a_directory(cli, tmp_path, small_tokenizer):
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["0k"])
+    res = cli("babilong", recipe, "--babi-text", tmp_path / "babi", "--train-questions", "50",
+              "--test-questions", "20")
+    assert res.code == 0, res.err
+    assert (tmp_path / "babi" / "qa1_single-supporting-fact_test.txt").read_text().startswith("1 ")
+    res = cli("babilong", recipe, "--set", f"babilong.facts='{tmp_path / 'babi'}'")
+    assert res.code == 0, res.err
+    meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
+    assert meta["facts_source"].startswith("babi-v1.2:")
+    res = cli("babilong", recipe, "--set", f"babilong.facts='{tmp_path / 'nowhere'}'")
+    assert res.code == 2 and "expected \"synthetic\" or a bAbI v1.2 directory" in res.err
+
+
+def test_haystack_from_text_files(cli, tmp_path, small_tokenizer):
+    books = tmp_path / "books"
+    books.mkdir()
+    sentence = "The long grey road wound past the quiet farms and over the stony hill at dusk. "
+    (books / "one.txt").write_text((sentence * 3 + "\n\n") * 300)
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["1k"], haystack=str(books))
+    res = cli("babilong", recipe)
+    assert res.code == 0, res.err
+    rows = json.loads((tmp_path / "bl" / "qa1" / "1k.json").read_text())
+    assert "long grey road" in rows[0]["input"]
+    meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
+    assert meta["haystack"]["kind"] == "books" and meta["haystack"]["files"][0].endswith("one.txt")
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["babilong.margin=1500"], "babilong.margin = 1500 leaves no context at length 1k"),
+    (["babilong.haystack='no/such/place.txt'"], "not found"),
+    (["tokenizer.path=''", "data.dir='nowhere'"], "run `lm2 tokenize RECIPE` first"),
+])
+def test_bad_babilong_input_is_one_line(cli, tmp_path, small_tokenizer, sets, message):
+    recipe = babilong_recipe(tmp_path, small_tokenizer)
+    args = [a for s in sets for a in ("--set", s)]
+    res = cli("babilong", recipe, *args)
+    assert res.code == 2 and message in res.err and res.err.count("\n") == 1
+
+
+SHARED_BOOKS = shared_dir("books")
+
+
+@pytest.mark.skipif(not SHARED_BOOKS.is_dir(), reason="../shared/books is not available")
+def test_real_books_as_haystack(small_tokenizer):
+    from lm2cli.data.haystack import haystack_for
+
+    sampler = SentenceSampler(haystack_for(str(SHARED_BOOKS / "persuasion.txt"), "test", 1), small_tokenizer,
+                              random.Random(0))
+    row, _ = build_row(sample(), 4000, 300, small_tokenizer, sampler, random.Random(0))
+    assert abs(row["n_tokens"] - 3700) <= 2 and "  " not in row["input"]
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+ROWS = [{"input": "Mary went to the office.", "question": "Where is Mary? ", "target": "office", "extra": 1}]
+
+
+class FakeDatasetDict(dict):
+    pass
+
+
+def fake_hub(order):
+    """A load_dataset stand-in holding qa1 at 1k, in the current (length, task) or the old (task, length) order."""
+    calls = []
+
+    def load_dataset(name, config=None, **kwargs):
+        calls.append((name, config))
+        if name not in ("RMT-team/babilong", "RMT-team/babilong-1k-samples"):
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+        outer, inner = ("1k", "qa1") if order == "new" else ("qa1", "1k")
+        if config != outer:
+            raise ValueError(f"BuilderConfig '{config}' not found. Available: ['{outer}']")
+        return FakeDatasetDict({inner: ROWS})
+
+    return load_dataset, calls
+
+
+@pytest.mark.parametrize("order", ["new", "old"])
+@pytest.mark.parametrize("name", ["RMT-team/babilong", "booydar/babilong", "booydar/babilong-1k-samples"])
+def test_hub_loader_handles_both_orders_and_aliases(monkeypatch, order, name):
+    import datasets
+
+    load_dataset, calls = fake_hub(order)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    rows = load_babilong(name, "1k", "qa1")
+    assert rows == [{k: ROWS[0][k] for k in ("input", "question", "target")}]
+    assert calls[0][0].startswith("RMT-team/")
+
+
+def test_hub_loader_offline_and_bad_rows(monkeypatch, tmp_path):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'RMT-team/babilong' on the Hub (offline mode is enabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(Lm2Error, match=r"cannot be reached .* build a local set with `lm2 babilong RECIPE`"):
+        load_babilong("RMT-team/babilong", "1k", "qa1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ValueError("not cached")))
+    with pytest.raises(Lm2Error, match="HF_DATASETS_OFFLINE is set"):
+        load_babilong("RMT-team/babilong", "1k", "qa1")
+    (tmp_path / "qa1").mkdir()
+    (tmp_path / "qa1" / "1k.json").write_text(json.dumps([{"input": "x", "question": "y"}]))
+    with pytest.raises(Lm2Error, match="row 0 needs text fields input, question and target"):
+        load_babilong(tmp_path, "1k", "qa1")
+    with pytest.raises(Lm2Error, match="no qa2/1k.json"):
+        load_babilong(tmp_path, "1k", "qa2")
