@@ -92,6 +92,7 @@ def test_stop_string_cuts_output_across_token_boundaries(mock_lm, tokenizer):
     params = SamplingParams(temperature=1.0, max_new_tokens=60, min_new_tokens=60, seed=11)
     free = gen.generate("Mary went", params)
     at, stop = pick_stop(free.text)
+    assert not any(stop in tokenizer.decode([t]) for t in free.token_ids)  # it spans several tokens
     streamed = []
     res = gen.generate("Mary went", params.with_overrides(stop=[stop, "never there"]), on_text=streamed.append)
     assert res.stop_reason == "stop"
