@@ -259,18 +259,7 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
     generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
 
     defaults = SamplingParams.from_recipe(recipe.generate).with_overrides(**flags)
-    planned, problems = [], []
-    for job in jobs:  # check every prompt before generating anything
-        params = defaults.with_overrides(**job.overrides)
-        try:
-            ids = generator.encode_prompt(job.text, job.where)
-            generator.check_length(len(ids), params, job.where)
-        except Lm2Error as e:
-            problems += e.problems
-            continue
-        planned.append((job, ids, params))
-    if problems:
-        raise Lm2Error(problems[0], problems=problems)
+    planned = plan_prompts(generator, jobs, defaults)
 
     n_params = sum(p.numel() for p in model.parameters())
     where = str(torch_device)
@@ -293,3 +282,21 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
     except BrokenPipeError:
         # `lm2 generate ... | head -n 3`: the reader left; stop quietly like any Unix filter.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def plan_prompts(generator, jobs: list[PromptJob], defaults) -> list[tuple[PromptJob, list[int], Any]]:
+    """(job, prompt ids, sampling params) for every prompt; every empty or too long prompt is reported at
+    once, before anything is generated."""
+    planned, problems = [], []
+    for job in jobs:
+        params = defaults.with_overrides(**job.overrides)
+        try:
+            ids = generator.encode_prompt(job.text, job.where)
+            generator.check_length(len(ids), params, job.where)
+        except Lm2Error as e:
+            problems += e.problems
+            continue
+        planned.append((job, ids, params))
+    if problems:
+        raise Lm2Error(problems[0], problems=problems)
+    return planned
