@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from lm2cli.errors import Lm2Error
@@ -24,13 +23,13 @@ def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
     from safetensors.torch import save_model
 
     from lm2cli import __version__
-    from lm2cli.fileio import atomic_write_bytes, atomic_write_text
+    from lm2cli.fileio import atomic_write_bytes, atomic_write_text, temp_file_for
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "_orig_mod", model)  # never save the torch.compile wrapper (its keys are prefixed)
     model = getattr(model, "module", model)  # nor the DDP wrapper
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=directory)
+    fd, tmp = temp_file_for(directory / MODEL_FILE)
     os.close(fd)
     try:
         # save_model (not save_file) de-duplicates tied weights such as the shared embedding / output matrix.

@@ -14,10 +14,31 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def temp_file_for(path: str | Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file beside `path`, with the permissions a plain `open` would give.
+
+    mkstemp makes files owner-only (0600); data and checkpoints are often shared on a cluster, so apply the
+    usual 0666 & ~umask instead.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lm2cli.errors import Lm2Error
+from lm2cli.fileio import temp_file_for
 
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype("<u8")
@@ -44,7 +44,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype):
         self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp_bin = tempfile.mkstemp(prefix=f".{split}.bin.", suffix=".tmp", dir=self.out_dir)
+        fd, self._tmp_bin = temp_file_for(self.out_dir / f"{split}.bin")
         self._bin = os.fdopen(fd, "wb")
         self._offsets = [0]
 
