@@ -17,17 +17,23 @@ incremental detokenization, stop-string matching); Hugging Face returns ids only
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import random
-import resource
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-import torch
+# benchmarks/tokenize.py (named by the issue that asked for it) would shadow the standard library's `tokenize`
+# module for every script in this folder: drop the folder from the import path before anything imports it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
