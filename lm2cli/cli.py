@@ -133,15 +133,54 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_reci
 
 @app.command()
 def generate(
-    run: Annotated[Optional[Path], typer.Argument(
-        help="Run directory or checkpoint; default: newest checkpoint of recipes/small.toml's output")] = None,
+    targets: Annotated[Optional[list[str]], typer.Argument(
+        metavar="RUN_OR_CHECKPOINT", show_default=False,
+        help="Run directory or checkpoint (default: the newest checkpoint in runs/small, where "
+             "recipes/small.toml trains); a lone - reads the prompt from standard input")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(
+        "--prompt-file", help="Read the prompt from this UTF-8 file (- = standard input)")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help='JSON lines {"prompt": ..., "id"?: ..., <sampling key>?: ...}, one output per row')] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate at most")] = None,
+    min_new_tokens: Annotated[Optional[int], typer.Option(help="No end-of-sequence before this many tokens")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature; 0 = greedy")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens; 0 = off")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling probability mass; 1 = off")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        help="Penalty for tokens already seen (>1 discourages repeats); 1 = off")] = None,
+    repetition_window: Annotated[Optional[int], typer.Option(
+        help="Only the last N tokens count for the penalty; 0 = all")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help=r"Stop before this text (repeatable; \n and \t are newline and tab)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed: the same seed gives the same text")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token")] = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object per prompt (text, token counts, stop reason, tokens/s)")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    threads: Annotated[int, typer.Option(
+        help="CPU threads; 0 = 1 for models under 100M parameters (fastest at batch 1), else torch's default")] = 0,
     debug: DebugOpt = False,
 ) -> None:
-    """Generate text from a checkpoint, streaming tokens to stdout."""
+    """Generate text from a checkpoint, streaming it to stdout as tokens are produced.
+
+    Defaults for every sampling option come from the checkpoint recipe's [generate] section.
+    """
+    from lm2cli.generation import generate_command
+
     global _debug
     _debug = _debug or debug
-    raise NotAvailableYet("generate")
+    targets = list(targets or [])
+    stdin = "-" in targets
+    paths = [t for t in targets if t != "-"]
+    if len(paths) > 1 or targets.count("-") > 1:
+        raise Lm2Error(f"expected at most one run or checkpoint and one -, got: {' '.join(targets)}")
+    generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
+                     stdin=stdin, json_output=json_output, device=device, threads=threads,
+                     max_new_tokens=max_new_tokens,
+                     min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=repetition_penalty, repetition_window=repetition_window, stop=stop,
+                     seed=seed, greedy=greedy)
 
 
 @app.command("inspect-memory")

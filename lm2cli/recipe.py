@@ -217,6 +217,7 @@ class GenerateConfig:
     """Sampling defaults of `lm2 generate` (each has a command-line flag too)."""
 
     max_new_tokens: int = opt(200, "Tokens to generate at most", min=1)
+    min_new_tokens: int = opt(0, "End-of-sequence is suppressed until this many tokens are generated", min=0)
     temperature: float = opt(0.8, "Softmax temperature; 0 = greedy", min=0)
     top_k: int = opt(0, "Sample among the k most likely tokens; 0 = off", min=0)
     top_p: float = opt(1.0, "Nucleus sampling: smallest set with this probability mass; 1 = off", gt=0, max=1)

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -29,24 +30,24 @@ class MemoryState:
     """One memory block's recurrent state for a batch of sequences."""
 
     bank: Tensor  # (B, N, d_m) float32: M after the last completed segment
-    # The open segment (r < S tokens so far; None when r = 0). Within a segment the bank is fixed, so the
-    # tokens' read scores and write contents are all the write needs: keep those, not the inputs.
-    pending_scores: Tensor | None = None  # (B, h, r, N) Q Kᵀ/√dh of the open segment's tokens
-    pending_content: Tensor | None = None  # (B, h, r, d_m/h) x W_U of the open segment's tokens
-    # Key/value projections of `bank`, cached for inference so that decoding does not recompute them for every
-    # token. With autograd on they are always recomputed: a cache made before an optimizer step would be stale.
+    # The open segment's tokens (r < S of them), kept as tuples of per-call pieces so that decoding appends
+    # without copying; concatenated once, when the segment completes. Within a segment the bank is fixed, so
+    # the tokens' read queries and write contents are all the write needs.
+    pending_queries: tuple[Tensor, ...] = ()  # each (B, h, t, dh)
+    pending_contents: tuple[Tensor, ...] = ()  # each (B, h, t, d_m/h)
+    # Key/value projections of `bank` (keys pre-scaled by 1/√dh), cached for inference so that decoding does not
+    # recompute them for every token. With autograd on they are always recomputed: a cache made before an
+    # optimizer step would be stale.
     keys: Tensor | None = None  # (B, h, N, dh)
     values: Tensor | None = None
 
     @property
     def pending_len(self) -> int:
-        return 0 if self.pending_scores is None else self.pending_scores.shape[2]
+        return sum(q.shape[2] for q in self.pending_queries)
 
     def detach(self) -> MemoryState:
-        def d(t):
-            return None if t is None else t.detach()
-
-        return MemoryState(self.bank.detach(), d(self.pending_scores), d(self.pending_content))
+        return MemoryState(self.bank.detach(), tuple(q.detach() for q in self.pending_queries),
+                           tuple(c.detach() for c in self.pending_contents))
 
 
 class LM2Memory(nn.Module):
@@ -94,7 +95,7 @@ class LM2Memory(nn.Module):
         if shared:
             kv = kv.expand(bank.shape[0], -1, -1, -1)
         keys, values = kv.chunk(2, dim=-1)
-        return MemoryState(bank, state.pending_scores, state.pending_content, keys, values)
+        return MemoryState(bank, state.pending_queries, state.pending_contents, keys * self.scale, values)
 
     def _split_heads(self, t: Tensor) -> Tensor:
         """(B, L, h·c) -> (B, h, L, c)."""
@@ -125,26 +126,37 @@ class LM2Memory(nn.Module):
         state = self._with_keys(state)
         sizes = self._chunk_sizes(state.pending_len, x.shape[1])
         queries, contents = self.qu_proj(x).split([self.d_model, self.slot_dim], dim=-1)
-        queries = self._split_heads(queries).split(sizes, dim=2)  # split, not slicing: one cheap backward
-        contents = self._split_heads(contents).split(sizes, dim=2)
+        queries, contents = self._split_heads(queries), self._split_heads(contents)
+        if len(sizes) > 1:  # split, not slicing: one cheap backward
+            queries, contents = queries.split(sizes, dim=2), contents.split(sizes, dim=2)
+        else:
+            queries, contents = (queries,), (contents,)
         n_writes = (state.pending_len + x.shape[1]) // self.segment_len
         reads, pos, write_idx = [], start_pos, 0
         for q, content in zip(queries, contents, strict=True):
-            scores = torch.matmul(q, state.keys.transpose(-1, -2)) * self.scale  # (B, h, t, N)
-            probs = scores.softmax(dim=-1)
+            t = q.shape[2]
+            completes = state.pending_len + t == self.segment_len
+            if not completes and recorder is None:  # e.g. decoding: one fused kernel, scores not needed
+                reads.append(F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0))
+                state = MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
+                                    state.keys, state.values)
+                pos += t
+                continue
+            if state.pending_queries:  # the segment began in an earlier call: score its earlier tokens too
+                q = torch.cat([*state.pending_queries, q], dim=2)
+                content = torch.cat([*state.pending_contents, content], dim=2)
+            scores = torch.matmul(q, state.keys.transpose(-1, -2))  # (B, h, t, N); keys carry 1/√dh
+            probs = scores[:, :, -t:].softmax(dim=-1)
             reads.append(torch.matmul(probs, state.values))
             if recorder is not None:
                 recorder.on_read(layer, pos, probs)
-            pos += q.shape[2]
-            if state.pending_scores is not None:  # the segment began in an earlier call
-                scores = torch.cat([state.pending_scores, scores], dim=2)
-                content = torch.cat([state.pending_content, content], dim=2)
-            if scores.shape[2] == self.segment_len:  # the segment is complete: write it into the bank
+            pos += t
+            if completes:  # write the segment into the bank
                 detach = writes_kept is not None and write_idx < n_writes - writes_kept
                 state = self._write(scores, content, state, detach, recorder, layer, pos)
                 write_idx += 1
             else:
-                state = MemoryState(state.bank, scores, content, state.keys, state.values)
+                state = MemoryState(state.bank, (q,), (content,), state.keys, state.values)
         read = self._merge_heads(reads[0] if len(reads) == 1 else torch.cat(reads, dim=2))
         gate = torch.sigmoid(self.out_gate(read))
         if recorder is not None:

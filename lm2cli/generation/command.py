@@ -1,0 +1,302 @@
+"""`lm2 generate`: read prompts, load a checkpoint, stream the continuations (or print JSON lines).
+
+Everything the user can get wrong — no checkpoint, a tokenizer that does not fit the model, an empty or too
+long prompt, a bad JSONL row or flag value — is checked for every prompt before the first token is
+generated, and reported as one line per problem (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lm2cli.errors import Lm2Error
+from lm2cli.recipe import GenerateConfig, OutputConfig, _coerce, _Mismatch, _range_problem, section_fields, type_name
+
+# `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` must just work: with no run given we use
+# the default output directory of the schema, which is the one recipes/small.toml writes to.
+DEFAULT_RUN = OutputConfig().dir
+SAMPLING_KEYS = [*section_fields(GenerateConfig), "greedy"]
+
+
+@dataclass
+class PromptJob:
+    text: str
+    where: str                      # names the source in error messages: "--prompt", "p.jsonl line 3", ...
+    overrides: dict[str, Any] = field(default_factory=dict)
+    id: Any = None                  # an optional "id" of a JSONL row, echoed in --json output
+
+
+# ------------------------------------------------------------------------------------------- checking
+
+
+def check_sampling_values(values: dict[str, Any], label) -> list[str]:
+    """Type and range checks of sampling settings against the `[generate]` schema (the same rules and
+    wording as a recipe). `label(key)` names the setting in messages, e.g. "--top-p" or "p.jsonl line 2: top_p".
+    """
+    problems = []
+    fields = section_fields(GenerateConfig)
+    for key, value in values.items():
+        if key == "greedy":
+            if not isinstance(value, bool):
+                problems.append(f"{label(key)} = {json.dumps(value)}: expected true or false")
+            continue
+        tp, f = fields[key]
+        if key == "stop" and isinstance(value, str):
+            value = [value]
+        try:
+            value = _coerce(value, tp)
+        except _Mismatch:
+            problems.append(f"{label(key)} = {json.dumps(value, ensure_ascii=False)}: expected {type_name(tp)}")
+            continue
+        bad = _range_problem(value, f.metadata)
+        if bad:
+            problems.append(f"{label(key)} = {json.dumps(value)}: {bad}")
+        values[key] = value
+    return problems
+
+
+def unescape_stop(text: str) -> str:
+    r"""`--stop '\n\n'` means two newlines: shells make real newlines awkward to type. Only \n, \t, \\."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+# -------------------------------------------------------------------------------------------- prompts
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise Lm2Error(f"{what} not found: {path}" if not path.is_dir() else f"{what} is a directory: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Lm2Error(f"{path}: not UTF-8 text (byte offset {e.start}); prompts must be UTF-8") from None
+
+
+def _strip_final_newline(text: str) -> str:
+    # `echo "Mary went" > p.txt` adds a newline nobody meant as part of the prompt.
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def read_prompt_rows(path: Path) -> list[PromptJob]:
+    """`--prompts FILE.jsonl`: one JSON object per line, {"prompt": ..., "id"?: ..., <sampling key>?: ...}."""
+    jobs, problems = [], []
+    for n, line in enumerate(_read_text(path, "prompts file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object per line "
+                            f'such as {{"prompt": "Mary went"}}')
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            problems.append(f'{where}: expected an object with a "prompt" string, e.g. {{"prompt": "Mary went"}}')
+            continue
+        overrides = {k: v for k, v in row.items() if k not in ("prompt", "id")}
+        unknown = [k for k in overrides if k not in SAMPLING_KEYS]
+        for key in unknown:
+            problems.append(f"{where}: unknown key '{key}'{_did_you_mean(key)}; a row may hold prompt, id and "
+                            f"{', '.join(SAMPLING_KEYS)}")
+            del overrides[key]
+        problems += check_sampling_values(overrides, lambda k, where=where: f"{where}: {k}")
+        jobs.append(PromptJob(row["prompt"], where, overrides, row.get("id")))
+    if problems:
+        raise Lm2Error(problems[0], problems=problems)
+    if not jobs:
+        raise Lm2Error(f"{path}: no prompts (expected one JSON object per line)")
+    return jobs
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, [*SAMPLING_KEYS, "prompt", "id"], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def read_prompts(prompt: str | None, prompt_file: Path | None, prompts: Path | None, stdin: bool) -> list[PromptJob]:
+    given = [name for name, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--prompts", prompts),
+                                  ("- (standard input)", stdin or None)) if v is not None]
+    if len(given) != 1:
+        which = "no prompt given" if not given else f"give only one prompt source, not {' and '.join(given)}"
+        raise Lm2Error(f"{which}: use --prompt TEXT, --prompt-file PATH, --prompts FILE.jsonl or - to read "
+                       f"standard input")
+    if prompt is not None:
+        return [PromptJob(prompt, "--prompt")]
+    if prompts is not None:
+        return read_prompt_rows(prompts)
+    if prompt_file is not None and str(prompt_file) != "-":
+        return [PromptJob(_strip_final_newline(_read_text(prompt_file, "prompt file")), str(prompt_file))]
+    if sys.stdin.isatty():
+        print("lm2 generate: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+    return [PromptJob(_strip_final_newline(sys.stdin.read()), "standard input")]
+
+
+# ----------------------------------------------------------------------------------- model and device
+
+
+def resolve_run(run: Path | None) -> Path:
+    if run is None:
+        if not Path(DEFAULT_RUN).exists():
+            raise Lm2Error(f"no run given and the default run directory {DEFAULT_RUN}/ does not exist here; "
+                           f"train one first with `lm2 pretrain recipes/small.toml`, or pass a run or checkpoint "
+                           f"directory")
+        return Path(DEFAULT_RUN)
+    if not run.exists():
+        raise Lm2Error(f"checkpoint not found: {run} (expected a run directory or one of its "
+                       f"checkpoints/step_* directories)")
+    return run
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Lm2Error(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Lm2Error(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise Lm2Error(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+# Below this size a batch-1 decode step is a few hundred tiny ops (see docs/performance.md): splitting each
+# over several CPU threads only adds synchronisation, and on a busy machine the threads wait for each other.
+# Measured with a 1.2M-parameter lm2 on the shared 2-core box: 2 threads were 13x slower to decode and 170x
+# slower to prefill than 1.
+SINGLE_THREAD_BELOW_PARAMS = 100_000_000
+
+
+def cpu_threads(requested: int, n_params: int) -> tuple[int, str]:
+    """(torch CPU threads, why) for `--threads` (0 = choose)."""
+    import torch
+
+    if requested:
+        return requested, "--threads"
+    if n_params < SINGLE_THREAD_BELOW_PARAMS:
+        return 1, f"model under {SINGLE_THREAD_BELOW_PARAMS // 1_000_000}M parameters"
+    return torch.get_num_threads(), "torch default"
+
+
+def model_vocab_size(model) -> int:
+    """Rows of the token embedding: the ids the model can read and the logits it produces."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings
+    raise TypeError("model has no token embedding")  # a bug, not a user error
+
+
+def check_tokenizer_fits(model, tokenizer, where: Path) -> None:
+    vocab = model_vocab_size(model)
+    if vocab != tokenizer.vocab_size:
+        raise Lm2Error(f"{where}: the tokenizer has {tokenizer.vocab_size} pieces but the model was built for "
+                       f"{vocab}; the checkpoint's tokenizer.model does not belong to its weights (re-save the "
+                       f"checkpoint with the tokenizer it was trained with)")
+
+
+# ----------------------------------------------------------------------------------------- the command
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()  # stream: each chunk is visible as soon as it is final
+
+
+def generate_command(run: Path | None, *, prompt: str | None = None, prompt_file: Path | None = None,
+                     prompts: Path | None = None, stdin: bool = False, json_output: bool = False,
+                     device: str = "auto", threads: int = 0, **sampling: Any) -> None:
+    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line)."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    try:
+        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling)
+    finally:
+        torch.set_num_threads(previous_threads)  # the thread count is process-wide; leave it as we found it
+
+
+def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling) -> None:
+    import torch
+
+    from lm2cli.checkpoint import find_checkpoint, load_for_inference
+    from lm2cli.generation.generator import Generator
+    from lm2cli.generation.sampling import SamplingParams
+
+    flags = {k: v for k, v in sampling.items() if v is not None and v is not False}
+    if "stop" in flags:
+        flags["stop"] = [unescape_stop(s) for s in flags["stop"]]
+    problems = check_sampling_values(flags, lambda k: f"--{k.replace('_', '-')}")
+    if threads < 0:
+        problems.append(f"--threads = {threads}: expected 0 (choose automatically) or a positive count")
+    if problems:
+        raise Lm2Error(problems[0], problems=problems)
+    jobs = read_prompts(prompt, prompt_file, prompts, stdin)
+    torch_device = pick_device(device)
+    checkpoint = find_checkpoint(resolve_run(run))
+    model, tokenizer, recipe = load_for_inference(checkpoint)
+    check_tokenizer_fits(model, tokenizer, checkpoint)
+    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
+
+    defaults = SamplingParams.from_recipe(recipe.generate).with_overrides(**flags)
+    planned = plan_prompts(generator, jobs, defaults)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    where = str(torch_device)
+    if torch_device.type == "cpu":
+        n_threads, why = cpu_threads(threads, n_params)
+        torch.set_num_threads(n_threads)
+        where += f", {n_threads} thread{'s' if n_threads > 1 else ''} ({why})"
+    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}",
+          file=sys.stderr)
+    generator.warm_up()
+    try:
+        for job, ids, params in planned:
+            if json_output:
+                result = generator.generate(ids, params)
+                row = ({"id": job.id} if job.id is not None else {}) | result.summary()
+                _write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                generator.generate(ids, params, on_text=_write)
+                _write("\n")
+    except BrokenPipeError:
+        # `lm2 generate ... | head -n 3`: the reader left; stop quietly like any Unix filter.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def plan_prompts(generator, jobs: list[PromptJob], defaults) -> list[tuple[PromptJob, list[int], Any]]:
+    """(job, prompt ids, sampling params) for every prompt; every empty or too long prompt is reported at
+    once, before anything is generated."""
+    planned, problems = [], []
+    for job in jobs:
+        params = defaults.with_overrides(**job.overrides)
+        try:
+            ids = generator.encode_prompt(job.text, job.where)
+            generator.check_length(len(ids), params, job.where)
+        except Lm2Error as e:
+            problems += e.problems
+            continue
+        planned.append((job, ids, params))
+    if problems:
+        raise Lm2Error(problems[0], problems=problems)
+    return planned
