@@ -155,6 +155,12 @@ class FinetuneData:
         self.order = RowOrder(len(self.train), (t.seed, stage))
         self.budget = budget
 
+    fixed_rows = False  # rows are padded to the longest of their batch
+
+    @property
+    def row_tokens(self) -> int:
+        return max(len(e) for e in self.train) - 1
+
     @property
     def n_rows(self) -> int:
         return len(self.train)

@@ -69,6 +69,12 @@ class PretrainData:
             lines.append("val: fewer validation rows than one batch; validation numbers will be noisy")
         return lines
 
+    fixed_rows = True  # every row has row_tokens tokens
+
+    @property
+    def row_tokens(self) -> int:
+        return self.seq_len
+
     @property
     def n_rows(self) -> int:
         return len(self.plan)

@@ -331,15 +331,19 @@ def dry_run_report(s: Session, data, stage: Stage) -> None:
     """Derived sizes, a memory estimate and one timed forward/backward pass; writes nothing."""
     r, t, rt = s.recipe, s.recipe.train, s.rt
     rows_per_step = t.batch_size * t.grad_accum * rt.world
-    tokens_per_step = rows_per_step * t.seq_len
-    info(rt, f"step: {t.batch_size} rows x {t.seq_len} tokens x {t.grad_accum} micro-steps x {rt.world} "
-             f"process(es) = {tokens_per_step:,} tokens per optimizer step")
+    row_tokens = data.row_tokens
+    up_to = "" if data.fixed_rows else "up to "
+    tokens_per_step = rows_per_step * row_tokens
+    info(rt, f"step: {t.batch_size} rows x {up_to}{row_tokens} tokens x {t.grad_accum} micro-steps x {rt.world} "
+             f"process(es) = {up_to}{tokens_per_step:,} tokens per optimizer step")
     if r.model.arch != "vanilla":
-        info(rt, f"memory: {t.seq_len / r.memory.segment_len:g} segments of {r.memory.segment_len} tokens per row, "
-                 f"bptt {r.memory.bptt or 'all'} segments, carry {'on' if r.memory.carry else 'off'}")
+        segments = row_tokens / r.memory.segment_len if data.fixed_rows else -(-row_tokens // r.memory.segment_len)
+        info(rt, f"memory: {up_to}{segments:g} segments of {r.memory.segment_len} tokens "
+                 f"per row, bptt {r.memory.bptt or 'all'} segments, carry {'on' if r.memory.carry else 'off'}")
     n_rows = getattr(data, "n_rows", None)
     epochs = f" = {stage.steps * rows_per_step / n_rows:.2f} epochs" if n_rows else ""
-    info(rt, f"run: {stage.steps} steps x {tokens_per_step:,} = {stage.steps * tokens_per_step:,} tokens{epochs}; "
+    info(rt, f"run: {stage.steps} steps x {up_to}{tokens_per_step:,} = {up_to}{stage.steps * tokens_per_step:,} tokens"
+             f"{epochs}; "
              f"warm-up {t.warmup_steps} steps, lr {t.lr:g} -> {t.min_lr:g} (cosine)")
     n_params = sum(p.numel() for p in s.model.parameters())
     info(rt, f"memory estimate: weights + gradients + AdamW moments = 16 bytes x {n_params:,} = "
