@@ -264,6 +264,10 @@ def restore(s: Session, ckpt: Path, state: dict) -> None:
     if state.get("tokenizer_sha256") != s.tokenizer.sha256:
         raise Lm2Error(f"checkpoint {ckpt} was trained with another tokenizer than {s.tokenizer.where} "
                        f"(sha256 differs); resume on the data it was trained on")
+    then, now = state.get("data_fingerprint"), s.extra_state.get("data_fingerprint")
+    if then and now and then != now:
+        warn(s.rt, f"the token shards in {s.recipe.data.dir} were rebuilt since checkpoint {ckpt} (fingerprint "
+                   f"differs): training continues at the same row number of different data")
     load_model_weights(s, ckpt)
     if s.fsdp:
         from lm2cli.training.fsdp import load_optimizer
