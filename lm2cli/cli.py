@@ -87,24 +87,38 @@ def tokenize(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_r
     tokenize_command(r, force=force)
 
 
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue from the newest checkpoint in the output directory (starts fresh if there is none)")]
+ResumeFromOpt = Annotated[Optional[Path], typer.Option(
+    "--resume-from", metavar="PATH", help="Continue from this checkpoint directory, or a run directory's newest")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Print parameter counts, derived sizes and one timed forward/backward pass; write nothing")]
+
+
 @app.command()
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+             resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, dry_run: DryRunOpt = False,
              debug: DebugOpt = False) -> None:
     """Pretrain a model on the token shards written by `lm2 tokenize`."""
     r = resolve(recipe, set_, out, print_recipe, debug)
     if r is None:
         return
-    raise NotAvailableYet("pretrain")
+    from lm2cli.training.pretrain import pretrain_command
+
+    pretrain_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run)
 
 
 @app.command()
 def finetune(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
+             resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, dry_run: DryRunOpt = False,
              debug: DebugOpt = False) -> None:
     """Fine-tune a checkpoint (or Hugging Face Llama weights) on BABILong rows or prompt/response pairs."""
     r = resolve(recipe, set_, out, print_recipe, debug)
     if r is None:
         return
-    raise NotAvailableYet("finetune")
+    from lm2cli.training.finetune import finetune_command
+
+    finetune_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run)
 
 
 @app.command("eval")

@@ -178,7 +178,7 @@ class TrainConfig:
     compile: bool = opt(False, "Compile the model with torch.compile")
     activation_checkpointing: bool = opt(False, "Recompute block activations in the backward pass to save memory")
     eval_every: int = opt(100, "Validate every N steps; 0 = only at the end", min=0)
-    eval_batches: int = opt(20, "Validation batches per evaluation", min=1)
+    eval_batches: int = opt(20, "Validation batches per evaluation (of batch_size rows per process)", min=1)
     save_every: int = opt(100, "Save a checkpoint every N steps; 0 = only at the end", min=0)
     keep_last: int = opt(3, "Checkpoints kept besides the best one", min=1)
     log_every: int = opt(10, "Log metrics every N steps", min=1)

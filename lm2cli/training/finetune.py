@@ -1,0 +1,415 @@
+"""`lm2 finetune RECIPE`: supervised fine-tuning with loss on answer tokens only, through the same loop.
+
+Starting weights (`finetune.init_from`): an lm2 checkpoint or run directory (weights only; memory modules
+missing from it start fresh), a Hugging Face Llama directory (converted by lm2cli.model.convert; its
+tokenizer.model is used), or nothing (random weights and the tokenizer of `data.dir`).
+
+Rows:
+  babilong  BOS + encode(input.strip() + " " + question.strip()) + ANSWER + encode(target.strip()) + EOS
+            (babilong.md §5.3); loss on the target tokens and EOS only.
+  jsonl     {"prompt", "response"} per line: BOS + encode(prompt) + encode(response) + EOS; loss on the
+            response tokens and EOS.
+Batches are padded on the right with PAD; padded positions carry no loss.
+
+Curriculum (babilong): `finetune.stages = [1, 2, 4]` trains stage k on the rows of at most k x
+memory.segment_len tokens, `train.steps` steps each, every stage after the first starting from the best
+checkpoint (by validation loss) of the one before. The stage is stored in each checkpoint, so --resume
+continues the right stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm2cli.errors import Lm2Error
+from lm2cli.training import checkpoints as ck
+from lm2cli.training.cursor import RowOrder, spread_indices
+from lm2cli.training.loop import IGNORE, Batch, Session, Stage, load_model_weights, train_stage, validate
+from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
+from lm2cli.training.session import (
+    begin_logging,
+    dry_run_report,
+    end_logging,
+    info,
+    new_optimizer,
+    open_session,
+    plan_run,
+    summarize,
+    warn,
+    with_vocab,
+)
+
+HELD_OUT_SHARE = 0.1  # share of `finetune.data` held out for validation when finetune.val_data is empty
+
+
+# ---------------------------------------------------------------------------------------- row assembly
+
+
+@dataclass
+class Example:
+    prompt: list[int]  # tokens that get no loss, BOS (and the answer separator) included
+    answer: list[int]  # tokens that get loss, EOS included
+    text_answer: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.answer)
+
+
+def babilong_example(tokenizer, row: dict) -> Example:
+    """One BABILong row as babilong.md §5.3 assembles it (the same assembly `lm2 eval` uses for finetune-em)."""
+    context = row["input"].strip() + " " + row["question"].strip()
+    prompt = [tokenizer.bos_id] + tokenizer.encode(context) + [tokenizer.answer_id]
+    target = str(row["target"]).strip()
+    return Example(prompt, tokenizer.encode(target) + [tokenizer.eos_id], target)
+
+
+def jsonl_example(tokenizer, row: dict) -> Example:
+    prompt = [tokenizer.bos_id] + tokenizer.encode(row["prompt"])
+    return Example(prompt, tokenizer.encode(row["response"]) + [tokenizer.eos_id], row["response"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise Lm2Error(f"finetune data not found: {path} (format = \"jsonl\" expects a .jsonl file)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise Lm2Error(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                    or not isinstance(row.get("response"), str):
+                raise Lm2Error(f"{path}:{n}: expected an object with string fields \"prompt\" and \"response\"")
+            rows.append(row)
+    if not rows:
+        raise Lm2Error(f"{path}: no rows")
+    return rows
+
+
+def babilong_lengths(source: str, tasks: list[str], recipe) -> list[str]:
+    """Lengths present for the tasks: the files of a local directory, else the recipe's babilong.lengths."""
+    root = Path(source)
+    if root.is_dir():
+        found = sorted({p.stem for t in tasks for d in (root / t, root / "data" / t) for p in d.glob("*.json")},
+                       key=lambda s: (len(s), s))
+        if not found:
+            raise Lm2Error(f"{root}: no BABILong files for {', '.join(tasks)} (expected {root}/qa1/0k.json ...); "
+                           f"build them with `lm2 babilong RECIPE --set babilong.split=train`")
+        return found
+    if "/" in source and not root.exists():
+        return list(recipe.babilong.lengths)  # a hub dataset name
+    raise Lm2Error(f"finetune data not found: {root} (format = \"babilong\" expects a directory qaN/<length>.json "
+                   f"or a hub dataset name)")
+
+
+def read_babilong(source: str, tasks: list[str], recipe) -> list[dict]:
+    from lm2cli.data.babilong import load_babilong
+
+    rows = []
+    for task in tasks:
+        for length in babilong_lengths(source, [task], recipe):
+            rows.extend(dict(r, task=task, length=length) for r in load_babilong(source, length, task))
+    if not rows:
+        raise Lm2Error(f"{source}: no BABILong rows for tasks {', '.join(tasks)}")
+    return rows
+
+
+def load_examples(recipe, tokenizer, source: str) -> list[Example]:
+    f = recipe.finetune
+    if f.format == "jsonl":
+        return [jsonl_example(tokenizer, r) for r in read_jsonl(Path(source))]
+    return [babilong_example(tokenizer, r) for r in read_babilong(source, list(f.tasks), recipe)]
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+class FinetuneData:
+    """Rows of one curriculum stage (those that fit its token budget), in a seeded order per epoch."""
+
+    def __init__(self, train: list[Example], val: list[Example], budget: int, recipe, tokenizer, stage: int,
+                 label: str, world: int = 1):
+        t = recipe.train
+        self.batch_size, self.pad_id = t.batch_size, tokenizer.pad_id
+        self.train = [e for e in train if len(e) <= budget]
+        self.left_out = len(train) - len(self.train)
+        fitting_val = sorted((e for e in val if len(e) <= budget), key=len)
+        if not self.train:
+            shortest = min(len(e) for e in train)
+            hint = ("build longer rows with `lm2 babilong` (larger babilong.lengths)" if recipe.finetune.format ==
+                    "babilong" else "raise train.seq_len")
+            raise Lm2Error(f"{label}no training row fits {budget} tokens (the shortest has {shortest}); {hint}")
+        if not fitting_val:
+            raise Lm2Error(f"{label}no validation row fits {budget} tokens; check finetune.val_data")
+        wanted = t.eval_batches * t.batch_size * world  # global batches: the same rows for any world size
+        self.val = [fitting_val[i] for i in spread_indices(len(fitting_val), wanted)]
+        self.order = RowOrder(len(self.train), (t.seed, stage))
+        self.budget = budget
+
+    fixed_rows = False  # rows are padded to the longest of their batch
+
+    @property
+    def row_tokens(self) -> int:
+        return max(len(e) for e in self.train) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.train)
+
+    def describe(self) -> str:
+        lengths = np.array([len(e) for e in self.train])
+        left_out = f" ({self.left_out:,} longer rows left out)" if self.left_out else ""
+        return (f"{len(self.train):,} training rows of at most {self.budget} tokens{left_out} (mean "
+                f"{lengths.mean():.0f}, max {lengths.max()}), {len(self.val)} validation rows")
+
+    def epoch_at(self, rows_done: int) -> float:
+        return rows_done / len(self.train)
+
+    def collate(self, examples: list[Example]) -> Batch:
+        """Right-padded inputs and targets; only answer positions (and EOS) carry a target."""
+        width = max(len(e) for e in examples) - 1
+        inputs = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids = torch.tensor(e.prompt + e.answer, dtype=torch.long)
+            inputs[i, :len(ids) - 1] = ids[:-1]
+            # Position j predicts token j + 1: answer tokens start at index len(prompt).
+            targets[i, len(e.prompt) - 1:len(ids) - 1] = ids[len(e.prompt):]
+        return Batch(inputs, targets, n_tokens=sum(len(e) - 1 for e in examples), answers=True)
+
+    def batch(self, first_row: int, count: int) -> Batch:
+        return self.collate([self.train[i] for i in self.order.rows(first_row, count)])
+
+    def val_batches(self, rank: int, world: int):
+        n_batches = (len(self.val) + self.batch_size - 1) // self.batch_size
+        for b in range(rank, n_batches, world):
+            yield self.collate(self.val[b * self.batch_size:(b + 1) * self.batch_size])
+
+
+def split_examples(recipe, tokenizer) -> tuple[list[Example], list[Example], str]:
+    f = recipe.finetune
+    train = load_examples(recipe, tokenizer, f.data)
+    if f.val_data:
+        return train, load_examples(recipe, tokenizer, f.val_data), f"validation: {f.val_data}"
+    if len(train) < 2:
+        raise Lm2Error(f"{f.data}: only {len(train)} row; set finetune.val_data or provide more rows")
+    perm = np.random.default_rng([recipe.train.seed, 7]).permutation(len(train))
+    n_val = max(1, int(len(train) * HELD_OUT_SHARE))
+    held = set(perm[:n_val].tolist())
+    return ([e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)],
+            f"validation: {n_val} rows held out of {f.data} ({HELD_OUT_SHARE:.0%}, finetune.val_data is empty)")
+
+
+def stage_budgets(recipe) -> list[int]:
+    f = recipe.finetune
+    if f.format == "jsonl":
+        if len(f.stages) > 1:
+            raise Lm2Error(f"finetune.stages = {f.stages}: curriculum stages apply to format = \"babilong\"; "
+                           f"jsonl rows are limited by train.seq_len (use stages = [1])")
+        return [recipe.train.seq_len + 1]
+    return [k * recipe.memory.segment_len for k in f.stages]
+
+
+# -------------------------------------------------------------------------------------- starting weights
+
+
+def resolve_start(recipe, rt):
+    """(recipe, tokenizer, weights loader) for finetune.init_from; the loader fills a built model."""
+    from lm2cli.data.tokenizer import Tokenizer
+
+    src = recipe.finetune.init_from
+    answer = recipe.tokenizer.answer_token
+    if not src:
+        tok_path = Path(recipe.data.dir) / "tokenizer.model"
+        if not tok_path.is_file():
+            raise Lm2Error(f"finetune.init_from is empty and {tok_path} does not exist: set finetune.init_from to "
+                           f"a checkpoint, or run `lm2 tokenize RECIPE` to make a tokenizer")
+        info(rt, f"starting from random weights (finetune.init_from is empty); tokenizer {tok_path}")
+        return recipe, Tokenizer.load(tok_path, answer_token=answer), None
+    path = Path(src)
+    if not path.exists():
+        raise Lm2Error(f"finetune.init_from = \"{src}\": no such file or directory")
+    if (path / "config.json").is_file():
+        return _start_from_hf(recipe, rt, path, answer)
+    return _start_from_lm2(recipe, rt, path)
+
+
+def _start_from_lm2(recipe, rt, path: Path):
+    from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of
+    from lm2cli.training.session import compare_recipes
+
+    ckpt = find_checkpoint(path, "best")
+    saved = load_recipe_of(ckpt)
+    tokenizer = load_tokenizer_of(ckpt)
+    recipe = with_vocab(recipe, tokenizer.vocab_size)
+    adding_memory = saved.model.arch == "vanilla" and recipe.model.arch == "lm2"
+    if adding_memory:  # the backbone must match; the memory keys are new by design
+        saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, arch="lm2"),
+                                    memory=recipe.memory)
+    for w in compare_recipes(saved, recipe, ckpt):
+        if w.split(" ", 1)[0].startswith(("model.", "memory.", "attention.")):
+            warn(rt, w)
+
+    def load(model) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(ckpt / "model.safetensors"))
+        except Exception as e:
+            raise Lm2Error(f"{ckpt / 'model.safetensors'}: corrupt or truncated weights file ({e})") from None
+        load_partial(model, state, str(ckpt), rt)
+
+    info(rt, f"starting from {ckpt} (weights only)")
+    return recipe, tokenizer, load
+
+
+def _start_from_hf(recipe, rt, path: Path, answer_token: str):
+    from lm2cli.data.tokenizer import Tokenizer
+    from lm2cli.model.convert import llama_from_hf, read_hf_llama_dir, recipe_overrides_from_hf_config
+    from lm2cli.recipe import parse_override
+
+    tok_path = path / "tokenizer.model"
+    if not tok_path.is_file():
+        raise Lm2Error(f"{path}: no tokenizer.model (SentencePiece); lm2 needs the model's SentencePiece tokenizer "
+                       f"(tokenizer.json-only models are not supported)")
+    tokenizer = Tokenizer.load(tok_path, answer_token=answer_token)
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Lm2Error(f"{path / 'config.json'}: invalid JSON ({e})") from None
+    overrides = recipe_overrides_from_hf_config(cfg, str(path / "config.json"))
+    model_cfg = recipe.model
+    for text in overrides:
+        _, key, value = parse_override(text)
+        model_cfg = dataclasses.replace(model_cfg, **{key: value})
+    recipe = dataclasses.replace(recipe, model=model_cfg)
+    info(rt, f"starting from Hugging Face Llama weights in {path}; backbone shapes from its config.json: "
+             + ", ".join(o.split(".", 1)[1] for o in overrides))
+    if tokenizer.vocab_size > recipe.model.vocab_size:
+        raise Lm2Error(f"{tok_path} has {tokenizer.vocab_size} pieces but config.json's vocab_size is "
+                       f"{recipe.model.vocab_size}")
+
+    def load(model) -> None:  # the weights are read only when a fresh run needs them (not on --resume)
+        hf_cfg, hf_state = read_hf_llama_dir(path)
+        load_partial(model, llama_from_hf(hf_state, hf_cfg), str(path), rt)
+
+    return recipe, tokenizer, load
+
+
+def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
+    """Load `state` into `model`; parameters it lacks may only be memory ones (they keep their fresh init).
+
+    Tied weights (embedding = output projection) are stored once; any name of a shared tensor counts.
+    """
+    own = model.state_dict(keep_vars=True)
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+             if k in own and state[k].shape != own[k].shape]
+    if unexpected or wrong:
+        detail = "; ".join(([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
+                           + ([f"shape mismatch: {', '.join(wrong[:3])}"] if wrong else []))
+        raise Lm2Error(f"{where}: weights do not fit the recipe's model ({detail})")
+    provided = {id(own[k]) for k in state}
+    missing = sorted(k for k, v in own.items() if id(v) not in provided)
+    bad = [k for k in missing if not model.is_memory_param(k)]
+    if bad:
+        raise Lm2Error(f"{where}: weights lack backbone parameters {', '.join(bad[:5])}; the recipe's model differs "
+                       f"from the checkpoint's")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    if missing:
+        blocks = sorted({k.split(".")[1] for k in missing if k.startswith("blocks.")}, key=int)
+        info(rt, f"new (freshly initialised) memory parameters: {len(missing)} tensors"
+                 + (f" in blocks {', '.join(blocks)}" if blocks else "") + f" ({', '.join(missing[:3])}, ...)")
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def finetune_command(recipe, recipe_path: Path | None = None, resume: bool = False,
+                     resume_from: Path | None = None, dry_run: bool = False) -> None:
+    rt = setup_runtime(recipe.train)
+    try:
+        _finetune(recipe, rt, resume, resume_from, dry_run)
+    finally:
+        shutdown(rt)
+
+
+def _finetune(recipe, rt, resume, resume_from, dry_run) -> None:
+    from lm2cli.model import build_model
+
+    info(rt, rt.reason)
+    plan = plan_run(recipe, "finetune", resume, resume_from, rt, dry_run)
+    recipe, tokenizer, load_start = resolve_start(recipe, rt)
+    recipe = with_vocab(recipe, tokenizer.vocab_size)
+    train_rows, val_rows, val_note = split_examples(recipe, tokenizer)
+    info(rt, f"finetune data: {len(train_rows):,} training rows from {recipe.finetune.data}; {val_note}")
+    budgets = stage_budgets(recipe)
+    stages = make_stages(recipe, budgets)
+    set_determinism(recipe.train.deterministic, rt.device)
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe, tokenizer.vocab_size)
+    if plan.resume_from is None and load_start is not None:
+        load_start(model)
+    s = open_session("finetune", recipe, rt, tokenizer, model, plan,
+                     extra_state={"init_from": recipe.finetune.init_from})
+
+    def data_for(stage: Stage) -> FinetuneData:
+        d = FinetuneData(train_rows, val_rows, budgets[stage.index], recipe, tokenizer, stage.index, stage.label,
+                         rt.world)
+        info(rt, f"{stage.label}{d.describe()}")
+        return d
+
+    if dry_run:
+        dry_run_report(s, data_for(stages[s.stage]), stages[s.stage])
+        return
+    begin_logging(s, recipe.to_toml(), stages[-1].end_step, resumed=plan.resume_from is not None)
+    try:
+        pending = bool(plan.state and plan.state.get("eval_pending"))
+        for stage in stages[s.stage:]:
+            data = data_for(stage)
+            if pending:
+                validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
+                pending = False
+            if s.step >= stage.end_step:
+                continue  # finished before the interruption: go on to the next stage
+            if s.step == stage.start_step and stage.index > 0:
+                start_next_stage(s, stage)
+            train_stage(s, data, stage)
+            summarize(s, stage)
+    finally:
+        end_logging(s)
+
+
+def make_stages(recipe, budgets: list[int]) -> list[Stage]:
+    n, steps = len(budgets), recipe.train.steps
+    out = []
+    for i in range(n):
+        label = f"[stage {i + 1}/{n}, {recipe.finetune.stages[i]} segments] " if n > 1 else ""
+        pointers = ("best", f"best_stage_{i + 1}")  # per stage, so a finished run can gain stages later
+        out.append(Stage(index=i, count=n, start_step=i * steps, steps=steps, label=label, best_pointers=pointers))
+    return out
+
+
+def start_next_stage(s: Session, stage: Stage) -> None:
+    """Begin curriculum stage `stage` from the best checkpoint of the previous one, with a fresh optimizer."""
+    previous = s.best.get(f"best_stage_{stage.index}")
+    if previous is None:
+        raise Lm2Error(f"{stage.label}the previous stage has no validated checkpoint to start from")
+    ckpt = s.ckpt_root / previous["checkpoint"]
+    s.rt.barrier()
+    load_model_weights(s, ckpt)
+    s.optimizer = new_optimizer(s.model, s.recipe, s.rt, announce=False)
+    s.stage, s.rows_done, s.carry = stage.index, 0, None
+    s.best.pop("best", None)  # `best` tracks the current stage
+    s.say(f"{stage.label}starting from {ckpt} (val loss {previous['val_loss']:.4f})")

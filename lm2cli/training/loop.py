@@ -1,0 +1,398 @@
+"""The one training loop behind `lm2 pretrain` and `lm2 finetune`.
+
+Read it top to bottom: `train_stage` runs optimizer steps; each step sets the learning rate by hand, runs
+`grad_accum` micro-batches (gradients summed, normalised by the number of target tokens of the whole step
+across all processes, so any split into micro-batches and ranks gives the same update), clips, steps AdamW,
+logs, and then, at the step boundaries the recipe asks for, saves and evaluates — always in that order, so a
+crash in evaluation never costs training. A signal stops the run after the current step and a save; a
+non-finite loss stops it before the optimizer step, leaving every checkpoint as it was.
+
+The data side is duck-typed: pretraining windows and fine-tuning rows both provide `batch(first_row, n)`
+(a `Batch` of rows by global row number) and `val_batches(rank, world)` (fixed validation batches).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lm2cli.errors import Lm2Error
+from lm2cli.training import checkpoints as ck
+from lm2cli.training.cursor import rows_for
+from lm2cli.training.metrics import Console, LossEMA, MetricsLog
+from lm2cli.training.optim import lr_at, set_lr
+from lm2cli.training.runtime import Runtime, StopRequest, TrainingInterrupted
+
+IGNORE = -100  # target id that carries no loss (context, padding)
+
+
+@dataclass
+class Batch:
+    inputs: Tensor  # (B, T) int64
+    targets: Tensor  # (B, T) int64, IGNORE where there is no loss
+    n_tokens: int  # real (non-padding) input tokens, for throughput
+    n_bytes: float = 0.0  # UTF-8 bytes of the target tokens (bits per byte); 0 = not measured
+    answers: bool = False  # each row's targets are one answer (+ EOS): report exact match
+
+
+@dataclass
+class Stage:
+    """A stretch of optimizer steps with its own schedule: all of pretraining, or one curriculum stage."""
+
+    index: int  # 0-based
+    count: int  # number of stages
+    start_step: int  # global step count when the stage begins
+    steps: int
+    label: str = ""  # prefix of console lines, e.g. "[stage 2/3, 2 segments] "
+    best_pointers: tuple[str, ...] = ("best",)  # pointer files naming the best checkpoint of this stage
+
+    @property
+    def end_step(self) -> int:
+        return self.start_step + self.steps
+
+
+@dataclass
+class Session:
+    """Everything the loop touches, built by pretrain.py / finetune.py."""
+
+    command: str  # "pretrain" | "finetune"
+    recipe: Any  # resolved Recipe (model.vocab_size filled in)
+    rt: Runtime
+    model: torch.nn.Module  # the plain module: saved, evaluated
+    train_model: torch.nn.Module  # what the step runs: compiled and/or DDP-wrapped `model`
+    optimizer: torch.optim.Optimizer
+    tokenizer: Any
+    run_dir: Path
+    console: Console
+    metrics: MetricsLog | None  # rank 0 only
+    stop: StopRequest
+    resume_hint: str  # the command that resumes this run
+    step: int = 0  # optimizer steps done (global, across stages)
+    rows_done: int = 0  # data cursor: rows consumed by this stage so far (see cursor.RowOrder)
+    stage: int = 0
+    best: dict[str, dict] = field(default_factory=dict)  # pointer name -> {"val_loss", "checkpoint"}
+    carry: Any = None  # memory carried across steps (memory.carry = true)
+    train_seconds: float = 0.0  # wall time spent in training steps, across resumes
+    fsdp: bool = False  # `model` is sharded in place (train.distributed = "fsdp" under torchrun)
+    extra_state: dict = field(default_factory=dict)  # command-specific values stored in trainer_state.json
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / ck.CHECKPOINTS
+
+    def say(self, text: str) -> None:
+        self.console.say(text)
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed token cross-entropy over positions with a target (float32 logits from the model)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def forward_loss(s: Session, batch: Batch, model: torch.nn.Module, state: Any = None) -> tuple[Tensor, Tensor, Any]:
+    with s.rt.autocast():
+        logits, new_state = model(batch.inputs, state)
+    return loss_sum(logits, batch.targets), logits, new_state
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if batch.inputs.device == device:
+        return batch
+    nb = device.type == "cuda"
+    return Batch(batch.inputs.to(device, non_blocking=nb), batch.targets.to(device, non_blocking=nb),
+                 batch.n_tokens, batch.n_bytes, batch.answers)
+
+
+class NonFiniteLoss(Lm2Error):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def schedule_due(local_step: int, stage_steps: int, every: int) -> bool:
+    """Is a save/eval due after `local_step` steps of a stage? Always at the stage's end; 0 = only there."""
+    return local_step == stage_steps or (every > 0 and local_step % every == 0)
+
+
+def train_stage(s: Session, data, stage: Stage) -> None:
+    """Run optimizer steps until the end of `stage`, starting from `s.step` (fresh or resumed)."""
+    tcfg = s.recipe.train
+    ema = LossEMA()
+    tokens_since, t_log = 0, time.perf_counter()
+    s.console.first, s.console.total = s.step, stage.end_step
+    if s.step == stage.start_step and s.step < stage.end_step:
+        validate(s, stage, data, ckpt=None)  # where the stage starts from, for the curve
+        t_log = time.perf_counter()
+    while s.step < stage.end_step:
+        t0 = time.perf_counter()
+        local = s.step - stage.start_step
+        lr = lr_at(local, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_steps=tcfg.warmup_steps, total_steps=stage.steps)
+        loss, grad_norm, n_tokens = optimizer_step(s, data, lr)
+        s.train_seconds += time.perf_counter() - t0
+        tokens_since += n_tokens
+        smooth = ema.update(loss)
+        local += 1
+        if local % tcfg.log_every == 0 or s.step == stage.end_step:
+            tok_s = tokens_since / max(1e-9, time.perf_counter() - t_log)
+            log_step(s, data, stage, loss, smooth, lr, grad_norm, n_tokens, tok_s)
+            tokens_since, t_log = 0, time.perf_counter()
+        stop = stop_requested(s)
+        eval_now = schedule_due(local, stage.steps, tcfg.eval_every)
+        if stop or eval_now or schedule_due(local, stage.steps, tcfg.save_every):
+            ckpt = save(s, stage, eval_pending=eval_now)
+            if eval_now:
+                validate(s, stage, data, ckpt)
+            t_log = time.perf_counter()  # saving and evaluating are not training throughput
+        if stop:
+            raise TrainingInterrupted(
+                f"stopped by {s.stop.name} after step {s.step}; saved {s.ckpt_root / ck.checkpoint_name(s.step)}. "
+                f"Resume with: {s.resume_hint}", s.stop.signum)
+
+
+def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm, input tokens)."""
+    rt, tcfg = s.rt, s.recipe.train
+    set_lr(s.optimizer, lr)
+    batches = [to_device(data.batch(rows_for(s.rows_done, m, rt.rank, rt.world, tcfg.batch_size), tcfg.batch_size),
+                         rt.device) for m in range(tcfg.grad_accum)]
+    counts = torch.tensor([sum(int((b.targets != IGNORE).sum()) for b in batches),
+                           sum(b.n_tokens for b in batches)], dtype=torch.float64)
+    n_targets, n_tokens = (int(x) for x in rt.all_reduce(counts).tolist())
+    total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for m, batch in enumerate(batches):
+        # Gradients are reduced across ranks on the last micro-batch only; the others accumulate locally.
+        with gradient_sync(s, enabled=m == len(batches) - 1):
+            loss, _, state = forward_loss(s, batch, s.train_model, s.carry)
+            # Scaled so that the gradient DDP/FSDP average over ranks is the mean over all target tokens.
+            (loss * (rt.world / max(1, n_targets))).backward()
+        total_loss += loss.detach().double()
+        if s.recipe.memory.carry:
+            s.carry = s.model.carry_memory(state)
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    step_loss, norm = float(rt.all_reduce(total_loss).item()) / max(1, n_targets), float(grad_norm)
+    if not math.isfinite(step_loss) or not math.isfinite(norm):
+        raise non_finite(s, s.step + 1, step_loss, norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    s.rows_done += tcfg.batch_size * tcfg.grad_accum * rt.world
+    rt.sync()
+    return step_loss, norm, n_tokens
+
+
+def log_step(s: Session, data, stage: Stage, loss: float, smooth: float, lr: float, grad_norm: float,
+             n_tokens: int, tok_s: float) -> None:
+    peak = s.rt.peak_flops()
+    mfu = s.extra_state["flops_per_token"] * tok_s / (peak * s.rt.world) if peak else None
+    s.console.step(s.step, smooth, lr, tok_s, mfu, stage.label)
+    if s.metrics is not None:
+        s.metrics.write({"kind": "train", "step": s.step, "stage": stage.index + 1, "loss": loss, "lr": lr,
+                         "grad_norm": grad_norm, "tokens": n_tokens, "tokens_per_s": tok_s, "mfu": mfu,
+                         "elapsed_s": round(s.train_seconds, 3), "epoch": round(data.epoch_at(s.rows_done), 4)})
+
+
+@contextmanager
+def gradient_sync(s: Session, enabled: bool):
+    """DDP's no_sync / FSDP's requires_gradient_sync(False) for accumulation micro-batches."""
+    if enabled or not s.rt.distributed:
+        yield
+    elif s.fsdp:
+        from lm2cli.training.fsdp import set_gradient_sync
+
+        set_gradient_sync(s.model, False)
+        try:
+            yield
+        finally:
+            set_gradient_sync(s.model, True)
+    else:
+        with s.train_model.no_sync():
+            yield
+
+
+def stop_requested(s: Session) -> bool:
+    """Whether any process got SIGINT/SIGTERM (all ranks must stop at the same step to save together)."""
+    flag = torch.tensor([float(s.stop.signum or 0)])
+    if s.rt.distributed:
+        flag = s.rt.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not s.stop.signum:
+            s.stop.signum = int(flag.item())  # another rank was signalled: stop with it
+    return bool(flag.item())
+
+
+def non_finite(s: Session, step: int, loss: float, grad_norm: float) -> NonFiniteLoss:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    last = ck.newest_checkpoint(s.ckpt_root)
+    kept = (f"the last good checkpoint {s.ckpt_root / last} is intact (resume with: {s.resume_hint})" if last
+            else "no checkpoint had been saved yet")
+    return NonFiniteLoss(f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
+                         f"Lower train.lr (now {s.recipe.train.lr}) or train.grad_clip, or check the data")
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(s: Session, data) -> dict[str, float]:
+    """Loss, perplexity, bits per byte (and exact match for answer rows) on the fixed validation batches.
+
+    Each rank evaluates its share of the batches; sums are all-reduced, so every rank returns the same numbers.
+    Exact match is teacher-forced: a row counts when the argmax at every answer position (and EOS) is the
+    target token, which is exactly when greedy decoding would reproduce the answer and stop.
+    """
+    model = s.model  # never the DDP/compile wrapper; under FSDP the sharded module itself
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, targets, bytes, correct rows, answer rows
+    has_answers = False
+    batches = list(data.val_batches(s.rt.rank, s.rt.world))
+    n_calls = len(batches)
+    if s.fsdp:  # every rank must run the same number of forwards (each gathers the shards collectively)
+        n_calls = int(s.rt.all_reduce(torch.tensor([float(n_calls)]), op=torch.distributed.ReduceOp.MAX).item())
+    for i in range(n_calls):
+        if i >= len(batches):  # padding call on a rank with fewer batches: run it, count nothing
+            forward_loss(s, to_device(next(iter(data.val_batches(0, 1))), s.rt.device), model)
+            continue
+        batch = to_device(batches[i], s.rt.device)
+        loss, logits, _ = forward_loss(s, batch, model)
+        mask = batch.targets != IGNORE
+        sums[0] += float(loss)
+        sums[1] += int(mask.sum())
+        sums[2] += batch.n_bytes
+        if batch.answers:
+            has_answers = True
+            hit = (logits.argmax(-1) == batch.targets) | ~mask
+            rows = mask.any(dim=1)
+            sums[3] += int((hit.all(dim=1) & rows).sum())
+            sums[4] += int(rows.sum())
+    model.train(was_training)
+    sums = s.rt.all_reduce(sums.to(s.rt.device)).cpu()
+    flag = s.rt.all_reduce(torch.tensor([float(has_answers)], device=s.rt.device)).item()
+    if sums[1] == 0:
+        raise Lm2Error("validation found no target tokens; check the validation data")
+    loss = float(sums[0] / sums[1])
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+    if sums[2] > 0:
+        out["val_bpb"] = float(sums[0] / (math.log(2) * sums[2]))
+    if flag and sums[4] > 0:
+        out["val_em"] = float(sums[3] / sums[4])
+    return out
+
+
+def validate(s: Session, stage: Stage, data, ckpt: Path | None) -> None:
+    """Evaluate and record. Running out of memory here costs a warning, not the run (it was saved first)."""
+    try:
+        result = evaluate(s, data)
+    except torch.OutOfMemoryError:
+        s.model.train()
+        if s.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        s.say(f"warning: validation at step {s.step} ran out of memory and was skipped; lower train.eval_batches "
+              f"or train.batch_size")
+        if ckpt is not None and s.rt.is_main:
+            ck.update_trainer_state(ckpt, eval_pending=False)
+        return
+    log_eval(s, stage, result, ckpt)
+
+
+def log_eval(s: Session, stage: Stage, result: dict[str, float], ckpt: Path | None) -> None:
+    """Report a validation result; if it belongs to a checkpoint, record it there and update `best`."""
+    parts = [f"val loss {result['val_loss']:.4f}", f"ppl {result['val_ppl']:.2f}"]
+    if "val_bpb" in result:
+        parts.append(f"bpb {result['val_bpb']:.4f}")
+    if "val_em" in result:
+        parts.append(f"exact match {result['val_em']:.1%}")
+    s.say(f"{stage.label}step {s.step}: " + ", ".join(parts))
+    if ckpt is None:  # the validation before a stage's first step: the start of its curve
+        s.extra_state["start_val_loss"] = result["val_loss"]
+    s.extra_state["last_val_loss"] = result["val_loss"]
+    if s.metrics is not None:
+        s.metrics.write({"kind": "val", "step": s.step, "stage": stage.index + 1, **result})
+    if ckpt is None:
+        return
+    improved = []
+    for pointer in stage.best_pointers:
+        current = s.best.get(pointer)
+        if current is None or result["val_loss"] < current["val_loss"]:
+            s.best[pointer] = {"val_loss": result["val_loss"], "checkpoint": ckpt.name}
+            improved.append(pointer)
+    if s.rt.is_main:
+        ck.update_trainer_state(ckpt, eval_pending=False, val=result, best=s.best)
+        for pointer in improved:
+            ck.write_pointer(s.ckpt_root, pointer, ckpt.name)
+        ck.rotate(s.ckpt_root, s.recipe.train.keep_last, protected=set())
+    s.rt.barrier()
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def trainer_state(s: Session, stage: Stage, eval_pending: bool, rng_info: dict) -> dict:
+    from lm2cli import __version__
+
+    tcfg = s.recipe.train
+    return {
+        "command": s.command, "lm2_version": __version__, "step": s.step, "stage": stage.index,
+        "stage_start_step": stage.start_step, "stage_steps": stage.steps, "rows_done": s.rows_done,
+        "world_size": s.rt.world, "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
+        "seq_len": tcfg.seq_len, "seed": tcfg.seed, "eval_pending": eval_pending, "val": None, "best": s.best,
+        "train_seconds": round(s.train_seconds, 3), "tokenizer_sha256": s.tokenizer.sha256,
+        "memory_carried": s.carry is not None, "rng": rng_info, **s.extra_state,
+    }
+
+
+def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
+    """Checkpoint the current step (rank 0 writes; every rank contributes its RNG and carried memory).
+
+    `eval_pending`: a validation is due at this step and follows the save; its result is added to the
+    checkpoint's trainer_state.json afterwards, and a run resumed before that happened validates first.
+    """
+    from lm2cli.checkpoint import save_model_files
+
+    rng_tensors, rng_info = ck.capture_rng(s.rt.rank)
+    gathered = s.rt.gather_objects((rng_tensors, rng_info, s.carry))
+    if s.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+        from lm2cli.training import fsdp
+
+        model = fsdp.gathered_model(s.model, s.recipe, s.rt.rank)
+        optimizer_state = fsdp.gathered_optimizer_state(s.model, s.optimizer)
+    else:
+        model, optimizer_state = s.model, (s.optimizer.state_dict() if s.rt.is_main else None)
+    path = s.ckpt_root / ck.checkpoint_name(s.step)
+    if s.rt.is_main:
+        all_tensors = {k: v for t, _, _ in gathered for k, v in t.items()}
+        infos = {f"rank{i}": info for i, (_, info, _) in enumerate(gathered)}
+        carried = [c for _, _, c in gathered] if s.carry is not None else None
+        state = trainer_state(s, stage, eval_pending, infos)
+        path = ck.save_checkpoint(s.ckpt_root, s.step, lambda d: save_model_files(d, model, s.recipe, s.tokenizer),
+                                  state, optimizer_state, all_tensors, carried)
+        if not eval_pending:  # else rotation waits until validation has updated the best pointers
+            ck.rotate(s.ckpt_root, s.recipe.train.keep_last, protected=set())
+    s.rt.barrier()
+    return path
+
+
+def load_model_weights(s: Session, ckpt: Path) -> None:
+    """Weights of checkpoint `ckpt` into the session's model (sharded or not)."""
+    if s.fsdp:
+        from lm2cli.training.fsdp import load_model_file
+
+        load_model_file(s.model, ckpt / "model.safetensors")
+    else:
+        from lm2cli.checkpoint import load_weights
+
+        load_weights(s.model, ckpt)

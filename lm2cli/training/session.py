@@ -1,0 +1,370 @@
+"""Setting up a training run, shared by pretrain and finetune: the run directory (fresh or resumed), the
+model on its device, the optimizer, torch.compile / DDP wrapping, and restoring a checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lm2cli.errors import Lm2Error
+from lm2cli.fileio import atomic_write_text
+from lm2cli.recipe import Recipe, section_fields, sections, toml_value
+from lm2cli.training import checkpoints as ck
+from lm2cli.training.loop import (
+    IGNORE,
+    Session,
+    Stage,
+    forward_loss,
+    load_model_weights,
+    to_device,
+    train_stage,
+    validate,
+)
+from lm2cli.training.metrics import Console, MetricsLog, fmt_duration, truncate_after
+from lm2cli.training.optim import build_optimizer
+from lm2cli.training.runtime import Runtime, StopRequest
+
+# Keys that decide parameter shapes: a checkpoint built with other values cannot be loaded.
+SHAPE_KEYS = {
+    "model.arch", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+    "model.ffn_hidden", "model.ffn_multiple_of", "model.tie_embeddings",
+    "memory.slots", "memory.slot_dim", "memory.heads", "memory.layers", "memory.init",
+}
+# Keys that only say where things go or how long to run: a change is expected on resume, not worth a warning.
+QUIET_KEYS = {"output.dir", "output.tensorboard", "train.eval_every", "train.save_every",
+              "train.keep_last", "train.log_every", "train.eval_batches", "train.device", "data.workers"}
+
+
+def info(rt: Runtime, text: str) -> None:
+    if rt.is_main:
+        print(text, flush=True)
+
+
+def warn(rt: Runtime, text: str) -> None:
+    if rt.is_main:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def with_vocab(recipe: Recipe, vocab_size: int) -> Recipe:
+    """The recipe with model.vocab_size filled in, so checkpoints state their shapes explicitly."""
+    if recipe.model.vocab_size:
+        return recipe
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab_size))
+
+
+def resume_hint(command: str, run_dir: Path) -> str:
+    """The command that resumes this run: the run's own resolved recipe carries every override and --out."""
+    return " ".join(shlex.quote(a) for a in ["lm2", command, str(run_dir / "recipe.toml"), "--resume"])
+
+
+# -------------------------------------------------------------------------------------- run directory
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    resume_from: Path | None  # checkpoint directory to restore, None = fresh start
+    state: dict | None  # its trainer_state.json
+
+
+def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | None, rt: Runtime,
+             dry_run: bool = False) -> RunPlan:
+    """Decide between a fresh start and resuming, refusing to start fresh over existing checkpoints."""
+    run_dir = Path(recipe.output.dir)
+    root = run_dir / ck.CHECKPOINTS
+    if resume_from is not None:
+        ckpt = locate_checkpoint(Path(resume_from))
+    elif resume:
+        name = ck.newest_checkpoint(root)
+        if name is None:
+            info(rt, f"--resume: no checkpoint in {root} yet; starting a fresh run")
+            return RunPlan(run_dir, None, None)
+        ckpt = root / name
+    else:
+        existing = ck.list_checkpoints(root)
+        if existing and not dry_run:
+            raise Lm2Error(f"{run_dir} already has checkpoints (newest: {existing[-1]}); continue it with "
+                           f"`lm2 {command} RECIPE --resume`, or start a new run elsewhere with --out DIR")
+        return RunPlan(run_dir, None, None)
+    state = ck.read_trainer_state(ckpt)
+    if state.get("command") != command:
+        raise Lm2Error(f"checkpoint {ckpt} was written by `lm2 {state.get('command')}`, not `lm2 {command}`; "
+                       f"to start {command} from its weights use finetune.init_from = \"{ckpt}\"")
+    return RunPlan(run_dir, ckpt, state)
+
+
+def locate_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from a path that is one, or a run directory (its newest checkpoint)."""
+    if not path.exists():
+        raise Lm2Error(f"--resume-from {path}: no such file or directory")
+    if (path / ck.STATE_FILE).is_file() or (path / "model.safetensors").is_file():
+        return path
+    for root in (path / ck.CHECKPOINTS, path):
+        name = ck.newest_checkpoint(root)
+        if name is not None:
+            return root / name
+    raise Lm2Error(f"--resume-from {path}: not a checkpoint directory and no checkpoints inside it "
+                   f"(expected checkpoints/step_XXXXXXXX/ with {ck.STATE_FILE})")
+
+
+def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
+    """Create the run directory, write the resolved recipe, and trim metrics redone after a resume (or all
+    of them on a fresh start: they can only come from an earlier attempt that never saved a checkpoint)."""
+    if not s.rt.is_main:
+        return
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    s.ckpt_root.mkdir(exist_ok=True)
+    stale = ck.remove_stale_tmp(s.ckpt_root)
+    if stale:
+        s.say(f"removed unfinished checkpoint directories from an interrupted save: {', '.join(stale)}")
+    atomic_write_text(s.run_dir / "recipe.toml", recipe_text)
+    if resumed:
+        truncate_after(s.run_dir, s.step, s.stage + 1)
+    else:
+        truncate_after(s.run_dir, -1)
+
+
+# --------------------------------------------------------------------------------- recipe comparison
+
+
+def _flat(recipe: Recipe) -> dict[str, Any]:
+    return {f"{sec}.{key}": getattr(getattr(recipe, sec), key)
+            for sec, cls in sections().items() for key in section_fields(cls)}
+
+
+def compare_recipes(saved: Recipe, current: Recipe, where: Path) -> list[str]:
+    """Raise for shape-determining differences (naming each key); return warnings for the others."""
+    old, new = _flat(saved), _flat(current)
+    arch = current.model.arch
+    errors, warnings = [], []
+    for key in old:
+        if old[key] == new[key] or key in QUIET_KEYS:
+            continue
+        if key.startswith("memory.") and arch != "lm2" and key not in ("memory.slots",):
+            continue  # memory shape keys only matter for arch = lm2 (slots also sizes RMT memory tokens)
+        change = f"{key} = {toml_value(old[key])} in the checkpoint, {toml_value(new[key])} now"
+        (errors if key in SHAPE_KEYS else warnings).append(change)
+    if errors:
+        raise Lm2Error(f"checkpoint {where} does not fit this recipe: {'; '.join(errors)} (these keys decide "
+                       f"parameter shapes; use the checkpoint's values or start a new run)")
+    return [f"{w}; using the new value" for w in warnings]
+
+
+# ----------------------------------------------------------------------------------------- the model
+
+
+def place_model(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> torch.nn.Module:
+    model.to(rt.device)
+    if recipe.train.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    model.train()
+    return model
+
+
+def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp: bool) -> torch.nn.Module:
+    """The module the training step calls: optionally compiled, DDP-wrapped under torchrun (FSDP shards the
+    model in place before the optimizer is built, see open_session).
+
+    The plain `model` stays what is saved and evaluated: a compiled wrapper's state dict has `_orig_mod.`
+    prefixes and DDP's has `module.` (both broke resume and sampling in other toolkits).
+    """
+    train_model = model
+    if recipe.train.compile:
+        train_model = torch.compile(train_model)
+    if rt.distributed and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        # The model returns (logits, state); state tensors take no gradient from the loss, so no unused-
+        # parameter search is needed. RMT memory tokens and all memory weights are used every step.
+        train_model = DDP(train_model, device_ids=ids)
+    return train_model
+
+
+def new_optimizer(model: torch.nn.Module, recipe: Recipe, rt: Runtime, announce: bool = True):
+    opt, summary = build_optimizer(model, recipe.train, model.is_memory_param, rt.device.type)
+    if announce:
+        rows = ", ".join(f"{g.name} {g.params:,} ({g.tensors} tensors, wd {g.weight_decay:g}, lr x{g.lr_mult:g})"
+                         for g in summary)
+        info(rt, f"optimizer: AdamW betas ({recipe.train.beta1}, {recipe.train.beta2}); groups: {rows}")
+    return opt
+
+
+def describe_model(model, rt: Runtime) -> None:
+    rep = model.param_report()
+    info(rt, f"model: {model.args.arch}, {rep['total']:,} parameters (backbone {rep['backbone']:,} of which "
+             f"embedding {rep['embedding']:,}; memory {rep['memory']:,})")
+
+
+def open_session(command: str, recipe: Recipe, rt: Runtime, tokenizer, model: torch.nn.Module, plan: RunPlan,
+                 extra_state: dict | None = None) -> Session:
+    """Everything the loop needs, on the right device, restored from `plan.resume_from` when resuming."""
+    place_model(model, recipe, rt)
+    describe_model(model, rt)
+    flops = model.flops_per_token(recipe.train.seq_len)
+    fsdp = rt.distributed and recipe.train.distributed == "fsdp"
+    if fsdp:
+        from lm2cli.training.fsdp import shard
+
+        shard(model)
+        info(rt, f"FSDP: parameters, gradients and optimizer state sharded over {rt.world} processes "
+                 f"(one unit per decoder block)")
+    elif recipe.train.distributed == "fsdp" and not rt.distributed:
+        info(rt, "train.distributed = \"fsdp\" takes effect under torchrun with several processes; one process "
+                 "trains unsharded")
+    optimizer = new_optimizer(model, recipe, rt)
+    s = Session(command=command, recipe=recipe, rt=rt, model=model, train_model=model, optimizer=optimizer,
+                tokenizer=tokenizer, run_dir=plan.run_dir, console=Console(False, 1, 0, command), metrics=None,
+                stop=StopRequest(), resume_hint=resume_hint(command, plan.run_dir),
+                extra_state=dict(extra_state or {}), fsdp=fsdp)
+    s.extra_state["flops_per_token"] = flops
+    if plan.resume_from is not None:
+        restore(s, plan.resume_from, plan.state)
+    s.train_model = wrap_for_training(model, recipe, rt, fsdp)
+    return s
+
+
+def begin_logging(s: Session, recipe_text: str, total_steps: int, resumed: bool) -> None:
+    """Create the run directory and start the metrics files and the console (rank 0)."""
+    prepare_run_dir(s, recipe_text, resumed)
+    s.console = Console(s.rt.is_main, total_steps, s.step, s.command)
+    if s.rt.is_main:
+        s.metrics = MetricsLog(s.run_dir, s.recipe.output.tensorboard)
+    s.rt.barrier()
+    s.stop.install()
+
+
+def end_logging(s: Session) -> None:
+    s.stop.uninstall()
+    s.console.close()
+    if s.metrics is not None:
+        s.metrics.close()
+        s.metrics = None
+
+
+# ------------------------------------------------------------------------------------------- restore
+
+
+def restore(s: Session, ckpt: Path, state: dict) -> None:
+    """Put the session exactly where checkpoint `ckpt` left off: weights, optimizer, RNG, cursor, memory."""
+    from lm2cli.checkpoint import load_recipe_of
+
+    saved = load_recipe_of(ckpt)
+    for w in compare_recipes(saved, s.recipe, ckpt):
+        warn(s.rt, w)
+    if state.get("tokenizer_sha256") != s.tokenizer.sha256:
+        raise Lm2Error(f"checkpoint {ckpt} was trained with another tokenizer than {s.tokenizer.where} "
+                       f"(sha256 differs); resume on the data it was trained on")
+    then, now = state.get("data_fingerprint"), s.extra_state.get("data_fingerprint")
+    if then and now and then != now:
+        warn(s.rt, f"the token shards in {s.recipe.data.dir} were rebuilt since checkpoint {ckpt} (fingerprint "
+                   f"differs): training continues at the same row number of different data")
+    load_model_weights(s, ckpt)
+    if s.fsdp:
+        from lm2cli.training.fsdp import load_optimizer
+
+        load_optimizer(s.model, s.optimizer, ckpt)
+    else:
+        ck.load_optimizer_state(s.optimizer, ckpt, ck.optimizer_param_names(s.model, s.optimizer))
+    s.step, s.rows_done, s.stage = int(state["step"]), int(state["rows_done"]), int(state.get("stage", 0))
+    s.best = dict(state.get("best") or {})
+    s.train_seconds = float(state.get("train_seconds", 0.0))
+    if state.get("world_size") == s.rt.world:
+        tensors, _ = ck.load_safetensors(ckpt, ck.RNG_FILE)
+        ck.restore_rng(s.rt.rank, tensors, state["rng"][f"rank{s.rt.rank}"])
+    else:
+        warn(s.rt, f"checkpoint {ckpt} was written by {state.get('world_size')} processes, this run has "
+                   f"{s.rt.world}: random-number states start fresh (data order is unaffected)")
+    if state.get("memory_carried") and s.recipe.memory.carry:
+        tensors, skeleton = ck.load_safetensors(ckpt, ck.MEMORY_FILE)
+        per_rank = ck.unflatten_tree(tensors, skeleton, s.rt.device)
+        if len(per_rank) == s.rt.world:
+            s.carry = per_rank[s.rt.rank]
+        else:
+            warn(s.rt, "the carried memory was saved by a different number of processes; it starts fresh")
+    info(s.rt, f"resumed from {ckpt} (step {s.step}, {s.rows_done:,} rows into the data)")
+
+
+def pending_eval(state: dict | None) -> bool:
+    return bool(state and state.get("eval_pending"))
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2)
+
+
+# ------------------------------------------------------------------------------------- running a stage
+
+
+def run_stage(s: Session, data, stage: Stage, resumed: bool, eval_pending: bool) -> None:
+    """Pretraining's whole run (one stage): logging set up, a validation left pending by an interrupted run,
+    the steps, and a closing summary."""
+    begin_logging(s, s.recipe.to_toml(), stage.end_step, resumed)
+    try:
+        if eval_pending:
+            validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
+        if s.step >= stage.end_step:
+            s.say(f"nothing to train: the checkpoint is at step {s.step} and train.steps = {stage.steps}; "
+                  f"raise train.steps to continue")
+            return
+        train_stage(s, data, stage)
+        summarize(s, stage)
+    finally:
+        end_logging(s)
+
+
+def summarize(s: Session, stage: Stage) -> None:
+    best = s.best.get(stage.best_pointers[0])
+    first = s.extra_state.get("start_val_loss")
+    last = s.extra_state.get("last_val_loss")
+    curve = f"val loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
+    where = f"; best {best['val_loss']:.4f} at {s.ckpt_root / best['checkpoint']}" if best else ""
+    s.say(f"{stage.label}done: step {s.step} after {fmt_duration(s.train_seconds)} of training; {curve}{where}")
+
+
+def dry_run_report(s: Session, data, stage: Stage) -> None:
+    """Derived sizes, a memory estimate and one timed forward/backward pass; writes nothing."""
+    r, t, rt = s.recipe, s.recipe.train, s.rt
+    rows_per_step = t.batch_size * t.grad_accum * rt.world
+    row_tokens = data.row_tokens
+    up_to = "" if data.fixed_rows else "up to "
+    tokens_per_step = rows_per_step * row_tokens
+    info(rt, f"step: {t.batch_size} rows x {up_to}{row_tokens} tokens x {t.grad_accum} micro-steps x {rt.world} "
+             f"process(es) = {up_to}{tokens_per_step:,} tokens per optimizer step")
+    if r.model.arch != "vanilla":
+        segments = row_tokens / r.memory.segment_len if data.fixed_rows else -(-row_tokens // r.memory.segment_len)
+        info(rt, f"memory: {up_to}{segments:g} segments of {r.memory.segment_len} tokens "
+                 f"per row, bptt {r.memory.bptt or 'all'} segments, carry {'on' if r.memory.carry else 'off'}")
+    n_rows = getattr(data, "n_rows", None)
+    epochs = f" = {stage.steps * rows_per_step / n_rows:.2f} epochs" if n_rows else ""
+    info(rt, f"run: {stage.steps} steps x {up_to}{tokens_per_step:,} = {up_to}{stage.steps * tokens_per_step:,} tokens"
+             f"{epochs}; "
+             f"warm-up {t.warmup_steps} steps, lr {t.lr:g} -> {t.min_lr:g} (cosine)")
+    n_params = sum(p.numel() for p in s.model.parameters())
+    info(rt, f"memory estimate: weights + gradients + AdamW moments = 16 bytes x {n_params:,} = "
+             f"{16 * n_params / 2**20:,.1f} MiB, plus activations")
+    batch = to_device(data.batch(s.rows_done, t.batch_size), rt.device)
+    timings = []
+    for _ in range(2):  # the first pass pays for allocation and lazy initialisation
+        t0 = time.perf_counter()
+        loss, _, _ = forward_loss(s, batch, s.train_model)
+        (loss / max(1, int((batch.targets != IGNORE).sum()))).backward()
+        rt.sync()
+        timings.append(time.perf_counter() - t0)
+    s.optimizer.zero_grad(set_to_none=True)
+    dt = timings[-1]
+    tok_s = batch.n_tokens / dt
+    per_step = dt * t.grad_accum
+    info(rt, f"forward+backward of one micro-batch: {dt:.3f} s, {tok_s:,.0f} tok/s per process, loss "
+             f"{float(loss.detach()) / max(1, int((batch.targets != IGNORE).sum())):.4f}; {stage.steps} steps ~ "
+             f"{fmt_duration(per_step * stage.steps)} without validation")
+    info(rt, "dry run: nothing was written")

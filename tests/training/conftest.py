@@ -1,0 +1,114 @@
+"""Fixtures for the training tests: the tiny recipe's corpus tokenized once per session, tiny-recipe overrides, a
+single compute thread (2 shared CPU cores: with more threads than free cores, OpenMP barriers make every op
+wait for descheduled threads, and a 0.03 s step becomes seconds)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny.toml"
+PEOPLE = ["Mary", "John", "Sandra", "Daniel", "Bill", "Fred"]
+ROOMS = ["kitchen", "garden", "office", "hallway", "bedroom", "bathroom"]
+VERBS = ["went to", "moved to", "travelled to", "journeyed to"]
+
+# Shrinks recipes/tiny.toml further: a 400-piece vocabulary and a 2-layer d=32 LM2 with memory in both
+# blocks, 64-token rows of two 32-token segments. Steps, eval and save cadence are set per test.
+SMALL_MODEL = ["tokenizer.vocab_size=400", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+               "memory.slots=4", "memory.heads=2", "memory.segment_len=32", "train.seq_len=64",
+               "train.batch_size=4", "train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=2",
+               "train.eval_batches=2", "train.log_every=1"]
+
+
+def story(rng: random.Random) -> str:
+    where = {}
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+        p, r = rng.choice(PEOPLE), rng.choice(ROOMS)
+        where[p] = r
+        lines.append(f"{p} {rng.choice(VERBS)} the {r}.")
+    p = rng.choice(sorted(where))
+    lines.append(f"Where is {p}? {where[p]}")
+    return "\n".join(lines)
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [story(rng) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
+    yield
+    torch.set_num_threads(before)
+
+
+def build_shards(out_dir: Path, recipe, train_docs: list[str], val_docs: list[str], tok=None):
+    """Train a tokenizer (unless given) and write shards as `lm2 tokenize` does, with the data module's own
+    writers."""
+    from lm2cli.data.fingerprint import fingerprint_inputs
+    from lm2cli.data.shards import ShardWriter, build_meta, token_dtype
+    from lm2cli.data.tokenizer import train_tokenizer
+    from lm2cli.fileio import atomic_write_json
+
+    t = recipe.tokenizer
+    lines = [line for doc in train_docs for line in doc.split("\n")]
+    if tok is None:
+        tok = train_tokenizer(lines, model_type=t.type, vocab_size=t.vocab_size, byte_fallback=t.byte_fallback,
+                              character_coverage=1.0, sample_sentences=t.sample_sentences,
+                              answer_token=t.answer_token, extra_symbols=t.extra_symbols, seed=1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(out_dir / "tokenizer.model")
+    writers = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        w = ShardWriter(out_dir, split, token_dtype(tok.vocab_size))
+        for doc in docs:
+            w.add(np.array(tok.encode(doc, bos=True, eos=True)))
+        w.commit()
+        writers[split] = w
+    atomic_write_json(out_dir / "meta.json", build_meta(tok, writers, fingerprint_inputs(recipe), {"kind": "test"}))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """`lm2 tokenize recipes/tiny.toml` (built-in corpus) with a 400-piece vocabulary."""
+    from lm2cli.cli import run
+
+    out = tmp_path_factory.mktemp("data-tiny")
+    assert run(["tokenize", str(TINY), "--set", "tokenizer.vocab_size=400", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_data(tmp_path_factory, tiny_data) -> Path:
+    """20 short stories with tiny_data's tokenizer, written as `lm2 tokenize` writes shards: an epoch is only a
+    few steps long."""
+    from lm2cli.data.tokenizer import Tokenizer
+    from lm2cli.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("data-mini")
+    build_shards(out, load_recipe(TINY, ["tokenizer.vocab_size=400"]), corpus(20, seed=3), corpus(10, seed=4),
+                 tok=Tokenizer.load(tiny_data / "tokenizer.model"))
+    return out
+
+
+@pytest.fixture
+def tiny_args(tiny_data, tmp_path):
+    """Arguments of `lm2 pretrain` for a tiny run in tmp_path/run; extend with more --set pairs."""
+
+    def args(*sets: str, out: Path | None = None) -> list[str]:
+        flat = []
+        for s in [f"data.dir={tiny_data}", *SMALL_MODEL, *sets]:
+            flat += ["--set", s]
+        return [str(TINY), *flat, "--out", str(out or tmp_path / "run")]
+
+    return args

@@ -1,0 +1,176 @@
+"""Checkpoint directories: atomic save, pickle-free optimizer/RNG/memory state, rotation, corruption."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from lm2cli.errors import Lm2Error
+from lm2cli.training import checkpoints as ck
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def run_steps(model, opt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        x = torch.randn(4, 6, generator=g)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def save(root, step, model, opt=None, state=None, memory=None):
+    tensors, info = ck.capture_rng(0)
+    return ck.save_checkpoint(root, step, lambda d: save_model(model, str(d / "model.safetensors")),
+                              dict(state or {"step": step}, rng={"rank0": info}), opt and opt.state_dict(), tensors,
+                              memory)
+
+
+def test_optimizer_state_round_trip_continues_identically(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, 3)
+    ckpt = save(tmp_path, 3, model, opt)
+    expected = run_steps(model, opt, 4, seed=1)
+    final = [p.detach().clone() for p in model.parameters()]
+
+    from safetensors.torch import load_model
+
+    model2 = tiny_model()
+    load_model(model2, str(ckpt / "model.safetensors"))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    ck.load_optimizer_state(opt2, ckpt)
+    assert run_steps(model2, opt2, 4, seed=1) == expected
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), final, strict=True))
+
+
+def test_optimizer_layout_mismatch_is_an_error(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, 1)
+    ckpt = save(tmp_path, 1, model, opt)
+    other = nn.Sequential(nn.Linear(6, 3))
+    with pytest.raises(Lm2Error, match="optimizer groups"):
+        ck.load_optimizer_state(torch.optim.AdamW(other.parameters()), ckpt)
+
+
+def test_rng_states_round_trip():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)
+    tensors, info = ck.capture_rng(0)
+    json.dumps(info)  # plain JSON
+    before = (random.random(), random.gauss(0, 1), np.random.rand(), float(torch.rand(())))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ck.restore_rng(0, tensors, info)
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), float(torch.rand(()))) == before
+
+
+@dataclass
+class FakeState:  # stands in for the model's state dataclasses; flatten_tree accepts only lm2cli classes
+    bank: torch.Tensor
+    pending: torch.Tensor | None
+
+
+def test_tensor_trees_round_trip_without_pickle():
+    from lm2cli.training.loop import Batch  # any lm2cli dataclass holding tensors (like the model's state)
+
+    tree = {"rows": [Batch(torch.ones(2, 3), torch.zeros(2, 3), 6, 1.5, True), None], "pos": 7,
+            "t": (torch.arange(3), "x")}
+    tensors, skeleton = ck.flatten_tree(tree)
+    json.dumps(skeleton)
+    back = ck.unflatten_tree(tensors, skeleton)
+    batch = back["rows"][0]
+    assert isinstance(batch, Batch) and torch.equal(batch.inputs, torch.ones(2, 3))
+    assert (batch.n_tokens, batch.n_bytes, batch.answers) == (6, 1.5, True)
+    assert back["rows"][1] is None and back["pos"] == 7
+    assert isinstance(back["t"], tuple) and torch.equal(back["t"][0], torch.arange(3)) and back["t"][1] == "x"
+
+
+def test_foreign_classes_are_refused():
+    with pytest.raises(TypeError):
+        ck.flatten_tree(FakeState(torch.ones(1), None))  # defined in the tests, not in lm2cli
+    with pytest.raises(ValueError, match="refusing"):
+        ck.unflatten_tree({}, {"dataclass": "os:system", "fields": {}})
+
+
+def test_save_is_atomic_and_points_latest(tmp_path):
+    model = tiny_model()
+    path = save(tmp_path, 5, model)
+    assert path.name == "step_00000005" and not (tmp_path / "step_00000005.tmp").exists()
+    assert ck.read_pointer(tmp_path, "latest") == "step_00000005"
+    state = ck.read_trainer_state(path)
+    assert state["step"] == 5 and set(state["manifest"]) == {"model.safetensors", "rng.safetensors"}
+    # saving the same step again keeps the complete directory
+    again = save(tmp_path, 5, tiny_model())
+    assert again == path and ck.read_trainer_state(path)["manifest"] == state["manifest"]
+
+
+def test_newest_checkpoint_survives_a_crash_between_rename_and_pointer(tmp_path):
+    model = tiny_model()
+    save(tmp_path, 1, model)
+    save(tmp_path, 2, model)
+    ck.write_pointer(tmp_path, "latest", "step_00000001")  # as if the pointer update was lost
+    (tmp_path / "step_00000003.tmp").mkdir()  # a save killed half-way
+    assert ck.newest_checkpoint(tmp_path) == "step_00000002"
+    assert ck.remove_stale_tmp(tmp_path) == ["step_00000003.tmp"]
+
+
+def test_rotation_keeps_last_n_and_pointed(tmp_path):
+    model = tiny_model()
+    for step in range(1, 6):
+        save(tmp_path, step, model)
+    ck.write_pointer(tmp_path, "best", "step_00000002")
+    deleted = ck.rotate(tmp_path, keep_last=2, protected=set())
+    assert deleted == ["step_00000001", "step_00000003"]
+    assert ck.list_checkpoints(tmp_path) == ["step_00000002", "step_00000004", "step_00000005"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "json"])
+def test_corruption_is_reported_with_the_previous_checkpoint(tmp_path, damage):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    run_steps(model, opt, 1)
+    save(tmp_path, 1, model, opt)
+    bad = save(tmp_path, 2, model, opt)
+    target = bad / ("trainer_state.json" if damage == "json" else "optimizer.safetensors")
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-5] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        target.unlink()
+    else:
+        target.write_text("{ not json")
+    with pytest.raises(ck.CorruptCheckpoint) as err:
+        ck.read_trainer_state(bad)
+    msg = str(err.value)
+    assert "corrupt or truncated" in msg and "step_00000001" in msg and "--resume-from" in msg
+    ck.read_trainer_state(tmp_path / "step_00000001")  # the previous one still loads
+
+
+def test_truncated_safetensors_without_manifest_is_still_a_clear_error(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    run_steps(model, opt, 1)
+    ckpt = save(tmp_path, 1, model, opt)
+    f = ckpt / "optimizer.safetensors"
+    f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(ck.CorruptCheckpoint, match="optimizer.safetensors"):
+        ck.load_optimizer_state(torch.optim.AdamW(model.parameters()), ckpt)

@@ -1,0 +1,64 @@
+"""torchrun with 2 CPU processes (gloo), DDP and FSDP: same loss curve as one process at the same global
+batch; an FSDP checkpoint is the ordinary format and resumes in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, SMALL_MODEL, TINY
+
+
+def run_args(data, out, batch_size, *more):
+    sets = [f"data.dir={data}", *SMALL_MODEL, f"train.batch_size={batch_size}", "train.steps=6",
+            "train.save_every=3", "train.eval_every=3", "train.eval_batches=4", *more]
+    return [str(TINY), *[x for s in sets for x in ("--set", s)], "--out", str(out)]
+
+
+def curve(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return ([r["loss"] for r in rows if r["kind"] == "train"], [r["val_loss"] for r in rows if r["kind"] == "val"])
+
+
+def torchrun(args):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lm2cli", "pretrain", *args], cwd=REPO, env=env, text=True, capture_output=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_at_the_same_global_batch(cli, tiny_data, tmp_path, strategy):
+    assert cli("pretrain", *run_args(tiny_data, tmp_path / "one", 4)).code == 0
+    proc = torchrun(run_args(tiny_data, tmp_path / "two", 2, f"train.distributed={strategy}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes (gloo)" in proc.stdout
+    assert ("FSDP: parameters, gradients and optimizer state sharded" in proc.stdout) == (strategy == "fsdp")
+    assert proc.stdout.count("done: step 6") == 1  # rank 0 alone reports
+    train1, val1 = curve(tmp_path / "one")
+    train2, val2 = curve(tmp_path / "two")
+    assert len(train1) == len(train2) == 6 and len(val1) == len(val2) == 3
+    assert train2 == pytest.approx(train1, rel=1e-4)
+    assert val2 == pytest.approx(val1, rel=1e-4)
+    state = json.loads((tmp_path / "two/checkpoints/step_00000006/trainer_state.json").read_text())
+    assert state["world_size"] == 2 and set(state["rng"]) == {"rank0", "rank1"}
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_in_one_process(cli, tiny_data, tmp_path):
+    """An FSDP run saved at step 3 (gathered to the shared format) resumes unsharded and ends like a run that
+    never used FSDP."""
+    assert cli("pretrain", *run_args(tiny_data, tmp_path / "one", 4)).code == 0
+    proc = torchrun(run_args(tiny_data, tmp_path / "mixed", 2, "train.distributed=fsdp", "train.steps=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = cli("pretrain", *run_args(tiny_data, tmp_path / "mixed", 4, "train.distributed=fsdp"), "--resume")
+    assert res.code == 0, res.err
+    assert "2 processes, this run has 1" in res.err  # RNG states cannot carry over; the data order does
+    train1, val1 = curve(tmp_path / "one")
+    train2, val2 = curve(tmp_path / "mixed")
+    assert train2 == pytest.approx(train1, rel=1e-4) and val2 == pytest.approx(val1, rel=1e-4)

@@ -1,0 +1,217 @@
+"""`lm2 finetune`: row assembly and loss masks, curriculum stages with exact resume, starting weights."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lm2cli.training import checkpoints as ck
+from lm2cli.training.finetune import FinetuneData, babilong_example, jsonl_example
+from lm2cli.training.loop import IGNORE
+
+from .conftest import PEOPLE, ROOMS, SMALL_MODEL, TINY
+
+
+@pytest.fixture
+def tok(tiny_data):
+    from lm2cli.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_data / "tokenizer.model")
+
+
+def test_babilong_row_is_assembled_as_specified(tok):
+    row = {"input": "  Mary went to the kitchen. John moved to the garden. ", "question": "Where is Mary? ",
+           "target": "kitchen"}
+    ex = babilong_example(tok, row)
+    text = "Mary went to the kitchen. John moved to the garden. Where is Mary?"
+    assert ex.prompt == [tok.bos_id] + tok.encode(text) + [tok.answer_id]
+    assert tok.answer_id == 4
+    assert ex.answer == tok.encode("kitchen") + [tok.eos_id]
+    assert tok.decode(ex.answer) == "kitchen"
+
+
+def test_loss_only_on_answer_and_eos_with_right_padding(tok):
+    from lm2cli.recipe import load_recipe
+
+    recipe = load_recipe(TINY, ["train.batch_size=2", "train.eval_batches=1"])
+    short = babilong_example(tok, {"input": "Mary went to the hallway.", "question": "Where is Mary?",
+                                   "target": "hallway"})
+    long = babilong_example(tok, {"input": "Bill went to the office. Mary went to the hallway. Fred moved to "
+                                           "the garden.", "question": "Where is Fred?", "target": "garden"})
+    data = FinetuneData([short, long], [short], 1000, recipe, tok, stage=0, label="")
+    b = data.collate([short, long])
+    assert b.inputs.shape == (2, len(long) - 1)
+    assert b.inputs[0, len(short) - 1:].tolist() == [tok.pad_id] * (len(long) - len(short))
+    for i, ex in enumerate([short, long]):
+        t = b.targets[i]
+        assert t[t != IGNORE].tolist() == ex.answer  # answer tokens + EOS, nothing else
+        assert (t[:len(ex.prompt) - 1] == IGNORE).all()
+    assert b.answers and b.n_tokens == len(short) + len(long) - 2
+
+
+def test_jsonl_rows(tok, tmp_path):
+    from lm2cli.errors import Lm2Error
+    from lm2cli.training.finetune import read_jsonl
+
+    ex = jsonl_example(tok, {"prompt": "Where is Mary?", "response": "kitchen"})
+    assert ex.prompt == [tok.bos_id] + tok.encode("Where is Mary?")
+    assert ex.answer == tok.encode("kitchen") + [tok.eos_id]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(Lm2Error, match=r"bad.jsonl:2: expected an object with string fields"):
+        read_jsonl(bad)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def qa_rows(n_facts: int, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        where, facts = {}, []
+        for _ in range(n_facts):
+            p, r = rng.choice(PEOPLE), rng.choice(ROOMS)
+            where[p] = r
+            facts.append(f"{p} went to the {r}.")
+        p = rng.choice(sorted(where))
+        rows.append({"input": " ".join(facts), "question": f"Where is {p}?", "target": where[p]})
+    return rows
+
+
+@pytest.fixture
+def babilong_dir(tmp_path) -> Path:
+    """Hub layout with a short length (fits one 32-token segment) and a longer one (needs two)."""
+    root = tmp_path / "babilong"
+    for length, n_facts in (("0k", 2), ("1k", 6)):
+        (root / "qa1").mkdir(parents=True, exist_ok=True)
+        (root / "qa1" / f"{length}.json").write_text(json.dumps(qa_rows(n_facts, 40, seed=n_facts)))
+    return root
+
+
+def finetune_args(tiny_data, out, *sets):
+    flat = [f"data.dir={tiny_data}", *SMALL_MODEL, "train.eval_every=2", "train.save_every=2", *sets]
+    return [str(TINY), *[x for s in flat for x in ("--set", s)], "--out", str(out)]
+
+
+def metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+
+
+def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, babilong_dir, tmp_path, monkeypatch):
+    import lm2cli.training.loop as loop
+
+    pre = tmp_path / "pre"
+    res = cli("pretrain", *finetune_args(tiny_data, pre, "model.arch=vanilla", "train.steps=4"))
+    assert res.code == 0, res.err
+    sets = (f"finetune.init_from={pre}", f"finetune.data={babilong_dir}", "finetune.stages=[1, 2]",
+            "train.steps=4", "memory.out_gate_bias=-2.0")
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "a", *sets))
+    assert res.code == 0, res.err
+    assert "new (freshly initialised) memory parameters" in res.out and "blocks 0, 1" in res.out
+    assert "[stage 2/2, 2 segments] starting from" in res.out
+    root = tmp_path / "a/checkpoints"
+    b1, b2 = ck.read_pointer(root, "best_stage_1"), ck.read_pointer(root, "best_stage_2")
+    assert ck.step_of(b1) <= 4 < ck.step_of(b2) <= 8 and ck.read_pointer(root, "best") == b2
+    assert ck.read_trainer_state(root / b2)["stage"] == 1
+    rows = metrics(tmp_path / "a")
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [(r["stage"], r["step"]) for r in val] == [(1, 0), (1, 2), (1, 4), (2, 4), (2, 6), (2, 8)]
+    assert all(0.0 <= r["val_em"] <= 1.0 for r in val)
+    assert val[2]["val_loss"] < val[0]["val_loss"]  # stage 1 learns the answers
+
+    # Interrupted in stage 2, then resumed: the same run, including the stage boundary.
+    real = loop.stop_requested
+
+    def stop_at_6(s):
+        if s.step == 6:
+            s.stop.signum = 15
+        return real(s)
+
+    monkeypatch.setattr(loop, "stop_requested", stop_at_6)
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets))
+    assert res.code == 143 and "lm2 finetune" in res.err
+    monkeypatch.setattr(loop, "stop_requested", real)
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")
+    assert res.code == 0, res.err
+    assert metrics(tmp_path / "b") == rows
+
+
+def test_resume_at_a_stage_boundary_starts_the_next_stage(cli, tiny_data, babilong_dir, tmp_path):
+    sets = (f"finetune.data={babilong_dir}", "finetune.stages=[1, 2]", "train.steps=2")
+    assert cli("finetune", *finetune_args(tiny_data, tmp_path / "a", *sets)).code == 0
+    b = tmp_path / "b"
+    assert cli("finetune", *finetune_args(tiny_data, b, *sets[:2], "finetune.stages=[1]", "train.steps=2")).code == 0
+    res = cli("finetune", *finetune_args(tiny_data, b, *sets), "--resume")  # stage 1 is done: go on to stage 2
+    assert res.code == 0, res.err
+    assert "[stage 2/2, 2 segments] starting from" in res.out
+    assert metrics(b) == metrics(tmp_path / "a")
+
+
+def test_no_row_fits_a_stage(cli, tiny_data, babilong_dir, tmp_path):
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", f"finetune.data={babilong_dir}",
+                                         "memory.segment_len=8", "train.steps=1"))
+    assert res.code == 2 and "no training row fits 8 tokens" in res.err and "lm2 babilong" in res.err
+
+
+def hf_llama_dir(path: Path, tok_path: Path) -> Path:
+    """A tiny Hugging Face Llama checkpoint written by hand (HF parameter names, config.json)."""
+    d, layers, heads, kv, hidden, vocab = 32, 2, 2, 1, 96, 400
+    torch.manual_seed(0)
+    dh = d // heads
+    w = {"model.embed_tokens.weight": torch.randn(vocab, d) * 0.02, "model.norm.weight": torch.ones(d),
+         "lm_head.weight": torch.randn(vocab, d) * 0.02}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = torch.randn(heads * dh, d) * 0.02
+        w[p + "self_attn.k_proj.weight"] = torch.randn(kv * dh, d) * 0.02
+        w[p + "self_attn.v_proj.weight"] = torch.randn(kv * dh, d) * 0.02
+        w[p + "self_attn.o_proj.weight"] = torch.randn(d, heads * dh) * 0.02
+        w[p + "mlp.gate_proj.weight"] = torch.randn(hidden, d) * 0.02
+        w[p + "mlp.up_proj.weight"] = torch.randn(hidden, d) * 0.02
+        w[p + "mlp.down_proj.weight"] = torch.randn(d, hidden) * 0.02
+        w[p + "input_layernorm.weight"] = torch.ones(d)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(d)
+    path.mkdir()
+    save_file(w, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "intermediate_size": hidden, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "max_position_embeddings": 512}))
+    (path / "tokenizer.model").write_bytes(tok_path.read_bytes())
+    return path
+
+
+def test_init_from_hugging_face_llama_adds_fresh_memory(cli, tiny_data, tmp_path):
+    hf = hf_llama_dir(tmp_path / "hf", tiny_data / "tokenizer.model")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{r['input']} {r['question']}", "response": r["target"]}) + "\n"
+                            for r in qa_rows(2, 30, seed=5)))
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", f"finetune.init_from={hf}",
+                                         "finetune.format=jsonl", f"finetune.data={data}", "train.steps=2",
+                                         "model.d_model=64", "train.lr=1e-9", "train.min_lr=0"))
+    assert res.code == 0, res.err
+    assert "Hugging Face Llama weights" in res.out and "d_model=32" in res.out
+    assert "new (freshly initialised) memory parameters" in res.out
+    from safetensors.torch import load_file
+
+    from lm2cli.checkpoint import load_for_inference
+
+    model, _, recipe = load_for_inference(tmp_path / "r")
+    assert recipe.model.d_model == 32 and recipe.model.tie_embeddings is False  # shapes from config.json
+    hf_w = load_file(str(hf / "model.safetensors"))  # lr 1e-9: the trained weights are still HF's
+    assert torch.allclose(model.tok_emb.weight, hf_w["model.embed_tokens.weight"], atol=1e-6)
+    assert torch.allclose(model.blocks[1].ffn.w_down.weight, hf_w["model.layers.1.mlp.down_proj.weight"], atol=1e-6)
+
+
+def test_hf_directory_without_sentencepiece_tokenizer(cli, tiny_data, tmp_path):
+    hf = hf_llama_dir(tmp_path / "hf", tiny_data / "tokenizer.model")
+    (hf / "tokenizer.model").unlink()
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", f"finetune.init_from={hf}", "train.steps=1"))
+    assert res.code == 2 and "no tokenizer.model" in res.err
