@@ -227,10 +227,39 @@ def report_error(err: Lm2Error) -> None:
         traceback.print_exception(err, file=sys.stderr)
 
 
+_OPTIONS_WITH_VALUES = {"--set", "--out", "--resume-from"}
+
+
+def normalize_resume(argv: list[str]) -> list[str]:
+    """Accept `--resume PATH` as well as a bare `--resume` (click options cannot take an optional value).
+
+    After the recipe argument of `pretrain`/`finetune`, `--resume` followed by a non-option word is rewritten
+    to `--resume-from WORD`; anywhere else `--resume` stays the plain flag.
+    """
+    if not argv or argv[0] not in ("pretrain", "finetune"):
+        return argv
+    out, seen_recipe, i = [argv[0]], False, 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--resume" and seen_recipe and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            out += ["--resume-from", argv[i + 1]]
+            i += 2
+            continue
+        if token in _OPTIONS_WITH_VALUES and i + 1 < len(argv):
+            out += [token, argv[i + 1]]
+            i += 2
+            continue
+        if not token.startswith("-"):
+            seen_recipe = True
+        out.append(token)
+        i += 1
+    return out
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` and return the exit code (used by `main` and by the tests)."""
     global _debug
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = normalize_resume(list(sys.argv[1:] if argv is None else argv))
     _debug = bool(os.environ.get("LM2_DEBUG"))
     try:
         app(args=argv, prog_name="lm2", standalone_mode=True)

@@ -73,3 +73,14 @@ def test_real_process_exit_code_and_stderr(lm2_proc, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "did you mean 'model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_with_a_path_becomes_resume_from():
+    from lm2cli.cli import normalize_resume
+
+    assert normalize_resume(["pretrain", "r.toml", "--resume", "runs/x"]) == \
+        ["pretrain", "r.toml", "--resume-from", "runs/x"]
+    assert normalize_resume(["finetune", "--set", "a.b=1", "r.toml", "--resume"]) == \
+        ["finetune", "--set", "a.b=1", "r.toml", "--resume"]
+    assert normalize_resume(["pretrain", "--resume", "r.toml"]) == ["pretrain", "--resume", "r.toml"]
+    assert normalize_resume(["generate", "--resume", "x"]) == ["generate", "--resume", "x"]

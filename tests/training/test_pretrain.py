@@ -147,7 +147,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_resumes(cli, tin
     assert res.code == 2 and "step_00000004 is corrupt or truncated" in res.err
     assert "--resume-from" in res.err and "step_00000002" in res.err and res.err.count("\n") == 1
     prev = tmp_path / "run/checkpoints/step_00000002"
-    res = cli("pretrain", *tiny_args("train.steps=6"), "--resume-from", prev)
+    res = cli("pretrain", *tiny_args("train.steps=6"), "--resume", prev)  # same as --resume-from PATH
     assert res.code == 0, res.err
     assert f"resumed from {prev}" in res.out
 
