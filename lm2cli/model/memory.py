@@ -146,7 +146,8 @@ class LM2Memory(nn.Module):
                 q = torch.cat([*state.pending_queries, q], dim=2)
                 content = torch.cat([*state.pending_contents, content], dim=2)
             scores = torch.matmul(q, state.keys.transpose(-1, -2))  # (B, h, t, N); keys carry 1/√dh
-            probs = scores[:, :, -t:].softmax(dim=-1)
+            # Slice only when earlier tokens were prepended: a no-op slice still costs a zero-filled gradient.
+            probs = (scores if scores.shape[2] == t else scores[:, :, -t:]).softmax(dim=-1)
             reads.append(torch.matmul(probs, state.values))
             if recorder is not None:
                 recorder.on_read(layer, pos, probs)

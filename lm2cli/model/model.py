@@ -146,9 +146,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(b, t, heads + 2 * kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, :heads + kv_heads], cos, sin).transpose(1, 2)  # q and k rotated together
-        q, k = qk[:, :heads], qk[:, heads:]
-        v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+        # split (not slicing: its backward is one concatenation instead of zero-filled buffers per slice)
+        qk, v = qkv.split([heads + kv_heads, kv_heads], dim=2)
+        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([heads, kv_heads], dim=1)  # rotated together
+        v = v.transpose(1, 2)
         if cache_k is not None:
             k, v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
