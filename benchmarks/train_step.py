@@ -81,7 +81,8 @@ class Runner:
         inp, tgt = self.x[:, :-1], self.x[:, 1:]
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model(inp).logits if self.is_hf else self.model(inp)[0]
+            # lm2 as `lm2 pretrain` calls it: the final state is not needed (memory.carry = false)
+            logits = self.model(inp).logits if self.is_hf else self.model(inp, keep_state=False)[0]
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
         loss.backward()
         self.opt.step()

@@ -117,11 +117,14 @@ class LM2Memory(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, state: MemoryState, writes_kept: int | None = None,
-                recorder=None, layer: int = 0, start_pos: int = 0) -> tuple[Tensor, MemoryState]:
+                recorder=None, layer: int = 0, start_pos: int = 0,
+                keep_state: bool = True) -> tuple[Tensor, MemoryState]:
         """Read for every token of `x` (B, T, d); write whenever a segment completes.
 
         Returns the gated memory output g_out ⊙ E_mem (B, T, d) and the new state. `writes_kept`: only the last
         this-many writes of this call keep their autograd history (truncated BPTT); None keeps all.
+        `keep_state=False` skips a write at the very end of `x` that no token of this call reads (the returned
+        state is then incomplete): a training step that discards the state saves that work.
         """
         state = self._with_keys(state)
         sizes = self._chunk_sizes(state.pending_len, x.shape[1])
@@ -152,11 +155,11 @@ class LM2Memory(nn.Module):
             if recorder is not None:
                 recorder.on_read(layer, pos, probs)
             pos += t
-            if completes:  # write the segment into the bank
+            if completes and (keep_state or pos < start_pos + x.shape[1] or recorder is not None):
                 detach = writes_kept is not None and write_idx < n_writes - writes_kept
                 state = self._write(scores, content, state, detach, recorder, layer, pos)
                 write_idx += 1
-            else:
+            elif not completes:
                 state = MemoryState(state.bank, (q,), (content,), state.keys, state.values)
         read = self._merge_heads(reads[0] if len(reads) == 1 else torch.cat(reads, dim=2))
         gate = torch.sigmoid(self.out_gate(read))

@@ -186,12 +186,13 @@ class Block(nn.Module):
                                     a.memory_init, a.out_gate_bias, a.forget_gate_bias)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, causal: bool, st: LayerState,
-                writes_kept: int | None, recorder, start_pos: int) -> tuple[Tensor, LayerState]:
+                writes_kept: int | None, recorder, start_pos: int,
+                keep_state: bool = True) -> tuple[Tensor, LayerState]:
         x = self.norm1(h)
         a, k, v = self.attn(x, cos, sin, mask, causal, st.k, st.v)
         mem_state = st.memory
         if self.memory is not None:
-            m, mem_state = self.memory(x, st.memory, writes_kept, recorder, self.layer, start_pos)
+            m, mem_state = self.memory(x, st.memory, writes_kept, recorder, self.layer, start_pos, keep_state)
             h = h + a + m  # hybrid pathway: the original flow plus the gated memory read
         else:
             h = h + a
@@ -332,25 +333,30 @@ class LanguageModel(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, recorder=None,
-                bptt: int | None = None) -> tuple[Tensor, ModelState]:
+                bptt: int | None = None, keep_state: bool = True) -> tuple[Tensor, ModelState | None]:
         """Logits (B, T, V) for `input_ids` (B, T) continuing `state` (None = a new sequence).
 
         `recorder` (see lm2cli.model.recorder) collects memory reads, writes and gates; None costs nothing.
         `bptt` overrides memory.bptt for this call (0 = full backpropagation through time).
+        `keep_state=False` returns no state and skips the memory write that would only serve a continuation
+        (a training step that starts every row afresh).
         """
         if state is None:
             state = self.init_state(input_ids.shape[0], input_ids.device)
         bptt = self.args.bptt if bptt is None else bptt
         writes_kept = bptt if bptt > 0 else None
         if self.args.arch == "rmt":
-            return self._forward_rmt(input_ids, state, writes_kept, recorder)
+            logits, state = self._forward_rmt(input_ids, state, writes_kept, recorder, keep_state)
+            return logits, state if keep_state else None
         h = self.tok_emb(input_ids)
-        h, layers = self._run_blocks(h, state.pos, state.layers, writes_kept, recorder)
+        h, layers = self._run_blocks(h, state.pos, state.layers, writes_kept, recorder, keep_state)
         logits = self.lm_head(self.norm(h)).float()
+        if not keep_state:
+            return logits, None
         return logits, replace(state, pos=state.pos + input_ids.shape[1], layers=layers)
 
     def _run_blocks(self, h: Tensor, start: int, layer_states: list[LayerState], writes_kept,
-                    recorder) -> tuple[Tensor, list[LayerState]]:
+                    recorder, keep_state: bool = True) -> tuple[Tensor, list[LayerState]]:
         """All blocks over h (B, T, d) whose first token sits at position `start` (RMT: within the segment)."""
         t = h.shape[1]
         n_cached = 0 if layer_states[0].k is None else layer_states[0].k.shape[2]
@@ -361,16 +367,16 @@ class LanguageModel(nn.Module):
         new_states = []
         for block, st in zip(self.blocks, layer_states, strict=True):
             if self.activation_checkpointing and self.training and recorder is None:
-                h, st = checkpoint(block, h, cos, sin, mask, causal, st, writes_kept, None, start,
+                h, st = checkpoint(block, h, cos, sin, mask, causal, st, writes_kept, None, start, keep_state,
                                    use_reentrant=False)
             else:
-                h, st = block(h, cos, sin, mask, causal, st, writes_kept, recorder, start)
+                h, st = block(h, cos, sin, mask, causal, st, writes_kept, recorder, start, keep_state)
             new_states.append(st)
         return h, new_states
 
     # ------------------------------------------------------------------------------------------- RMT
 
-    def _forward_rmt(self, input_ids: Tensor, state: ModelState, writes_kept, recorder):
+    def _forward_rmt(self, input_ids: Tensor, state: ModelState, writes_kept, recorder, keep_state: bool = True):
         """RMT: each segment runs as [M ; tokens ; M] with positions restarting; the write suffix's final hidden
         states become the next memory. Attention stays inside the segment: memory tokens are the only carrier.
 
@@ -393,9 +399,11 @@ class LanguageModel(nn.Module):
             else:
                 start = m + seg_len
             h, layers = self._run_blocks(h, start, layers, writes_kept, recorder)
-            outs.append(self.lm_head(self.norm(h[:, h.shape[1] - take:])).float())
+            tokens = h if h.shape[1] == take else h.split([h.shape[1] - take, take], dim=1)[1]  # drop the prefix
+            outs.append(self.lm_head(self.norm(tokens)).float())
             seg_len += take
-            if seg_len == seg:  # the segment is full: run the write suffix through its cache
+            if seg_len == seg and (keep_state or pos + take < total or recorder is not None):
+                # the segment is full and its memory will be read: run the write suffix through its cache
                 w, _ = self._run_blocks(memory.to(h.dtype), m + seg, layers, writes_kept, recorder)
                 memory = self.norm(w)
                 if writes_kept is not None and write_idx < n_writes - writes_kept:

@@ -101,8 +101,10 @@ def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def forward_loss(s: Session, batch: Batch, model: torch.nn.Module, state: Any = None) -> tuple[Tensor, Tensor, Any]:
+    # The final state is only needed when memory is carried to the next batch; without it the model skips the
+    # last memory write, which nothing in this batch reads.
     with s.rt.autocast():
-        logits, new_state = model(batch.inputs, state)
+        logits, new_state = model(batch.inputs, state, keep_state=s.recipe.memory.carry)
     return loss_sum(logits, batch.targets), logits, new_state
 
 

@@ -154,3 +154,18 @@ def test_flops_estimate_is_plausible():
     n = vanilla.param_report()["total"]
     assert 6 * n <= vanilla.flops_per_token(64) < 6 * n * 1.5
     assert lm2.flops_per_token(64) > vanilla.flops_per_token(64)
+
+
+@pytest.mark.parametrize("arch", ["lm2", "rmt", "vanilla"])
+def test_dropping_the_state_changes_no_logit_or_gradient(arch):
+    x = torch.randint(0, VOCAB, (2, 32))  # ends exactly on a segment boundary: the last write is skipped
+    results = []
+    for keep in (True, False):
+        model = tiny(arch, 0)
+        logits, state = model(x, keep_state=keep)
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                     if p.grad is not None]), state))
+    (kept_logits, kept_grads, kept_state), (logits, grads, state) = results
+    assert state is None and kept_state is not None
+    assert torch.allclose(kept_logits, logits, atol=1e-6) and torch.allclose(kept_grads, grads, atol=1e-6)
