@@ -91,7 +91,7 @@ class LM2Memory(nn.Module):
         bank = state.bank
         shared = bank.stride(0) == 0  # the initial bank is one tensor broadcast over the batch: project it once
         source = bank[:1] if shared else bank
-        kv = self._split_heads(self.kv_proj(source.to(self.kv_proj.weight.dtype)))
+        kv = self._split_heads(self.kv_proj.forward(source.to(self.kv_proj.weight.dtype)))
         if shared:
             kv = kv.expand(bank.shape[0], -1, -1, -1)
         keys, values = kv.chunk(2, dim=-1)
@@ -128,7 +128,7 @@ class LM2Memory(nn.Module):
         """
         state = self._with_keys(state)
         sizes = self._chunk_sizes(state.pending_len, x.shape[1])
-        queries, contents = self.qu_proj(x).split([self.d_model, self.slot_dim], dim=-1)
+        queries, contents = self.qu_proj.forward(x).split([self.d_model, self.slot_dim], dim=-1)
         queries, contents = self._split_heads(queries), self._split_heads(contents)
         if len(sizes) > 1:  # split, not slicing: one cheap backward
             queries, contents = queries.split(sizes, dim=2), contents.split(sizes, dim=2)
@@ -162,7 +162,7 @@ class LM2Memory(nn.Module):
             elif not completes:
                 state = MemoryState(state.bank, (q,), (content,), state.keys, state.values)
         read = self._merge_heads(reads[0] if len(reads) == 1 else torch.cat(reads, dim=2))
-        gate = torch.sigmoid(self.out_gate(read))
+        gate = torch.sigmoid(self.out_gate.forward(read))
         if recorder is not None:
             recorder.on_out_gate(layer, start_pos, gate)
         return gate * read, state
@@ -172,7 +172,7 @@ class LM2Memory(nn.Module):
         probs_w = scores.softmax(dim=-2).transpose(-1, -2)  # (B, h, N, S): each slot attends over the tokens
         update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
         bank = state.bank
-        gates = torch.sigmoid(self.in_forget_gate(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
+        gates = torch.sigmoid(self.in_forget_gate.forward(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
         g_in, g_forget = gates.chunk(2, dim=-1)
         new_bank = g_in * torch.tanh(update) + g_forget * bank
         if detach:
