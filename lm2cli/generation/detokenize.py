@@ -31,7 +31,7 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly "")."""
         self.ids.append(token_id)
-        before = self.decode(self.ids[:self.printed])
+        before = self._printed_text
         after = self.decode(self.ids)
         if after.endswith(REPLACEMENT) or len(after) <= len(before):
             return ""  # an incomplete character, or a token that adds no text (yet)
@@ -41,7 +41,7 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Emit whatever is still held back (e.g. the stream ended inside a multi-byte character)."""
-        before = self.decode(self.ids[:self.printed])
+        before = self._printed_text
         after = self.decode(self.ids)
         self.printed = len(self.ids)
         self._trim()
@@ -55,7 +55,10 @@ class IncrementalDecoder:
         the next word. Then the window is widened instead.
         """
         drop = max(0, self.printed - self.window)
-        while drop > 0 and not self.decode(self.ids[drop:self.printed]):
+        text = self.decode(self.ids[drop:self.printed])
+        while drop > 0 and not text:
             drop -= 1
+            text = self.decode(self.ids[drop:self.printed])
         del self.ids[:drop]
         self.printed -= drop
+        self._printed_text = text  # decode(ids[:printed]): what the next push compares against

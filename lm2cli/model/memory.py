@@ -35,19 +35,16 @@ class MemoryState:
     # the tokens' read queries and write contents are all the write needs.
     pending_queries: tuple[Tensor, ...] = ()  # each (B, h, t, dh)
     pending_contents: tuple[Tensor, ...] = ()  # each (B, h, t, d_m/h)
+    pending_len: int = 0  # tokens in the open segment (kept as a number: summing the pieces costs every step)
     # Key/value projections of `bank` (keys pre-scaled by 1/√dh), cached for inference so that decoding does not
     # recompute them for every token. With autograd on they are always recomputed: a cache made before an
     # optimizer step would be stale.
     keys: Tensor | None = None  # (B, h, N, dh)
     values: Tensor | None = None
 
-    @property
-    def pending_len(self) -> int:
-        return sum(q.shape[2] for q in self.pending_queries)
-
     def detach(self) -> MemoryState:
         return MemoryState(self.bank.detach(), tuple(q.detach() for q in self.pending_queries),
-                           tuple(c.detach() for c in self.pending_contents))
+                           tuple(c.detach() for c in self.pending_contents), self.pending_len)
 
 
 class LM2Memory(nn.Module):
@@ -95,7 +92,8 @@ class LM2Memory(nn.Module):
         if shared:
             kv = kv.expand(bank.shape[0], -1, -1, -1)
         keys, values = kv.chunk(2, dim=-1)
-        return MemoryState(bank, state.pending_queries, state.pending_contents, keys * self.scale, values)
+        return MemoryState(bank, state.pending_queries, state.pending_contents, state.pending_len,
+                           keys * self.scale, values)
 
     def _split_heads(self, t: Tensor) -> Tensor:
         """(B, L, h·c) -> (B, h, L, c)."""
@@ -142,7 +140,7 @@ class LM2Memory(nn.Module):
             if not completes and recorder is None:  # e.g. decoding: one fused kernel, scores not needed
                 reads.append(F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0))
                 state = MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
-                                    state.keys, state.values)
+                                    state.pending_len + t, state.keys, state.values)
                 pos += t
                 continue
             if state.pending_queries:  # the segment began in an earlier call: score its earlier tokens too
@@ -160,7 +158,7 @@ class LM2Memory(nn.Module):
                 state = self._write(scores, content, state, detach, recorder, layer, pos)
                 write_idx += 1
             elif not completes:
-                state = MemoryState(state.bank, (q,), (content,), state.keys, state.values)
+                state = MemoryState(state.bank, (q,), (content,), q.shape[2], state.keys, state.values)
         read = self._merge_heads(reads[0] if len(reads) == 1 else torch.cat(reads, dim=2))
         gate = torch.sigmoid(self.out_gate.forward(read))
         if recorder is not None:
