@@ -125,6 +125,9 @@ class LM2Memory(nn.Module):
         state is then incomplete): a training step that discards the state saves that work.
         """
         state = self._with_keys(state)
+        if (x.shape[1] == 1 and recorder is None and not torch.is_grad_enabled()
+                and state.pending_len + 1 < self.segment_len):
+            return self._decode_one(x, state)
         sizes = self._chunk_sizes(state.pending_len, x.shape[1])
         queries, contents = self.qu_proj.forward(x).split([self.d_model, self.slot_dim], dim=-1)
         queries, contents = self._split_heads(queries), self._split_heads(contents)
@@ -164,6 +167,19 @@ class LM2Memory(nn.Module):
         if recorder is not None:
             recorder.on_out_gate(layer, start_pos, gate)
         return gate * read, state
+
+    def _decode_one(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """The generic path specialised to one token inside a segment (token-by-token decoding): the same
+        arithmetic with a third of the kernel launches and Python steps. With a single token, (B, 1, h·c)
+        reshapes to (B, h, 1, c) without a transpose."""
+        b = x.shape[0]
+        q, content = self.qu_proj.forward(x).split([self.d_model, self.slot_dim], dim=-1)
+        q = q.reshape(b, self.heads, 1, self.head_dim)
+        content = content.reshape(b, self.heads, 1, self.slot_dim // self.heads)
+        read = F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0).reshape(b, 1, self.d_model)
+        out = torch.sigmoid(self.out_gate.forward(read)).mul_(read)
+        return out, MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
+                                state.pending_len + 1, state.keys, state.values)
 
     def _write(self, scores: Tensor, content: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
                end_pos: int) -> MemoryState:
