@@ -4,9 +4,11 @@
 
 1. Decode and prefill tokens/s at batch 1 for the model of recipes/small.toml (lm2 and its vanilla twin),
    against `transformers.LlamaForCausalLM.generate` (random weights, the same width, depth, heads, FFN and
-   vocabulary; greedy; the same number of new tokens; use_cache=True). Both sides are timed the same way:
-   prefill = a call that generates 1 token; decode rate = (N - 1) / (time for N tokens - time for 1 token).
-   Runs alternate between the two sides and the median is reported, so load on the machine hits both alike.
+   vocabulary; greedy; the same number of new tokens; use_cache=True). For lm2, whose memory adds parameters,
+   also against a deeper HF Llama with the same parameter count ("a Llama of the same size"). Both sides are
+   timed the same way: prefill = a call that generates 1 token; decode rate = (N - 1) / (time for N tokens -
+   time for 1 token). Runs alternate between the two sides and the best repetition of each counts, so load on
+   the machine hits both alike.
 2. Prefill time per token at 1K and at 32K prompt tokens with a finite attention window (small recipe:
    window 128, memory segment 64), each length in its own subprocess so its peak RSS (ru_maxrss) is its own;
    median of 3 processes, each the median of repeated prefills totalling 32K tokens.
@@ -69,13 +71,16 @@ def lm2_generator(recipe, tokenizer):
     return Generator(model, tokenizer, recipe, device="cpu"), model
 
 
-def hf_llama_like(model):
-    """A Hugging Face Llama with our backbone's shapes (attention window aside: HF Llama has none)."""
+def hf_llama_like(model, n_layers: int | None = None):
+    """A Hugging Face Llama with our backbone's shapes (attention window aside: HF Llama has none).
+
+    `n_layers` deepens it, e.g. to match the parameter count of an lm2 model whose memory adds parameters.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = model.args
     config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.d_model, intermediate_size=a.ffn_hidden,
-                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+                         num_hidden_layers=n_layers or a.n_layers, num_attention_heads=a.n_heads,
                          num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
                          tie_word_embeddings=a.tie_embeddings, max_position_embeddings=8192,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -290,6 +295,12 @@ def main() -> None:
         print(f"{arch}: {params_count(model):.2f}M parameters (window {recipe.attention.window}, segment "
               f"{recipe.memory.segment_len}); HF Llama: {params_count(hf):.2f}M")
         compare_speed(f"small/{arch} vs HF Llama", gen, hf, prompt, new, reps)
+        if arch == "lm2":  # the same backbone is the strict comparison; also a Llama of the same size
+            per_layer = (params_count(hf_llama_like(model, model.args.n_layers + 1)) - params_count(hf))
+            layers = model.args.n_layers + round((params_count(model) - params_count(hf)) / per_layer)
+            hf_same = hf_llama_like(model, layers)
+            print(f"HF Llama with {layers} blocks: {params_count(hf_same):.2f}M parameters (same size as lm2)")
+            compare_speed(f"small/{arch} vs HF same-size", gen, hf_same, prompt, new, reps)
 
     print(f"\nprefill with a finite window, {lengths[0]} vs {lengths[-1]} tokens (fresh process each, median of 3)")
     for arch in ("lm2",):
