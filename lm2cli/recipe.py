@@ -374,6 +374,16 @@ ALIASES = {
 }
 
 
+def check_value(value: Any, tp: Any, meta: dict) -> tuple[Any, str | None]:
+    """(value converted to schema type `tp`, None), or (value, what is wrong) such as "expected float" or
+    "must be >= 1". Shared by recipes, `--set` and other command-line values checked against the schema."""
+    try:
+        coerced = _coerce(value, tp)
+    except _Mismatch:
+        return value, f"expected {type_name(tp)}"
+    return coerced, _range_problem(coerced, meta)
+
+
 def _suggest(name: str, candidates: list[str]) -> str:
     prefix, _, last = name.rpartition(".")
     expanded = {c: c for c in candidates}
@@ -462,12 +472,7 @@ def _apply(recipe_dict: dict[str, Any], where: str, problems: list[str]) -> dict
                 problems.append(f"{where}: unknown key '{dotted}'{hint}")
                 continue
             tp, f = fields[key]
-            try:
-                coerced = _coerce(value, tp)
-            except _Mismatch:
-                problems.append(f"{where}: {dotted} = {_fmt(value)}: expected {type_name(tp)}")
-                continue
-            bad = _range_problem(coerced, f.metadata)
+            coerced, bad = check_value(value, tp, f.metadata)
             if bad:
                 problems.append(f"{where}: {dotted} = {_fmt(value)}: {bad}")
                 continue

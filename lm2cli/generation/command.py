@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lm2cli.errors import Lm2Error
-from lm2cli.recipe import GenerateConfig, OutputConfig, _coerce, _Mismatch, _range_problem, section_fields, type_name
+from lm2cli.recipe import GenerateConfig, OutputConfig, check_value, section_fields
 
 # `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` must just work: with no run given we use
 # the default output directory of the schema, which is the one recipes/small.toml writes to.
@@ -48,15 +48,11 @@ def check_sampling_values(values: dict[str, Any], label) -> list[str]:
         tp, f = fields[key]
         if key == "stop" and isinstance(value, str):
             value = [value]
-        try:
-            value = _coerce(value, tp)
-        except _Mismatch:
-            problems.append(f"{label(key)} = {json.dumps(value, ensure_ascii=False)}: expected {type_name(tp)}")
-            continue
-        bad = _range_problem(value, f.metadata)
+        coerced, bad = check_value(value, tp, f.metadata)
         if bad:
-            problems.append(f"{label(key)} = {json.dumps(value)}: {bad}")
-        values[key] = value
+            problems.append(f"{label(key)} = {json.dumps(value, ensure_ascii=False)}: {bad}")
+            continue
+        values[key] = coerced
     return problems
 
 
