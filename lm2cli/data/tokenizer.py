@@ -47,6 +47,28 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _proto_fields(msg: bytes):
+    """Yield (field number, value) of a serialized protobuf message: ints for varints, bytes for
+    length-delimited fields; fixed-width fields are skipped."""
+    pos = 0
+    while pos < len(msg):
+        key, pos = _varint(msg, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(msg, pos)
+            yield field, value
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(msg, pos)
+            yield field, msg[pos:pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
 def user_defined_pieces(model_proto: bytes) -> list[int]:
     """Ids of the user-defined pieces of a serialized SentencePiece ModelProto, in id order.
 
@@ -54,47 +76,13 @@ def user_defined_pieces(model_proto: bytes) -> list[int]:
     protobuf (not an lm2 dependency), so we read the two fields we need by hand: ModelProto.pieces (field 1,
     repeated message) and SentencePiece.type (field 3, varint).
     """
-    ids, pos, piece_id = [], 0, 0
-    while pos < len(model_proto):
-        key, pos = _varint(model_proto, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(model_proto, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(model_proto, pos)
-            if field == 1:
-                if _piece_type(model_proto[pos:pos + length]) == _USER_DEFINED:
-                    ids.append(piece_id)
-                piece_id += 1
-            pos += length
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-    return ids
+    pieces = [value for field, value in _proto_fields(model_proto) if field == 1 and isinstance(value, bytes)]
+    return [i for i, piece in enumerate(pieces) if _piece_type(piece) == _USER_DEFINED]
 
 
 def _piece_type(msg: bytes) -> int:
-    pos, piece_type = 0, 1  # NORMAL is the proto default
-    while pos < len(msg):
-        key, pos = _varint(msg, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(msg, pos)
-            if field == 3:
-                piece_type = value
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(msg, pos)
-            pos += length
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-    return piece_type
+    types = [value for field, value in _proto_fields(msg) if field == 3 and isinstance(value, int)]
+    return types[-1] if types else 1  # NORMAL is the proto default
 
 
 class Tokenizer:
