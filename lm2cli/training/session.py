@@ -326,9 +326,12 @@ def summarize(s: Session, stage: Stage) -> None:
     best = s.best.get(stage.best_pointers[0])
     first = s.extra_state.get("start_val_loss")
     last = s.extra_state.get("last_val_loss")
-    curve = f"val loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
-    where = f"; best {best['val_loss']:.4f} at {s.ckpt_root / best['checkpoint']}" if best else ""
-    s.say(f"{stage.label}done: step {s.step} after {fmt_duration(s.train_seconds)} of training; {curve}{where}")
+    parts = [f"step {s.step} after {fmt_duration(s.train_seconds)} of training"]
+    if first is not None and last is not None:
+        parts.append(f"val loss {first:.4f} -> {last:.4f}")
+    if best:
+        parts.append(f"best {best['val_loss']:.4f} at {s.ckpt_root / best['checkpoint']}")
+    s.say(f"{stage.label}done: " + "; ".join(parts))
 
 
 def dry_run_report(s: Session, data, stage: Stage) -> None:
