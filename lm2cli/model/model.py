@@ -6,7 +6,8 @@
 
 `model(input_ids, state)` returns `(logits, state)`; passing the state back continues the sequence, so feeding a
 sequence in chunks equals one full forward. The state holds the KV cache (the last W-1 keys with a window W, all
-of them with W = 0), each memory block's bank and pending segment inputs, and the token position.
+of them with W = 0), each memory block's bank and the open segment's read queries and write contents, and the
+token position.
 
 Inside a block, sub-layers are called through `.forward(...)` rather than `module(...)`: at batch-1 decoding of a
 small model, `nn.Module.__call__` costs about 2 µs per call, ~10% of a step. Forward hooks therefore fire on
