@@ -1,0 +1,20 @@
+"""Evaluation: `lm2 eval` and the pieces it is made of, one module per kind of evaluation.
+
+    babilong.py         the BABILong task x length grid (finetune-em, prompt-compat, prompt-strict)
+    metrics.py          exact match, upstream's label-set metric (and its strict version), Wilson intervals
+    retrieval.py        the BM25 retrieval baseline (extra "retrieval")
+    perplexity.py       perplexity, bits per byte and loss against context position
+    multiple_choice.py  MMLU-layout multiple choice by log-likelihood
+    harness.py          an lm-evaluation-harness model class over an lm2 checkpoint (extra "harness")
+    decode.py           batched greedy decoding and continuation scoring through the model state
+    scoring.py          the pure batch scorer (loss, tokens, bytes, exact match)
+    report.py           results.json / .csv / .md, predictions.jsonl, plots (extra "plot")
+    command.py          the command: settings, checks, the run, Ctrl-C
+"""
+
+
+def eval_command(*args, **kwargs):
+    # Imported lazily: `lm2 --help` must not pay for torch.
+    from lm2cli.evaluation.command import eval_command as command
+
+    return command(*args, **kwargs)
