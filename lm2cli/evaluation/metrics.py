@@ -15,8 +15,8 @@ compare with published BABILong prompt-mode results:
   * the output is cut at its first ".", also inside abbreviations.
 
 Strict mode matches labels on word boundaries (comma-joined labels such as qa19's "n,w" as whole tokens),
-cuts at a sentence-final period (followed by whitespace or the end) and applies the "Question" cut
-case-insensitively.
+cuts at a sentence-final period (followed by whitespace or the end, not ending an abbreviation or an initial)
+and applies the "Question" cut case-insensitively.
 """
 
 from __future__ import annotations
@@ -54,14 +54,24 @@ def clean_output(output: str, strict: bool = False) -> str:
     """The part of an answer the label metric looks at: lower-cased, its first sentence, before any echoed
     <context>, <example> or Question."""
     output = output.lower()
-    if strict:
-        output = re.split(r"\.(?=\s|$)", output, maxsplit=1)[0]
-    else:
-        output = output.split(".")[0]
+    output = first_sentence(output) if strict else output.split(".")[0]
     output = output.split("<context>")[0]
     output = output.split("<example>")[0]
     # compat: upstream cuts at "Question" after lower-casing, which never matches (the dead cut)
     return output.split("question" if strict else "Question")[0]
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to its first sentence-final period: one followed by whitespace or the end, and not ending an
+    abbreviation or an initial ("Mr. Bill", "J. Smith"; the BABILong builder's sentence rule)."""
+    from lm2cli.data.haystack import ABBREVIATIONS
+
+    for m in re.finditer(r"\.(?=\s|$)", text):
+        word = re.search(r"([\w.]+)$", text[:m.start()])
+        if word and (word.group(1).lower() in ABBREVIATIONS or len(word.group(1)) == 1):
+            continue
+        return text[:m.start()]
+    return text
 
 
 def _mentioned(label: str, text: str, strict: bool) -> bool:
@@ -107,4 +117,6 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)  # exact ends (rounding would leave 99.999...)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return (100 * lo, 100 * hi)
