@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lm2cli.errors import Lm2Error
 from lm2cli.evaluation import report
+from lm2cli.evaluation.decode import StateRunner
 from lm2cli.evaluation.models import (
     EvalModel,
     autocast_dtype,
@@ -152,6 +153,26 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
+@contextmanager
+def cpu_threads_for(net, device, requested: int):
+    """Torch CPU threads chosen as `lm2 generate` chooses them (small models: one thread, which on a busy
+    machine is many times faster than several waiting for each other); restored afterwards."""
+    import torch
+
+    if device.type != "cpu":
+        yield str(device)
+        return
+    from lm2cli.generation.command import cpu_threads
+
+    previous = torch.get_num_threads()
+    n, why = cpu_threads(requested, sum(p.numel() for p in net.parameters()))
+    torch.set_num_threads(n)
+    try:
+        yield f"cpu, {n} thread{'s' if n > 1 else ''} ({'eval.threads' if requested else why})"
+    finally:
+        torch.set_num_threads(previous)
+
+
 class EvalRun:
     def __init__(self, out_dir: Path, cfg, kinds: list[str], plans: dict, models: list[EvalModel], command: str):
         self.out_dir, self.cfg, self.kinds, self.plans, self.models = out_dir, cfg, kinds, plans, models
@@ -185,15 +206,14 @@ class EvalRun:
         with stop_on_signals() as self.flag:
             try:
                 for model in self.models:
-                    say(f"{model.name}: loading {model.target.checkpoint} (step {model.info['step']}) on {device}")
-                    model.load(device)
-                    from lm2cli.evaluation.decode import StateRunner
-
-                    runner = StateRunner(model.model, model.recipe.memory.segment_len, device, self.cfg.batch_size,
-                                         autocast_dtype(device))
-                    for kind in self.kinds:
-                        getattr(self, "run_" + kind.replace("-", "_"))(model, runner)
-                    model.unload()
+                    net = model.load(device)
+                    with cpu_threads_for(net, device, self.cfg.threads) as where:
+                        say(f"{model.name}: {model.target.checkpoint} (step {model.info['step']}) on {where}")
+                        runner = StateRunner(net, model.recipe.memory.segment_len, device, self.cfg.batch_size,
+                                             autocast_dtype(device))
+                        for kind in self.kinds:
+                            getattr(self, "run_" + kind.replace("-", "_"))(model, runner)
+                        model.unload()
             except (Stopped, KeyboardInterrupt):
                 name = self.flag["signal"] or "SIGINT"
                 self.finish(f"interrupted by {name}")

@@ -97,7 +97,7 @@ def read_file(path: Path) -> list[Question]:
             table = list(csv.reader(f))
         if table and [c.strip().lower() for c in table[0]][:1] == ["question"]:
             header = [c.strip() for c in table[0]]
-            records = [dict(zip(header, row)) for row in table[1:]]
+            records = [dict(zip(header, row, strict=False)) for row in table[1:]]
         else:  # MMLU's raw files: question, A, B, C, D, answer
             records = []
             for n, row in enumerate(table, 1):
@@ -176,7 +176,7 @@ def _load_hub(name: str):
 
 
 def format_question(q: Question) -> str:
-    lines = [q.question.strip()] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices)]
+    lines = [q.question.strip()] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True)]
     return "\n".join(lines) + "\nAnswer:"
 
 
@@ -253,7 +253,7 @@ def evaluate_multiple_choice(runner, tokenizer, plan: MultipleChoicePlan, name: 
         continuations.append([cont for _, cont in pairs])
     scores = runner.continuation_scores(contexts, continuations, on_done=on_done)
     picks = [max(range(4), key=lambda i, s=s: (s[i][0], -i)) for s in scores]  # ties: the first letter
-    correct = [p == q.answer for p, q in zip(picks, plan.questions)]
+    correct = [p == q.answer for p, q in zip(picks, plan.questions, strict=True)]
     return summarize(name, plan.questions, correct, picks)
 
 
@@ -266,7 +266,7 @@ def _accuracy(name: str, label: str, hits: list[bool]) -> dict:
 def summarize(name: str, questions: list[Question], correct: list[bool], picks: list[int]) -> dict:
     by_subject: dict[str, list[bool]] = {}
     by_group: dict[str, list[bool]] = {}
-    for q, ok in zip(questions, correct):
+    for q, ok in zip(questions, correct, strict=True):
         by_subject.setdefault(q.subject, []).append(ok)
         if q.subject in GROUP_OF:
             by_group.setdefault(GROUP_OF[q.subject], []).append(ok)
@@ -274,5 +274,6 @@ def summarize(name: str, questions: list[Question], correct: list[bool], picks: 
             "overall": _accuracy(name, "overall", correct),
             "groups": [_accuracy(name, g, by_group[g]) for g in GROUPS if g in by_group],
             "subjects": [_accuracy(name, s, hits) for s, hits in sorted(by_subject.items())],
-            "predictions": [{"model": name, "subject": q.subject, "question": q.question, "target": LETTERS[q.answer],
-                             "output": LETTERS[p], "correct": ok} for q, p, ok in zip(questions, picks, correct)]}
+            "predictions": [{"model": name, "subject": q.subject, "question": q.question,
+                             "target": LETTERS[q.answer], "output": LETTERS[p], "correct": ok}
+                            for q, p, ok in zip(questions, picks, correct, strict=True)]}

@@ -53,7 +53,7 @@ class PerplexityPlan:
 
     def describe(self) -> dict:
         return {**self.source, "seq_len": self.seq_len, "sequences": len(self.sequences), "tokens": self.tokens,
-                "buckets": [bucket_label(lo, hi) for lo, hi in zip(self.edges, self.edges[1:])]}
+                "buckets": [bucket_label(lo, hi) for lo, hi in zip(self.edges, self.edges[1:], strict=False)]}
 
 
 def windows(tokens: np.ndarray, seq_len: int, budget: int) -> list[np.ndarray]:
@@ -139,7 +139,7 @@ class PositionLoss:
 
     def rows(self) -> list[dict]:
         out = []
-        for i, (lo, hi) in enumerate(zip(self.edges, self.edges[1:])):
+        for i, (lo, hi) in enumerate(zip(self.edges, self.edges[1:], strict=False)):
             if self.count[i]:
                 mean = self.loss[i] / self.count[i]
                 out.append({"bucket": bucket_label(lo, hi), "from": lo, "to": hi, "tokens": int(self.count[i]),

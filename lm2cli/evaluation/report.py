@@ -200,7 +200,7 @@ def write_plots(directory: Path, results: dict) -> list[Path]:
         cols = min(4, len(panels))
         rows = (len(panels) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-        for ax, task in zip(axes.flat, panels):
+        for ax, task in zip(axes.flat, panels, strict=False):
             for model in b["variants"]:
                 xs = [i for i, n in enumerate(b["lengths"]) if (model, task, n) in entries]
                 if xs:

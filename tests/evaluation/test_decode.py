@@ -87,8 +87,8 @@ def test_continuation_scores_equal_a_full_forward(tokenizer):
     runner = StateRunner(model, recipe.memory.segment_len, "cpu", batch_size=3)
     scores = runner.continuation_scores(contexts, conts)
     with torch.no_grad():
-        for ctx, options, got in zip(contexts, conts, scores):
-            for cont, (logprob, greedy) in zip(options, got):
+        for ctx, options, got in zip(contexts, conts, scores, strict=True):
+            for cont, (logprob, greedy) in zip(options, got, strict=True):
                 logits, _ = model(torch.tensor([ctx + cont]), None)
                 logp = torch.log_softmax(logits[0, len(ctx) - 1:-1].float(), dim=-1)
                 want = float(logp.gather(1, torch.tensor(cont)[:, None]).sum())

@@ -35,7 +35,7 @@ def test_requests_match_plain_forward_passes(tokenizer):
     pairs = [("Mary went to the garden. Where is Mary?", " garden"), ("Mary went to the garden. Where is Mary?",
              " kitchen"), ("", "John"), ("Sandra went to the office.", " Where is Sandra? office")]
     got = lm.loglikelihood([req("loglikelihood", c, k) for c, k in pairs])
-    for (context, cont), (logprob, _greedy) in zip(pairs, got):
+    for (context, cont), (logprob, _greedy) in zip(pairs, got, strict=True):
         ctx, cont_ids = encode_pair(tokenizer, context, cont)
         assert logprob == pytest.approx(full_logprob(model, ctx + cont_ids, len(ctx)), abs=1e-4)
     text = "Daniel went to the hallway. " * 12

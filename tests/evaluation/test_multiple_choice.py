@@ -54,7 +54,7 @@ def test_the_most_likely_letter_wins(tmp_path, tokenizer):
     runner = StateRunner(model, recipe.memory.segment_len, "cpu", batch_size=2)
     result = evaluate_multiple_choice(runner, tokenizer, plan, "m")
     with torch.no_grad():
-        for q, pred in zip(plan.questions, result["predictions"]):
+        for q, pred in zip(plan.questions, result["predictions"], strict=True):
             context = build_context(q, plan.shots[q.subject])
             assert context.count("Answer:") == 2 and "(dev)" in context
             logprobs = []
