@@ -34,21 +34,22 @@ sys.path.insert(0, str(REPO))
 MAX_NEW_TOKENS = 10
 
 
-def load(checkpoint: str | None, data: str):
+def load(checkpoint: str | None, device: torch.device):
     from lm2cli.data.tokenizer import Tokenizer
     from lm2cli.recipe import load_recipe
 
     if checkpoint:
         from lm2cli.checkpoint import load_for_inference
 
-        model, tokenizer, recipe = load_for_inference(checkpoint)
+        model, tokenizer, recipe = load_for_inference(checkpoint, device=device)
         return model, tokenizer, recipe, checkpoint
     from lm2cli.model import build_model
 
     recipe = load_recipe(REPO / "recipes" / "small.toml")
     tokenizer = Tokenizer.load(Path(recipe.data.dir) / "tokenizer.model")
     torch.manual_seed(0)
-    return build_model(recipe, tokenizer.vocab_size).eval(), tokenizer, recipe, "random small.toml model"
+    model = build_model(recipe, tokenizer.vocab_size).to(device).eval()
+    return model, tokenizer, recipe, "random small.toml model"
 
 
 def prompts_at(data: str, tasks: list[str], length: str, samples: int, tokenizer) -> list[list[int]]:
@@ -59,19 +60,25 @@ def prompts_at(data: str, tasks: list[str], length: str, samples: int, tokenizer
             for row in load_babilong(data, length, t)[:samples]]
 
 
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def batched(runner, prompts, eos) -> tuple[list[list[int]], float]:
-    t0 = time.perf_counter()
+    t0 = now(runner.device)
     out = runner.greedy(prompts, MAX_NEW_TOKENS, eos)
-    return out, time.perf_counter() - t0
+    return out, now(runner.device) - t0
 
 
 def one_at_a_time(generator, prompts, eos) -> tuple[list[list[int]], float]:
     from lm2cli.generation import SamplingParams
 
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
-    t0 = time.perf_counter()
+    t0 = now(generator.device)
     out = [[t for t in generator.generate(p, params).token_ids if t != eos] for p in prompts]
-    return out, time.perf_counter() - t0
+    return out, now(generator.device) - t0
 
 
 def main() -> None:
@@ -86,37 +93,42 @@ def main() -> None:
     ap.add_argument("--lengths", default="0k,1k,2k,4k")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 = what lm2 eval and lm2 generate choose for small models)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on both sides)")
     ap.add_argument("--quick", action="store_true", help="5 samples per task and length")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     samples = 5 if args.quick else args.samples
-    model, tokenizer, recipe, what = load(args.checkpoint, args.data)
+    device = torch.device(args.device)
+    model, tokenizer, recipe, what = load(args.checkpoint, device)
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
-    runner = StateRunner(model, recipe.memory.segment_len, "cpu", batch_size=args.batch_size)
-    generator = Generator(model, tokenizer, recipe, device="cpu")
+    runner = StateRunner(model, recipe.memory.segment_len, device, batch_size=args.batch_size,
+                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    generator = Generator(model, tokenizer, recipe, device=device)
     generator.warm_up()
     print(f"model: {what} ({recipe.model.arch}, d={recipe.model.d_model}, window {recipe.attention.window}, "
-          f"segment {recipe.memory.segment_len}); {torch.get_num_threads()} threads; batch_size "
+          f"segment {recipe.memory.segment_len}); {device}, {torch.get_num_threads()} CPU threads; batch_size "
           f"{args.batch_size}; {len(tasks)} tasks x {samples} samples per length; load "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'length':>6} {'samples':>7} {'batched/s':>10} {'one-by-one/s':>13} {'ratio':>6}")
-    total = {"n": 0, "batched": 0.0, "single": 0.0}
+    total = {"n": 0, "batched": 0.0, "single": 0.0, "differ": 0}
     for length in lengths:
         prompts = prompts_at(args.data, tasks, length, samples, tokenizer)
         got, t_batched = batched(runner, prompts, tokenizer.eos_id)
         want, t_single = one_at_a_time(generator, prompts, tokenizer.eos_id)
-        if got != want:
-            bad = sum(a != b for a, b in zip(got, want, strict=True))
-            raise SystemExit(f"{length}: {bad} of {len(prompts)} answers differ between batched and one-by-one")
+        differ = sum(a != b for a, b in zip(got, want, strict=True))
+        if differ and device.type == "cpu":  # fp32 on CPU: batching must not change a single answer
+            raise SystemExit(f"{length}: {differ} of {len(prompts)} answers differ between batched and one-by-one")
+        total["differ"] += differ  # bf16 on GPU: other batch shapes round differently, near-ties may flip
         n = len(prompts)
         total["n"] += n
         total["batched"] += t_batched
         total["single"] += t_single
         print(f"{length:>6} {n:>7} {n / t_batched:>10.2f} {n / t_single:>13.2f} {t_single / t_batched:>5.2f}x")
     print(f"{'all':>6} {total['n']:>7} {total['n'] / total['batched']:>10.2f} {total['n'] / total['single']:>13.2f} "
-          f"{total['single'] / total['batched']:>5.2f}x   (answers identical; load {os.getloadavg()[0]:.1f})")
+          f"{total['single'] / total['batched']:>5.2f}x   ({total['differ']} answers differ; load "
+          f"{os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -177,16 +177,30 @@ def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
     hint = babilong_command_hint(source, plan.tasks, plan.lengths, recipe_hint)
     if root.is_dir():
         check_local_files(root, plan.tasks, plan.lengths, hint)
-    elif root.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+    elif not looks_like_hub_name(source):
         raise Lm2Error(f"eval.data = {source}: no such BABILong directory; build it with {hint}")
     for task in plan.tasks:
         for length in plan.lengths:
-            rows = load_babilong(source, length, task)[:plan.samples]
+            try:
+                rows = load_babilong(source, length, task)[:plan.samples]
+            except Lm2Error as e:
+                if root.is_dir():
+                    raise
+                raise Lm2Error(f"eval.data = {source} is not a local directory, and as a hub dataset: {e}; to "
+                               f"build a local set instead: {hint}") from None
             if not rows:
                 raise Lm2Error(f"eval.data = {source}: {task} at {length} has no rows")
             plan.rows[(task, length)] = rows
     plan.data = describe_source(root, HUB_ALIASES.get(source, source), plan.rows)
     return plan
+
+
+def looks_like_hub_name(source: str) -> bool:
+    """owner/name whose owner is not a local directory (data/babilong with a data/ folder is a missing local
+    set, not a hub dataset)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return False
+    return not Path(source.split("/")[0]).is_dir() or source.split("/")[0] in ("RMT-team", "booydar")
 
 
 def check_local_files(root: Path, tasks: list[str], lengths: list[str], hint: str) -> None:

@@ -64,12 +64,12 @@ class Lm2LM(LM):
 
     # ---------------------------------------------------------------------------------- loglikelihood
 
-    def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
-        """A full-attention model keeps the last max_seq_len tokens, as the harness's HF model does."""
-        if self.max_length is None or len(context) + len(continuation) <= self.max_length:
+    def _fit(self, context: list[int], room: int) -> list[int]:
+        """The context a full-attention model can take with `room` more tokens after it: its last tokens, as
+        the harness's Hugging Face model truncates."""
+        if self.max_length is None or len(context) + room <= self.max_length:
             return context
-        keep = max(1, self.max_length - len(continuation))
-        return context[-keep:]
+        return context[-max(1, self.max_length - room):]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         contexts: list[list[int]] = []
@@ -79,7 +79,7 @@ class Lm2LM(LM):
         for request in requests:
             context, continuation = request.args
             ctx_ids, cont_ids = encode_pair(self.tokenizer, context, continuation)
-            ctx_ids = self._fit(ctx_ids, cont_ids)
+            ctx_ids = self._fit(ctx_ids, len(cont_ids))
             i = index.setdefault(tuple(ctx_ids), len(contexts))
             if i == len(contexts):  # a new context: prefilled once for all its continuations
                 contexts.append(ctx_ids)
@@ -121,7 +121,7 @@ class Lm2LM(LM):
             groups.setdefault((tuple(until), int(kwargs.get("max_gen_toks", self.max_gen_toks))), []).append(n)
         for (until, max_new), members in groups.items():
             prompts = [[self.tokenizer.bos_id] + self.tokenizer.encode(requests[n].args[0]) for n in members]
-            prompts = [self._fit(p, [0] * max_new) for p in prompts]
+            prompts = [self._fit(p, max_new) for p in prompts]
             for n, ids in zip(members, self.runner.greedy(prompts, max_new, self.tokenizer.eos_id), strict=True):
                 out[n] = cut_at_stop(self.tokenizer.decode(ids), until)
         return out

@@ -60,6 +60,9 @@ def resolve_models(arguments: list[str]) -> list[EvalModel]:
 
     models = []
     for argument in arguments:
+        if not Path(argument).exists():
+            raise Lm2Error(f"{argument}: no such run, checkpoint or recipe file (train a model with `lm2 pretrain "
+                           f"RECIPE`, or name a run directory such as runs/small)")
         target = resolve_target(argument)
         recipe = load_recipe_of(target.checkpoint)
         tokenizer = load_tokenizer_of(target.checkpoint)

@@ -100,7 +100,8 @@ def test_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Lm2Error, match="cannot be reached.*lm2 babilong"):
+    with pytest.raises(Lm2Error, match="not a local directory, and as a hub dataset: .*cannot be reached.*"
+                                       "to build a local set instead: `lm2 babilong RECIPE"):
         plan_babilong(eval_cfg("RMT-team/babilong"), "RECIPE")
 
 
@@ -120,3 +121,13 @@ def test_hub_rows_in_both_orders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plan = plan_babilong(eval_cfg("booydar/babilong"), "RECIPE")
     assert plan.rows[("qa2", "1k")] == rows and plan.data["kind"] == "hub"
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
+    """eval.data = data/babilong (the default) with a local data/ folder: a missing local set, whose message
+    says how to build it, even though the name looks like owner/name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(Lm2Error, match=r"eval.data = data/babilong: no such BABILong directory; build it with "
+                                       r"`lm2 babilong RECIPE --out data/babilong"):
+        plan_babilong(eval_cfg("data/babilong"), "RECIPE")

@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_and_exit_2(cli, world, tmp_path, tokenizer):
     assert "qa1/2k" in msg and "it has" in msg
     assert "eval.* keys" in one_error(cli("eval", run, "--set", "train.lr=1", "--out", tmp_path / "o"))
     assert "did you mean 'samples'" in one_error(cli("eval", run, "--set", "eval.sample=3"))
-    assert "not found" in one_error(cli("eval", tmp_path / "no-run"))
+    assert "no such run, checkpoint or recipe file" in one_error(cli("eval", tmp_path / "no-run"))
     # a model with another tokenizer: the samples would differ
     from lm2cli.data.tokenizer import train_tokenizer
 
