@@ -7,7 +7,7 @@ assembles them) are decoded greedily twice with the same model:
   batched   lm2cli.evaluation.decode.StateRunner (eval.batch_size rows, equal-length rows decoded together)
   baseline  a plain loop over lm2 generate's Generator, one prompt at a time (greedy, max_new_tokens 10)
 The two must produce identical answers (checked); samples/s and their ratio are printed per length and for
-the whole grid. The passes alternate per length so that load on a shared machine hits both alike.
+the whole grid. The passes alternate every task so that load on a shared machine hits both alike.
 
 Without a checkpoint a randomly initialised model of recipes/small.toml is used: it never emits EOS, so every
 sample decodes all 10 tokens (a fine-tuned model stops after 2-4), which favours neither side much.
@@ -114,14 +114,19 @@ def main() -> None:
     print(f"{'length':>6} {'samples':>7} {'batched/s':>10} {'one-by-one/s':>13} {'ratio':>6}")
     total = {"n": 0, "batched": 0.0, "single": 0.0, "differ": 0}
     for length in lengths:
-        prompts = prompts_at(args.data, tasks, length, samples, tokenizer)
-        got, t_batched = batched(runner, prompts, tokenizer.eos_id)
-        want, t_single = one_at_a_time(generator, prompts, tokenizer.eos_id)
-        differ = sum(a != b for a, b in zip(got, want, strict=True))
-        if differ and device.type == "cpu":  # fp32 on CPU: batching must not change a single answer
-            raise SystemExit(f"{length}: {differ} of {len(prompts)} answers differ between batched and one-by-one")
-        total["differ"] += differ  # bf16 on GPU: other batch shapes round differently, near-ties may flip
-        n = len(prompts)
+        n, t_batched, t_single = 0, 0.0, 0.0
+        for task in tasks:  # the two sides alternate every task, so a change of load hits both alike
+            prompts = prompts_at(args.data, [task], length, samples, tokenizer)
+            got, seconds = batched(runner, prompts, tokenizer.eos_id)
+            t_batched += seconds
+            want, seconds = one_at_a_time(generator, prompts, tokenizer.eos_id)
+            t_single += seconds
+            differ = sum(a != b for a, b in zip(got, want, strict=True))
+            if differ and device.type == "cpu":  # fp32 on CPU: batching must not change a single answer
+                raise SystemExit(f"{task} {length}: {differ} of {len(prompts)} answers differ between batched "
+                                 f"and one-by-one")
+            total["differ"] += differ  # bf16 on GPU: other batch shapes round differently, near-ties may flip
+            n += len(prompts)
         total["n"] += n
         total["batched"] += t_batched
         total["single"] += t_single

@@ -12,6 +12,12 @@
     command.py          the command: settings, checks, the run, Ctrl-C
 """
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning, as in training (docs/performance.md, "Compute threads on a
+# shared CPU"): set before torch loads; an OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def eval_command(*args, **kwargs):
     # Imported lazily: `lm2 --help` must not pay for torch.
