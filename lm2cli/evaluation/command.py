@@ -308,7 +308,7 @@ class EvalRun:
 
         plan = self.plans["multiple-choice"]
         with self.progress(len(plan.questions), f"{model.name} multiple choice") as bar:
-            result = evaluate_multiple_choice(runner, model.tokenizer, plan, model.name,
+            result = evaluate_multiple_choice(runner, model.tokenizer, plan, model.name, model.check_length,
                                               on_done=lambda rows: self.tick(bar, len(rows)))
         self.predictions += result.pop("predictions")
         self.results["multiple_choice"]["results"].append(result)

@@ -244,13 +244,17 @@ def plan_multiple_choice(cfg) -> MultipleChoicePlan:
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_multiple_choice(runner, tokenizer, plan: MultipleChoicePlan, name: str, on_done=None) -> dict:
+def evaluate_multiple_choice(runner, tokenizer, plan: MultipleChoicePlan, name: str, check_length=None,
+                             on_done=None) -> dict:
     contexts, continuations = [], []
     for q in plan.questions:
         pairs = [encode_pair(tokenizer, build_context(q, plan.shots.get(q.subject, [])), f" {letter}")
                  for letter in LETTERS]
         contexts.append(pairs[0][0])
         continuations.append([cont for _, cont in pairs])
+    if check_length is not None:
+        check_length(max(len(c) + max(len(k) for k in ks) for c, ks in zip(contexts, continuations, strict=True)),
+                     f"multiple choice with eval.mc_shots = {plan.k}")
     scores = runner.continuation_scores(contexts, continuations, on_done=on_done)
     picks = [max(range(4), key=lambda i, s=s: (s[i][0], -i)) for s in scores]  # ties: the first letter
     correct = [p == q.answer for p, q in zip(picks, plan.questions, strict=True)]

@@ -131,3 +131,21 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch)
     with pytest.raises(Lm2Error, match=r"eval.data = data/babilong: no such BABILong directory; build it with "
                                        r"`lm2 babilong RECIPE --out data/babilong"):
         plan_babilong(eval_cfg("data/babilong"), "RECIPE")
+
+
+def test_retrieval_without_its_extra_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # as if not installed
+    with pytest.raises(Lm2Error, match=r'needs the bm25s package: pip install "lm2\[retrieval\]"'):
+        plan_babilong(eval_cfg(write_babilong(tmp_path / "bl"), "eval.retrieval=bm25"), "RECIPE")
+
+
+def test_retrieval_keeps_the_best_sentences_in_order():
+    pytest.importorskip("bm25s")
+    from lm2cli.evaluation.retrieval import top_sentences
+
+    context = ("The sun rose over the hills. Mary went to the kitchen. A dog barked. John took the apple. "
+               "Mary moved to the garden. The wind was cold.")
+    assert top_sentences(context, "Where is Mary?", 2) == "Mary went to the kitchen. Mary moved to the garden."
+    assert top_sentences("One. Two.", "Where is Mary?", 5) == "One. Two."

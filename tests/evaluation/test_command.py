@@ -197,3 +197,13 @@ def test_only_the_marked_module_imports_training():
     offenders = [p.name for p in (REPO / "lm2cli" / "evaluation").glob("*.py")
                  if p.name != "_shared.py" and re.search(r"^\s*(from|import) lm2cli\.training", p.read_text(), re.M)]
     assert offenders == []
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_the_extra_named(cli, world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    out = tmp_path / "res"
+    r = cli("eval", world / "runs" / "lm2", *sets(world, 'eval.run=["babilong"]', 'eval.tasks=["qa1"]',
+                                                   'eval.lengths=["0k"]'), "--out", out)
+    assert r.code == 0, r.err
+    assert 'plots skipped: they need matplotlib (pip install "lm2[plot]")' in r.err
+    assert read_results(out)["complete"] is True and not list(out.glob("*.png"))
