@@ -170,6 +170,9 @@ def task_manager(tasks: list[str], include: str):
 def run_harness(lm: Lm2LM, name: str, cfg, manager) -> list[dict]:
     import lm_eval
 
+    from lm2cli.data.corpus import _quiet_datasets
+
+    _quiet_datasets()  # no retry chatter from the hub client: a failure is reported as one line
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.harness_tasks), task_manager=manager,

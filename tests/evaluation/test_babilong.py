@@ -149,3 +149,15 @@ def test_retrieval_keeps_the_best_sentences_in_order():
                "Mary moved to the garden. The wind was cold.")
     assert top_sentences(context, "Where is Mary?", 2) == "Mary went to the kitchen. Mary moved to the garden."
     assert top_sentences("One. Two.", "Where is Mary?", 5) == "One. Two."
+
+
+def test_average_rows_need_every_task_of_their_range():
+    from lm2cli.evaluation.babilong import averages
+    from lm2cli.evaluation.metrics import wilson_interval
+
+    cells = [{"model": "m", "task": f"qa{i}", "length": "0k", "n": 10, "correct": i, "accuracy": 10.0 * i}
+             for i in range(1, 6)]
+    (row,) = averages(cells, [f"qa{i}" for i in range(1, 6)], ["0k"])
+    assert row["task"] == "qa1-qa5" and row["accuracy"] == 30.0 and (row["n"], row["correct"]) == (50, 15)
+    assert row["ci95"] == [round(x, 4) for x in wilson_interval(15, 50)]
+    assert averages(cells[:4], ["qa1", "qa2", "qa3", "qa4"], ["0k"]) == []  # qa1-qa5 incomplete: no row
