@@ -124,7 +124,7 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_r
 @app.command("eval")
 def eval_(
     targets: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[RUN_OR_CHECKPOINT_OR_RECIPE]...", show_default=False,
+        metavar="RUN_OR_CHECKPOINT_OR_RECIPE", show_default=False,
         help="Runs, checkpoints or recipe files (a recipe means its output.dir run), evaluated side by side on "
              "the same samples; settings come from the first one's [eval] section (default: runs/small, where "
              "recipes/small.toml trains)")] = None,
