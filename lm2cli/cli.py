@@ -160,6 +160,9 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     threads: Annotated[int, typer.Option(
         help="CPU threads; 0 = 1 for models under 100M parameters (fastest at batch 1), else torch's default")] = 0,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Decode with the static-shape step compiled by torch.compile (compiles first; "
+                          "also generate.compile in the recipe)")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout as tokens are produced.
@@ -176,7 +179,7 @@ def generate(
     if len(paths) > 1 or targets.count("-") > 1:
         raise Lm2Error(f"expected at most one run or checkpoint and one -, got: {' '.join(targets)}")
     generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
-                     stdin=stdin, json_output=json_output, device=device, threads=threads,
+                     stdin=stdin, json_output=json_output, device=device, threads=threads, compile=compile,
                      max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty, repetition_window=repetition_window, stop=stop,

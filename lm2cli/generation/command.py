@@ -20,7 +20,9 @@ from lm2cli.recipe import GenerateConfig, OutputConfig, check_value, section_fie
 # `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` must just work: with no run given we use
 # the default output directory of the schema, which is the one recipes/small.toml writes to.
 DEFAULT_RUN = OutputConfig().dir
-SAMPLING_KEYS = [*section_fields(GenerateConfig), "greedy"]
+# [generate] keys that are not per-prompt sampling settings (no JSONL row may set them)
+RUN_KEYS = ("compile",)
+SAMPLING_KEYS = [*(k for k in section_fields(GenerateConfig) if k not in RUN_KEYS), "greedy"]
 
 
 @dataclass
@@ -221,18 +223,19 @@ def _write(text: str) -> None:
 
 def generate_command(run: Path | None, *, prompt: str | None = None, prompt_file: Path | None = None,
                      prompts: Path | None = None, stdin: bool = False, json_output: bool = False,
-                     device: str = "auto", threads: int = 0, **sampling: Any) -> None:
-    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line)."""
+                     device: str = "auto", threads: int = 0, compile: bool = False, **sampling: Any) -> None:
+    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line).
+    `compile`: decode with the compiled static-shape step (also on when the recipe's generate.compile is)."""
     import torch
 
     previous_threads = torch.get_num_threads()
     try:
-        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling)
+        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, compile, sampling)
     finally:
         torch.set_num_threads(previous_threads)  # the thread count is process-wide; leave it as we found it
 
 
-def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling) -> None:
+def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, compile, sampling) -> None:
     import torch
 
     from lm2cli.checkpoint import find_checkpoint, load_for_inference
@@ -252,7 +255,8 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
     checkpoint = find_checkpoint(resolve_run(run))
     model, tokenizer, recipe = load_for_inference(checkpoint)
     check_tokenizer_fits(model, tokenizer, checkpoint)
-    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
+    compile = compile or recipe.generate.compile
+    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device, compile=compile)
 
     defaults = SamplingParams.from_recipe(recipe.generate).with_overrides(**flags)
     planned = plan_prompts(generator, jobs, defaults)
@@ -263,7 +267,8 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
         n_threads, why = cpu_threads(threads, n_params)
         torch.set_num_threads(n_threads)
         where += f", {n_threads} thread{'s' if n_threads > 1 else ''} ({why})"
-    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}",
+    how = ", compiled static-shape decoding (compiling first)" if compile else ""
+    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}{how}",
           file=sys.stderr)
     generator.warm_up()
     try:
