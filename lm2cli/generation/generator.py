@@ -84,6 +84,7 @@ class Generator:
         # bf16 autocast on GPU as in training; exact fp32 on CPU.
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.static = None
+        self.warm = False
         if compile:
             from lm2cli.model.static import StaticDecoder, compile_options
 
@@ -123,6 +124,11 @@ class Generator:
         with self._autocast():
             return self.model(ids, state)
 
+    def _decoding(self):
+        if self.static is None or not self.warm:
+            return contextlib.nullcontext()
+        return self.static.warmed_up()
+
     def _decode(self, token: torch.Tensor, state):
         """Logits (1, V) after one more token, and the state (the static decoder keeps its own)."""
         if self.static is None:
@@ -147,6 +153,7 @@ class Generator:
         token = torch.tensor([[bos]], device=self.device)
         for _ in range(steps):
             _, state = self._decode(token, state)
+        self.warm = True
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]):
@@ -188,23 +195,24 @@ class Generator:
         t1 = self._now()
         new_ids: list[int] = []
         stop_reason = "length"
-        for step in range(params.max_new_tokens):
-            if step < params.min_new_tokens:
-                logits[:, eos] = float("-inf")
-            scores = process_logits(logits, context[:, :n_context], params)
-            token = int(choose_next(scores, params, rng)[0])
-            new_ids.append(token)
-            context[0, n_context] = token
-            n_context += 1
-            if token == eos:
-                stop_reason = "eos"
-                break
-            emit(stopper.feed(detok.push(token)))
-            if stopper.stopped:
-                stop_reason = "stop"
-                break
-            if step + 1 < params.max_new_tokens:  # the last token needs no forward pass
-                logits, state = self._decode(context[:, n_context - 1:n_context], state)
+        with self._decoding():  # compiled: after warm_up, skip Dynamo's guard checks
+            for step in range(params.max_new_tokens):
+                if step < params.min_new_tokens:
+                    logits[:, eos] = float("-inf")
+                scores = process_logits(logits, context[:, :n_context], params)
+                token = int(choose_next(scores, params, rng)[0])
+                new_ids.append(token)
+                context[0, n_context] = token
+                n_context += 1
+                if token == eos:
+                    stop_reason = "eos"
+                    break
+                emit(stopper.feed(detok.push(token)))
+                if stopper.stopped:
+                    stop_reason = "stop"
+                    break
+                if step + 1 < params.max_new_tokens:  # the last token needs no forward pass
+                    logits, state = self._decode(context[:, n_context - 1:n_context], state)
         if stop_reason != "stop":
             emit(stopper.feed(detok.flush()))  # e.g. an unfinished multi-byte character
             if stopper.stopped:
