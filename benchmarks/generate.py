@@ -405,8 +405,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable on shared CPUs)")
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batch-decode measurement (0 = skip)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled static-shape side")
+    ap.add_argument("--archs", default="lm2,vanilla", help="architectures to measure at batch 1")
+    ap.add_argument("--no-same-size", action="store_true", help="skip the comparison with a same-size HF Llama")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per side (default 5, 2 with --quick)")
     ap.add_argument("--prefill", default="", help="prompt lengths of the long-prefill part (default 1024,32768)")
     ap.add_argument("--profile", action="store_true", help="only split one decode step into its parts")
+    ap.add_argument("--json", help="also write the headline numbers to this file (one JSON object)")
     ap.add_argument("--prefill-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="lm2", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -415,6 +419,7 @@ def main() -> None:
         return prefill_worker(args.prefill_worker, args.arch, args.recipe)
 
     prompt_len, new, reps = (128, 32, 2) if args.quick else (512, 128, 5)
+    reps = args.reps or reps
     lengths = [1024, 4096] if args.quick else [1024, 32768]
     if args.prefill:
         lengths = [int(n) for n in args.prefill.split(",")]
@@ -431,13 +436,15 @@ def main() -> None:
         for arch in ("lm2", "vanilla"):
             decode_profile(arch, tokenizer, prompt)
         return
-    for arch in ("lm2", "vanilla"):
+    summary: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "recipe": args.recipe}
+    for arch in args.archs.split(","):
         recipe = load_recipe(args.recipe, [f"model.arch={arch}"])
         gens = {"eager": lm2_generator(recipe, tokenizer, device)[0]}
         model = gens["eager"].model
         if compile:
             gens["compiled"] = Generator(model, tokenizer, recipe, device=device, compile=True)
-            print(f"{arch}: compiling the static-shape step took {warm_compiled(gens['compiled']):.1f} s", flush=True)
+            summary[f"{arch}_compile_s"] = warm_compiled(gens["compiled"])
+            print(f"{arch}: compiling the static-shape step took {summary[f'{arch}_compile_s']:.1f} s", flush=True)
         hf = hf_llama_like(model)
         cache = " (static cache)" if device == "cuda" else ""
         print(f"{arch}: {params_count(model):.2f}M parameters (window {recipe.attention.window}, segment "
@@ -446,15 +453,23 @@ def main() -> None:
         best = max(gens, key=lambda g: rates["wall", g][1])
         print(f"{arch}: best decode side {best}: {rates['wall', best][1] / rates['wall', 'hf'][1]:.2f}x HF "
               f"(target >= {3.0 if device == 'cuda' else 2.5:.1f}x for lm2)", flush=True)
-        if arch == "lm2":  # the same backbone is the strict comparison; also a Llama of the same size
+        for side in gens:
+            summary[f"{arch}_{side}_decode_tok_s"] = rates["wall", side][1]
+            summary[f"{arch}_{side}_decode_vs_hf"] = rates["wall", side][1] / rates["wall", "hf"][1]
+        summary[f"{arch}_hf_decode_tok_s"] = rates["wall", "hf"][1]
+        if arch == "lm2" and not args.no_same_size:  # the same backbone is the strict comparison; also one
+            # Llama of the same size
             per_layer = (params_count(hf_llama_like(model, model.args.n_layers + 1)) - params_count(hf))
             layers = model.args.n_layers + round((params_count(model) - params_count(hf)) / per_layer)
             hf_same = hf_llama_like(model, layers)
             print(f"HF Llama with {layers} blocks: {params_count(hf_same):.2f}M parameters (same size as lm2)")
             compare_speed(f"{arch} vs HF same-size", gens, hf_same, prompt, new, reps)
             del hf_same
-            if args.batch:
-                batch_decode(model, hf, prompt_len, new, reps, args.batch, compile)
+        if arch == "lm2" and args.batch:
+            rates = batch_decode(model, hf, prompt_len, new, reps, args.batch, compile)
+            for (clock, side), (_, decode) in rates.items():
+                if clock == "wall":
+                    summary[f"batch{args.batch}_{side}_decode_tok_s"] = decode
 
     if device == "cuda":
         print(f"\nprefill with a finite window on the GPU: {', '.join(map(str, lengths))} tokens")
@@ -463,6 +478,8 @@ def main() -> None:
         per_token = rows[-1]["us_per_token"] / rows[0]["us_per_token"]
         print(f"lm2: time per token {lengths[-1]}/{lengths[0]} = {per_token:.2f}; "
               f"peak memory {rows[-1]['peak_mb']:.0f} vs {rows[0]['peak_mb']:.0f} MiB")
+        summary["prefill"] = rows
+        write_summary(args.json, summary)
         return
     print(f"\nprefill with a finite window, {lengths[0]} vs {lengths[-1]} tokens (fresh process each, median of 3)")
     for arch in ("lm2",):
@@ -472,6 +489,13 @@ def main() -> None:
         rss = rows[-1]["rss_peak_mb"] / rows[0]["rss_peak_mb"]
         print(f"{arch}: time per token {lengths[-1]}/{lengths[0]} = {ratio:.2f} wall, {cpu_ratio:.2f} CPU "
               f"(target <= 1.3); peak RSS ratio {rss:.2f}")
+        summary["prefill"] = rows
+    write_summary(args.json, summary)
+
+
+def write_summary(path: str | None, summary: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(summary) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -159,7 +159,8 @@ def describe(row: dict) -> str:
     if "error" in row:
         return f"{head}  failed: {row['error']}"
     return (f"{head}  {row['us_per_token']:7.1f} us/token ({row['cpu_us_per_token']:6.1f} CPU)  "
-            f"{row['tokens_per_s']:7.0f} tok/s ({row['cpu_tokens_per_s']:6.0f} CPU)  peak RSS {row['rss_peak_mb']:6.0f} MB")
+            f"{row['tokens_per_s']:7.0f} tok/s ({row['cpu_tokens_per_s']:6.0f} CPU)  "
+            f"peak RSS {row['rss_peak_mb']:6.0f} MB")
 
 
 def main() -> None:

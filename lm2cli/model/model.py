@@ -327,6 +327,7 @@ class LanguageModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._rope_cache: tuple[int, Tensor, Tensor] | None = None
         self.activation_checkpointing = False
+        self._compiled_blocks: list | None = None  # see compile_blocks
         self.reset_parameters()
 
     # ---------------------------------------------------------------------------------- init / report
@@ -388,6 +389,18 @@ class LanguageModel(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
+
+    def compile_blocks(self, **options) -> None:
+        """Run the decoder blocks through torch.compile in forwards with autograd (`train.compile`).
+
+        Regional compilation: the blocks share their code and shapes, so one compilation serves all of them,
+        where compiling the whole model would unroll every block and, for LM2, every memory segment of each
+        (minutes at 12 blocks). The compiled wrappers are kept aside, not registered as submodules, so
+        parameter names and checkpoints stay those of the plain model; forwards without autograd (validation,
+        generation) stay eager and compile nothing. The embedding, final norm, output layer and RMT's segment
+        loop stay eager too.
+        """
+        self._compiled_blocks = [torch.compile(block, **options) for block in self.blocks]
 
     # ---------------------------------------------------------------------------------------- state
 
@@ -499,7 +512,8 @@ class LanguageModel(nn.Module):
         cos, sin = self._rope_tables(start, t, h)
         mask, causal = attention_mask(start, t, n_cached, self.args.window, h.device, h.shape[0])
         new_states = []
-        for block, st in zip(self.blocks, layer_states, strict=True):
+        blocks = self._compiled_blocks if self._compiled_blocks and torch.is_grad_enabled() else self.blocks
+        for block, st in zip(blocks, layer_states, strict=True):
             if self.activation_checkpointing and self.training and recorder is None:
                 h, st = checkpoint(block, h, cos, sin, mask, causal, st, writes_kept, None, start, keep_state,
                                    use_reentrant=False)

@@ -120,6 +120,10 @@ class StaticDecoder(nn.Module):
         if self.arch == "rmt":
             self.register_buffer("rmt_memory", torch.zeros(b, self.n_mem_tokens, m.args.d_model,
                                                            dtype=state.rmt_memory.dtype, device=dev), persistent=False)
+        if self.compiled:
+            # Fixed addresses: CUDA graphs read and update these buffers in place instead of copying them.
+            for buf in self.buffers(recurse=False):
+                torch._dynamo.mark_static_address(buf)
         self.allocated = True
 
     def buffer(self, name: str, i: int) -> Tensor:
