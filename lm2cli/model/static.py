@@ -140,7 +140,8 @@ class StaticDecoder(nn.Module):
         self.absolute = state.pos
         position = state.pos if self.arch != "rmt" else self.n_mem_tokens + state.rmt_seg_len
         if self.arch != "rmt" and self.window == 0 and state.pos >= self.cache_len:
-            raise ValueError(f"{state.pos} tokens exceed model.max_seq_len = {self.cache_len} of a full-attention model")
+            raise ValueError(f"{state.pos} tokens exceed model.max_seq_len = {self.cache_len} "
+                             f"of a full-attention model")
         self.slot_pos.fill_(-1)
         for i, ls in enumerate(state.layers):
             if ls.k is not None:

@@ -59,7 +59,7 @@ def test_static_decoding_equals_eager_decoding(arch, window, prompt_len):
     decoder = StaticDecoder(model, batch_size=2)
     static_logits, static_tokens = static_greedy(model, decoder, prompt, steps)
     assert torch.equal(static_tokens, eager_tokens)
-    difference = max((s - e).abs().max().item() for s, e in zip(static_logits, eager_logits))
+    difference = max((s - e).abs().max().item() for s, e in zip(static_logits, eager_logits, strict=True))
     assert difference <= 5e-4  # float rounding (RMT's read prefix runs apart from the first token: 1e-4)
     # every step's top two logits are further apart than twice that: equal tokens are not luck
     top2 = torch.stack(eager_logits).topk(2, dim=-1).values
@@ -74,7 +74,7 @@ def test_static_decoding_really_uses_its_state():
     decoder = StaticDecoder(model)
     decoder._write = lambda: None
     static_logits, _ = static_greedy(model, decoder, prompt, 3 * SEGMENT)
-    assert max((s - e).abs().max().item() for s, e in zip(static_logits, eager_logits)) > 1e-3
+    assert max((s - e).abs().max().item() for s, e in zip(static_logits, eager_logits, strict=True)) > 1e-3
 
 
 class CountingBackend:
