@@ -43,7 +43,7 @@ def logits_and_grads(model, x):
 @pytest.mark.parametrize("block", [8, 64])  # queries per block: several blocks of a window each, or one wide block
 def test_block_local_equals_dense_windowed_attention(arch, block, monkeypatch):
     # RMT runs attention per segment: make the segment long enough to take the block-local path inside it.
-    model = tiny(arch, segment=80 if arch == "rmt" else 8)
+    model = tiny(arch, segment=130 if arch == "rmt" else 8)
     x = torch.randint(0, VOCAB, (2, 150))  # not a multiple of the block: the last block is padded
     monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", block)
     calls = []
@@ -63,7 +63,7 @@ def test_block_local_equals_dense_windowed_attention(arch, block, monkeypatch):
 def test_block_local_through_the_state_equals_one_dense_forward(arch, monkeypatch):
     """Chunks longer than a block continue a state whose cache holds W - 1 keys: the padding before the first
     query is then partly real keys."""
-    model = tiny(arch, segment=80 if arch == "rmt" else 8).eval()
+    model = tiny(arch, segment=130 if arch == "rmt" else 8).eval()
     x = torch.randint(0, VOCAB, (2, 173))
     monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", 8)
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_block_local_through_the_state_equals_one_dense_forward(arch, monkeypatc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_local_attention_is_causal(arch, monkeypatch):
-    model = tiny(arch, segment=80 if arch == "rmt" else 8).eval()
+    model = tiny(arch, segment=130 if arch == "rmt" else 8).eval()
     monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", 8)
     x = torch.randint(0, VOCAB, (1, 120))
     with torch.no_grad():

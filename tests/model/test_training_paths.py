@@ -15,7 +15,7 @@ def tiny(arch: str, window: int = 8):
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
-        f"memory.segment_len={40 if arch == 'rmt' else 16}", f"attention.window={window}"])
+        f"memory.segment_len={40 if arch == 'rmt' else 32}", f"attention.window={window}"])
     torch.manual_seed(0)
     return build_model(recipe).train()
 
@@ -48,9 +48,9 @@ class CountingBackend:
 
 @pytest.mark.parametrize("arch", ["lm2", "vanilla"])
 def test_compiled_blocks_train_exactly_like_eager_and_compile_once(arch):
-    """80 tokens with a window of 8: the block-local attention path, 5 memory segments per block."""
+    """160 tokens with a window of 8: the block-local attention path, 5 memory segments per block."""
     torch._dynamo.reset()
-    x = torch.randint(0, VOCAB, (2, 80))
+    x = torch.randint(0, VOCAB, (2, 160))
     results = []
     backend = CountingBackend()
     for compiled in (False, True):
