@@ -162,3 +162,24 @@ def test_compile_is_not_a_per_prompt_setting(cli, tokenizer, tmp_path):
     rows.write_text('{"prompt": "Mary", "compile": true}\n')
     res = cli("generate", save_run(tmp_path / "run", tokenizer), "--prompts", rows)
     assert res.code == 2 and "unknown key 'compile'" in res.err
+
+
+@pytest.mark.slow
+def test_generator_compiled_by_inductor_gives_the_eager_tokens(tokenizer):
+    """The real compilation `lm2 generate --compile` uses on this device (inductor, C++ wrapper on a CPU):
+    tens of seconds with a warm compiler cache, minutes without."""
+    from lm2cli.generation.generator import Generator
+    from lm2cli.generation.sampling import SamplingParams
+
+    torch._dynamo.reset()
+    recipe = load_recipe(None, ["model.arch=lm2", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                                "model.init_std=0.3", "memory.slots=4", "memory.heads=2",
+                                f"memory.segment_len={SEGMENT}", "attention.window=6"])
+    torch.manual_seed(0)
+    model = build_model(recipe, vocab_size=tokenizer.vocab_size)
+    eager = Generator(model, tokenizer, recipe, device="cpu")
+    compiled = Generator(model, tokenizer, recipe, device="cpu", compile=True)
+    compiled.warm_up()
+    params = SamplingParams(temperature=0.0, max_new_tokens=3 * SEGMENT, min_new_tokens=3 * SEGMENT)
+    prompt = "Mary went to the kitchen."
+    assert compiled.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
