@@ -1,21 +1,209 @@
 """The checkpoint format every command shares (written by training, read by generate, eval, inspect-memory).
 
 A checkpoint directory is self-contained: `model.safetensors` (weights of the unwrapped model), `recipe.toml`
-(the resolved recipe, from which the shapes are rebuilt) and `tokenizer.model`. Training adds its own state
-files beside them (see lm2cli/training). A run directory holds `checkpoints/<name>/` plus the pointer files
-`checkpoints/latest` and `checkpoints/best`, each a text file naming one checkpoint directory.
+(the resolved recipe, from which the shapes are rebuilt), `tokenizer.model`, and `trainer_state.json`, whose
+`manifest` records the size and sha256 of every other file. Training adds its own state files beside them (see
+lm2cli/training). A run directory holds `checkpoints/step_XXXXXXXX/` plus the pointer files `checkpoints/latest`,
+`checkpoints/best` and `checkpoints/best_stage_N`, each a text file naming one checkpoint directory there.
+
+Every reader goes through `verify_checkpoint` before it uses a byte: the manifest's sizes always, its sha256
+unless the user skips it (`--no-verify-checksums`, for very large models). The manifest is written by whoever
+wrote the checkpoint, so this protects against damage, not against an attacker (see docs/security.md); what
+protects against an attacker is that no file content chooses what code runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from lm2cli.errors import Lm2Error
 
 MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE = "model.safetensors", "recipe.toml", "tokenizer.model"
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+STATE_FORMAT = "lm2-trainer-state"
+STATE_VERSION = 1
+CHECKPOINTS = "checkpoints"
+INFERENCE_FILES = (MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE)
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_POINTER = re.compile(r"^(latest|best|best_stage_\d+)$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")  # a plain file name: no path, no dot-file
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CorruptCheckpoint(Lm2Error):
+    """A checkpoint whose files are damaged, missing or not what lm2 writes."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+# ------------------------------------------------------------------------------------ pointers, newest
+
+
+def is_pointer_name(name: str) -> bool:
+    return bool(_POINTER.match(name))
+
+
+def read_pointer(root: Path, pointer: str) -> str | None:
+    """The checkpoint `root/pointer` names, or None if the file is missing or does not name a `step_*`
+    directory inside `root` (a pointer is never followed anywhere else, e.g. `../../elsewhere`)."""
+    path = Path(root) / pointer
+    if not is_pointer_name(pointer) or not path.is_file() or path.stat().st_size > 256:
+        return None
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if step_of(name) is not None and (Path(root) / name).is_dir() else None
+
+
+def list_checkpoints(root: Path) -> list[str]:
+    """Complete checkpoint directories (no `.tmp`), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if step_of(p.name) is not None and p.is_dir()]
+    return sorted(names, key=step_of)
+
+
+def newest_checkpoint(root: Path) -> str | None:
+    """The one rule every command uses for "newest": the `latest` pointer if valid, else the highest-step
+    directory, and a higher-step directory than the pointer wins (the pointer is written after the rename, so a
+    crash in between leaves a complete directory newer than the pointer)."""
+    names = list_checkpoints(root)
+    pointed = read_pointer(root, "latest")
+    if names and (pointed is None or step_of(names[-1]) > step_of(pointed)):
+        return names[-1]
+    return pointed
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file() or (Path(path) / MODEL_FILE).is_file()
+
+
+def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """The checkpoint directory that `path` names: itself, or a run directory's (or its `checkpoints/`
+    directory's) newest checkpoint; with `which = "best"` the one the `best` pointer names, else the newest."""
+    path = Path(path)
+    if not path.exists():
+        raise Lm2Error(f"checkpoint or run directory not found: {path}")
+    if not path.is_dir():
+        raise Lm2Error(f"{path} is a file; expected a run directory or a checkpoint directory")
+    if is_checkpoint_dir(path):
+        return path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    name = (read_pointer(root, which) if which != "latest" else None) or newest_checkpoint(root)
+    if name is not None:
+        return root / name
+    raise Lm2Error(f"{path}: no checkpoint found (expected a run directory with {CHECKPOINTS}/step_XXXXXXXX/, or "
+                   f"a checkpoint directory containing {MODEL_FILE})")
+
+
+# ------------------------------------------------------------------------------- manifest, verification
+
+
+def corrupt(ckpt: Path, what: str, use_previous: str = "use it instead") -> CorruptCheckpoint:
+    """The error for a damaged checkpoint, pointing at the previous one in the same directory if any."""
+    ckpt = Path(ckpt)
+    root = ckpt.parent
+    older = [n for n in list_checkpoints(root) if step_of(n) < (step_of(ckpt.name) or 0)]
+    hint = (f"; the previous checkpoint is {root / older[-1]} ({use_previous.format(path=root / older[-1])})"
+            if older else "; no older checkpoint exists in that directory" if step_of(ckpt.name) else "")
+    return CorruptCheckpoint(f"checkpoint {ckpt} is corrupt or truncated ({what}){hint}")
+
+
+def manifest_of(directory: Path) -> dict[str, dict]:
+    """Size and sha256 of every file in `directory` except trainer_state.json (which holds the manifest)."""
+    from lm2cli.fileio import sha256_file
+
+    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(Path(directory).iterdir()) if f.is_file() and f.name != STATE_FILE}
+
+
+def write_state_file(directory: Path, state: dict) -> dict:
+    """trainer_state.json = `state` + format, version and the manifest of the files already in `directory`."""
+    from lm2cli.fileio import atomic_write_json
+
+    full = dict(state, format=STATE_FORMAT, version=STATE_VERSION, manifest=manifest_of(directory))
+    atomic_write_json(Path(directory) / STATE_FILE, full)
+    return full
+
+
+def read_state_file(ckpt: Path, use_previous: str = "use it instead") -> dict:
+    """trainer_state.json of `ckpt` with its format, version and manifest checked (not yet the files)."""
+    path = Path(ckpt) / STATE_FILE
+    if not path.is_file():
+        raise corrupt(ckpt, f"{STATE_FILE} with its file manifest is missing; it is not a complete lm2 checkpoint",
+                      use_previous)
+    if path.stat().st_size > 64 << 20:
+        raise corrupt(ckpt, f"{STATE_FILE} is {path.stat().st_size:,} bytes, far more than lm2 writes", use_previous)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise corrupt(ckpt, f"{STATE_FILE}: {str(e)[:120]}", use_previous) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise corrupt(ckpt, f"{STATE_FILE} is not an lm2 trainer state", use_previous)
+    if state.get("version") != STATE_VERSION:
+        raise Lm2Error(f"checkpoint {ckpt}: trainer state version {str(state.get('version'))[:20]} is not supported "
+                       f"by this lm2 (expects {STATE_VERSION})")
+    problem = _manifest_problem(state.get("manifest"))
+    if problem:
+        raise corrupt(ckpt, f"{STATE_FILE}: {problem}", use_previous)
+    return state
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return "no manifest of its files"
+    for name, info in manifest.items():
+        if not _FILE_NAME.match(name) or name == STATE_FILE:
+            return f"the manifest names {name[:60]!r}, not a file of the checkpoint directory"
+        if (not isinstance(info, dict) or set(info) != {"bytes", "sha256"} or not isinstance(info["bytes"], int)
+                or isinstance(info["bytes"], bool) or info["bytes"] < 0 or not isinstance(info["sha256"], str)
+                or not _SHA256.match(info["sha256"])):
+            return f"the manifest entry of {name} is not {{\"bytes\": <size>, \"sha256\": <64 hex digits>}}"
+    return None
+
+
+def verify_checkpoint(ckpt: Path, checksums: bool = True, needed: tuple[str, ...] = INFERENCE_FILES,
+                      use_previous: str = "use it instead") -> dict:
+    """Check every file of `ckpt` against its manifest before anything is read: present, the recorded size
+    (always) and sha256 (unless `checksums` is False). Every file in `needed` must be in the manifest.
+    Returns the parsed trainer_state.json."""
+    from lm2cli.fileio import sha256_file
+
+    ckpt = Path(ckpt)
+    state = read_state_file(ckpt, use_previous)
+    manifest = state["manifest"]
+    unlisted = [n for n in needed if n not in manifest]
+    if unlisted:
+        raise corrupt(ckpt, f"{unlisted[0]} is not in the manifest of {STATE_FILE}", use_previous)
+    for name, info in manifest.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise corrupt(ckpt, f"{name} is missing", use_previous)
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise corrupt(ckpt, f"{name} has {size:,} bytes, the manifest says {info['bytes']:,}", use_previous)
+    if checksums:
+        for name, info in manifest.items():
+            if sha256_file(ckpt / name) != info["sha256"]:
+                raise corrupt(ckpt, f"{name} does not match its recorded sha256 (changed after it was written); "
+                                    f"--no-verify-checksums skips this check", use_previous)
+    return state
+
+
+# ------------------------------------------------------------------------------------------- writing
 
 
 def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
@@ -41,72 +229,105 @@ def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
     atomic_write_bytes(directory / TOKENIZER_FILE, tokenizer.to_bytes())
 
 
-def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
-    """The checkpoint directory that `path` names: itself, or a run directory's latest (or best) checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise Lm2Error(f"checkpoint or run directory not found: {path}")
-    if (path / MODEL_FILE).is_file():
-        return path
-    ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    pointer = ckpts / which
-    if pointer.is_file():
-        target = ckpts / pointer.read_text().strip()
-        if (target / MODEL_FILE).is_file():
-            return target
-    steps = sorted((int(m.group(1)), p) for p in ckpts.glob("step_*")
-                   if (m := STEP_DIR.match(p.name)) and (p / MODEL_FILE).is_file())
-    if steps:
-        return steps[-1][1]
-    raise Lm2Error(f"{path}: no checkpoint found (expected a run directory with checkpoints/, or a checkpoint "
-                   f"directory containing {MODEL_FILE})")
+# ------------------------------------------------------------------------------------------- reading
 
 
 def load_recipe_of(ckpt: Path):
     from lm2cli.recipe import recipe_from_toml
 
-    recipe_path = ckpt / RECIPE_FILE
+    recipe_path = Path(ckpt) / RECIPE_FILE
     if not recipe_path.is_file():
         raise Lm2Error(f"{ckpt}: incomplete checkpoint, {RECIPE_FILE} is missing")
-    return recipe_from_toml(recipe_path.read_text(encoding="utf-8"), where=str(recipe_path))
+    try:
+        text = recipe_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise Lm2Error(f"{recipe_path}: not UTF-8 text (byte offset {e.start})") from None
+    return recipe_from_toml(text, where=str(recipe_path))
 
 
 def load_tokenizer_of(ckpt: Path):
     from lm2cli.data.tokenizer import Tokenizer
 
-    tok_path = ckpt / TOKENIZER_FILE
+    tok_path = Path(ckpt) / TOKENIZER_FILE
     if not tok_path.is_file():
         raise Lm2Error(f"{ckpt}: incomplete checkpoint, {TOKENIZER_FILE} is missing")
     return Tokenizer.load(tok_path)
 
 
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as e:
+        raise Lm2Error(f"{path}: corrupt or truncated weights file ({str(e).splitlines()[0][:160] if str(e) else e!r})"
+                       ) from None
+
+
+def check_weight_shapes(model, path: Path, stored: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every tensor of the weights file exists in `model` with the same shape, and every parameter of `model`
+    is stored (under its own name or a name it shares storage with, e.g. tied embeddings). Works on a model
+    built on the meta device, so a mismatch is found before anything is allocated."""
+    stored = weight_shapes(path) if stored is None else stored
+    own = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+    unexpected = sorted(k for k in stored if k not in own)
+    if unexpected:
+        raise Lm2Error(f"{path}: weights do not match the recipe's model: the file has {len(unexpected)} tensor(s) "
+                       f"the model lacks ({', '.join(unexpected[:3])})")
+    for name, shape in stored.items():
+        if tuple(own[name].shape) != shape:
+            raise Lm2Error(f"{path}: tensor {name} has shape {list(shape)} in the file, the recipe's model needs "
+                           f"{list(own[name].shape)}")
+    groups: dict[int, list[str]] = {}
+    for name, t in own.items():
+        groups.setdefault(id(t), []).append(name)
+    tied = {n: names for names in groups.values() for n in names}
+    missing = sorted(n for n in own if not any(m in stored for m in tied.get(n, [n])))
+    if missing:
+        raise Lm2Error(f"{path}: weights do not match the recipe's model: {len(missing)} tensor(s) missing "
+                       f"({', '.join(missing[:3])})")
+
+
 def load_weights(model, ckpt: Path, strict: bool = True) -> tuple[list[str], list[str]]:
-    """Load `ckpt/model.safetensors` into `model`; a corrupt or truncated file is a clear error."""
+    """Load `ckpt/model.safetensors` into `model` after checking names and shapes; refuses non-finite values."""
+    import torch
     from safetensors.torch import load_model
 
-    weights = ckpt / MODEL_FILE
+    weights = Path(ckpt) / MODEL_FILE
     if not weights.is_file():
         raise Lm2Error(f"{ckpt}: incomplete checkpoint, {MODEL_FILE} is missing")
+    if strict:
+        check_weight_shapes(model, weights)
     try:
         missing, unexpected = load_model(model, weights, strict=strict)
     except RuntimeError as e:
         raise Lm2Error(f"{weights}: weights do not match the recipe's model ({str(e).splitlines()[0]})") from None
     except Exception as e:  # SafetensorError: truncated header, bad JSON, short file
         raise Lm2Error(f"{weights}: corrupt or truncated weights file ({e})") from None
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise Lm2Error(f"{weights}: tensor {name} holds non-finite values (inf or nan); the checkpoint is "
+                           f"damaged or training had diverged before it was saved; use an earlier checkpoint")
     return list(missing), list(unexpected)
 
 
-def load_for_inference(path: str | Path, device=None, which: str = "latest"):
-    """(model in eval mode, tokenizer, recipe) from a checkpoint or run directory."""
+def load_for_inference(path: str | Path, device=None, which: str = "latest", verify_checksums: bool = True):
+    """(model in eval mode, tokenizer, recipe) from a checkpoint or run directory, verified before use."""
     from lm2cli.model import build_model
+    from lm2cli.resources import check_inference_fits
 
     ckpt = find_checkpoint(path, which)
+    verify_checkpoint(ckpt, checksums=verify_checksums)
     recipe = load_recipe_of(ckpt)
     tokenizer = load_tokenizer_of(ckpt)
-    model = build_model(recipe, vocab_size=tokenizer.vocab_size)
-    if model.args.vocab_size != tokenizer.vocab_size:
+    if recipe.model.vocab_size not in (0, tokenizer.vocab_size):
         raise Lm2Error(f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
-                       f"{model.args.vocab_size} (model.vocab_size); the checkpoint's files do not belong together")
+                       f"{recipe.model.vocab_size} (model.vocab_size); the checkpoint's files do not belong together")
+    check_inference_fits(recipe, tokenizer.vocab_size, device, where=str(ckpt / RECIPE_FILE),
+                         weights=ckpt / MODEL_FILE)
+    model = build_model(recipe, vocab_size=tokenizer.vocab_size)
     load_weights(model, ckpt)
     if device is not None:
         model = model.to(device)

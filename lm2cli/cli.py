@@ -33,7 +33,10 @@ _debug = False
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/small.toml", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="SECTION.KEY=VALUE", help="Override one recipe key (repeatable), e.g. --set train.lr=3e-4")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory (overrides the recipe's)")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", help="Output directory (overrides the recipe's)")]
+NoVerifyOpt = Annotated[bool, typer.Option(
+    "--no-verify-checksums",
+    help="Check checkpoint files against their manifest by size only, skipping sha256 (for very large models)")]
 PrintOpt = Annotated[bool, typer.Option("--print-recipe", help="Print the fully resolved recipe as TOML and exit")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors")]
 
@@ -54,7 +57,7 @@ def _root(
     _debug = _debug or debug
 
 
-def resolve(recipe_path: Path, sets: list[str] | None, out: Path | None, print_recipe: bool,
+def resolve(recipe_path: Path, sets: list[str] | None, out: str | None, print_recipe: bool,
             debug: bool, out_key: str = "output.dir"):
     """Load the recipe with overrides; `--out` becomes an override of the command's output key.
 
@@ -66,7 +69,10 @@ def resolve(recipe_path: Path, sets: list[str] | None, out: Path | None, print_r
     _debug = _debug or debug
     overrides = list(sets or [])
     if out is not None:
-        overrides.append(f"{out_key}={toml_value(str(out))}")
+        if not out.strip():
+            raise Lm2Error("--out is empty; name a directory (an empty path would mean the current directory), "
+                           "e.g. --out runs/my-run")
+        overrides.append(f"{out_key}={toml_value(out)}")
     recipe = load_recipe(recipe_path, overrides)
     if print_recipe:
         typer.echo(recipe.to_toml(), nl=False)
@@ -98,27 +104,29 @@ DryRunOpt = Annotated[bool, typer.Option(
 @app.command()
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
              resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, dry_run: DryRunOpt = False,
-             debug: DebugOpt = False) -> None:
+             no_verify_checksums: NoVerifyOpt = False, debug: DebugOpt = False) -> None:
     """Pretrain a model on the token shards written by `lm2 tokenize`."""
     r = resolve(recipe, set_, out, print_recipe, debug)
     if r is None:
         return
     from lm2cli.training.pretrain import pretrain_command
 
-    pretrain_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run)
+    pretrain_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run,
+                     verify_checksums=not no_verify_checksums)
 
 
 @app.command()
 def finetune(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
              resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, dry_run: DryRunOpt = False,
-             debug: DebugOpt = False) -> None:
+             no_verify_checksums: NoVerifyOpt = False, debug: DebugOpt = False) -> None:
     """Fine-tune a checkpoint (or Hugging Face Llama weights) on BABILong rows or prompt/response pairs."""
     r = resolve(recipe, set_, out, print_recipe, debug)
     if r is None:
         return
     from lm2cli.training.finetune import finetune_command
 
-    finetune_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run)
+    finetune_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run,
+                     verify_checksums=not no_verify_checksums)
 
 
 @app.command("eval")
@@ -158,6 +166,7 @@ def generate(
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object per prompt (text, token counts, stop reason, tokens/s)")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    no_verify_checksums: NoVerifyOpt = False,
     threads: Annotated[int, typer.Option(
         help="CPU threads; 0 = 1 for models under 100M parameters (fastest at batch 1), else torch's default")] = 0,
     debug: DebugOpt = False,
@@ -177,6 +186,7 @@ def generate(
         raise Lm2Error(f"expected at most one run or checkpoint and one -, got: {' '.join(targets)}")
     generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
                      stdin=stdin, json_output=json_output, device=device, threads=threads,
+                     verify_checksums=not no_verify_checksums,
                      max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty, repetition_window=repetition_window, stop=stop,

@@ -221,18 +221,20 @@ def _write(text: str) -> None:
 
 def generate_command(run: Path | None, *, prompt: str | None = None, prompt_file: Path | None = None,
                      prompts: Path | None = None, stdin: bool = False, json_output: bool = False,
-                     device: str = "auto", threads: int = 0, **sampling: Any) -> None:
+                     device: str = "auto", threads: int = 0, verify_checksums: bool = True,
+                     **sampling: Any) -> None:
     """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line)."""
     import torch
 
     previous_threads = torch.get_num_threads()
     try:
-        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling)
+        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling, verify_checksums)
     finally:
         torch.set_num_threads(previous_threads)  # the thread count is process-wide; leave it as we found it
 
 
-def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling) -> None:
+def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling,
+              verify_checksums=True) -> None:
     import torch
 
     from lm2cli.checkpoint import find_checkpoint, load_for_inference
@@ -250,7 +252,7 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
     jobs = read_prompts(prompt, prompt_file, prompts, stdin)
     torch_device = pick_device(device)
     checkpoint = find_checkpoint(resolve_run(run))
-    model, tokenizer, recipe = load_for_inference(checkpoint)
+    model, tokenizer, recipe = load_for_inference(checkpoint, device=torch_device, verify_checksums=verify_checksums)
     check_tokenizer_fits(model, tokenizer, checkpoint)
     generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
 

@@ -222,7 +222,7 @@ def stage_budgets(recipe) -> list[int]:
 # -------------------------------------------------------------------------------------- starting weights
 
 
-def resolve_start(recipe, rt):
+def resolve_start(recipe, rt, verify_checksums: bool = True):
     """(recipe, tokenizer, weights loader) for finetune.init_from; the loader fills a built model."""
     from lm2cli.data.tokenizer import Tokenizer
 
@@ -240,14 +240,15 @@ def resolve_start(recipe, rt):
         raise Lm2Error(f"finetune.init_from = \"{src}\": no such file or directory")
     if (path / "config.json").is_file():
         return _start_from_hf(recipe, rt, path, answer)
-    return _start_from_lm2(recipe, rt, path)
+    return _start_from_lm2(recipe, rt, path, verify_checksums)
 
 
-def _start_from_lm2(recipe, rt, path: Path):
-    from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of
+def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
+    from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of, verify_checkpoint
     from lm2cli.training.session import compare_recipes
 
     ckpt = find_checkpoint(path, "best")
+    verify_checkpoint(ckpt, checksums=verify_checksums)
     saved = load_recipe_of(ckpt)
     tokenizer = load_tokenizer_of(ckpt)
     recipe = with_vocab(recipe, tokenizer.vocab_size)
@@ -318,6 +319,10 @@ def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
         detail = "; ".join(([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
                            + ([f"shape mismatch: {', '.join(wrong[:3])}"] if wrong else []))
         raise Lm2Error(f"{where}: weights do not fit the recipe's model ({detail})")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise Lm2Error(f"{where}: tensor {nonfinite[0]} holds non-finite values (inf or nan); the weights are "
+                       f"damaged or training had diverged before they were saved")
     provided = {id(own[k]) for k in state}
     missing = sorted(k for k, v in own.items() if id(v) not in provided)
     bad = [k for k in missing if not model.is_memory_param(k)]
@@ -337,21 +342,23 @@ def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
 
 
 def finetune_command(recipe, recipe_path: Path | None = None, resume: bool = False,
-                     resume_from: Path | None = None, dry_run: bool = False) -> None:
+                     resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
     rt = setup_runtime(recipe.train)
     try:
-        _finetune(recipe, rt, resume, resume_from, dry_run)
+        _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums)
     finally:
         shutdown(rt)
 
 
-def _finetune(recipe, rt, resume, resume_from, dry_run) -> None:
+def _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums=True) -> None:
     from lm2cli.model import build_model
+    from lm2cli.resources import check_training_fits
 
     info(rt, rt.reason)
-    plan = plan_run(recipe, "finetune", resume, resume_from, rt, dry_run)
-    recipe, tokenizer, load_start = resolve_start(recipe, rt)
+    plan = plan_run(recipe, "finetune", resume, resume_from, rt, dry_run, verify_checksums)
+    recipe, tokenizer, load_start = resolve_start(recipe, rt, verify_checksums)
     recipe = with_vocab(recipe, tokenizer.vocab_size)
+    check_training_fits(recipe, tokenizer.vocab_size, rt)
     train_rows, val_rows, val_note = split_examples(recipe, tokenizer)
     info(rt, f"finetune data: {len(train_rows):,} training rows from {recipe.finetune.data}; {val_note}")
     budgets = stage_budgets(recipe)

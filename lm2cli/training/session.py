@@ -77,9 +77,12 @@ class RunPlan:
 
 
 def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | None, rt: Runtime,
-             dry_run: bool = False) -> RunPlan:
-    """Decide between a fresh start and resuming, refusing to start fresh over existing checkpoints."""
-    run_dir = Path(recipe.output.dir)
+             dry_run: bool = False, checksums: bool = True) -> RunPlan:
+    """Decide between a fresh start and resuming, refusing to start fresh over existing checkpoints. The
+    checkpoint to resume is verified against its manifest (sha256 too unless `checksums` is False)."""
+    from lm2cli.outdir import RUN, check_output_dir
+
+    run_dir = check_output_dir(recipe.output.dir, "output.dir", RUN, probe=not dry_run)
     root = run_dir / ck.CHECKPOINTS
     if resume_from is not None:
         ckpt = locate_checkpoint(Path(resume_from))
@@ -95,7 +98,7 @@ def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | Non
             raise Lm2Error(f"{run_dir} already has checkpoints (newest: {existing[-1]}); continue it with "
                            f"`lm2 {command} RECIPE --resume`, or start a new run elsewhere with --out DIR")
         return RunPlan(run_dir, None, None)
-    state = ck.read_trainer_state(ckpt)
+    state = ck.read_trainer_state(ckpt, checksums=checksums)
     if state.get("command") != command:
         raise Lm2Error(f"checkpoint {ckpt} was written by `lm2 {state.get('command')}`, not `lm2 {command}`; "
                        f"to start {command} from its weights use finetune.init_from = \"{ckpt}\"")
@@ -103,17 +106,17 @@ def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | Non
 
 
 def locate_checkpoint(path: Path) -> Path:
-    """A checkpoint directory from a path that is one, or a run directory (its newest checkpoint)."""
+    """A checkpoint directory from a path that is one, or a run directory (its newest checkpoint, by the rule
+    every command uses)."""
+    from lm2cli.checkpoint import find_checkpoint
+
     if not path.exists():
         raise Lm2Error(f"--resume-from {path}: no such file or directory")
-    if (path / ck.STATE_FILE).is_file() or (path / "model.safetensors").is_file():
-        return path
-    for root in (path / ck.CHECKPOINTS, path):
-        name = ck.newest_checkpoint(root)
-        if name is not None:
-            return root / name
-    raise Lm2Error(f"--resume-from {path}: not a checkpoint directory and no checkpoints inside it "
-                   f"(expected checkpoints/step_XXXXXXXX/ with {ck.STATE_FILE})")
+    try:
+        return find_checkpoint(path)
+    except Lm2Error:
+        raise Lm2Error(f"--resume-from {path}: not a checkpoint directory and no checkpoints inside it "
+                       f"(expected checkpoints/step_XXXXXXXX/ with {ck.STATE_FILE})") from None
 
 
 def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
@@ -121,11 +124,13 @@ def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
     of them on a fresh start: they can only come from an earlier attempt that never saved a checkpoint)."""
     if not s.rt.is_main:
         return
+    from lm2cli.fileio import remove_stale_temp_files
+
     s.run_dir.mkdir(parents=True, exist_ok=True)
     s.ckpt_root.mkdir(exist_ok=True)
-    stale = ck.remove_stale_tmp(s.ckpt_root)
-    if stale:
-        s.say(f"removed unfinished checkpoint directories from an interrupted save: {', '.join(stale)}")
+    stale = ck.remove_stale_tmp(s.ckpt_root) + remove_stale_temp_files(s.run_dir)
+    if stale:  # the console is not up yet: print directly
+        info(s.rt, f"removed what an interrupted save left behind: {', '.join(stale)}")
     atomic_write_text(s.run_dir / "recipe.toml", recipe_text)
     if resumed:
         truncate_after(s.run_dir, s.step, s.stage + 1)
@@ -280,7 +285,7 @@ def restore(s: Session, ckpt: Path, state: dict) -> None:
     s.train_seconds = float(state.get("train_seconds", 0.0))
     if state.get("world_size") == s.rt.world:
         tensors, _ = ck.load_safetensors(ckpt, ck.RNG_FILE)
-        ck.restore_rng(s.rt.rank, tensors, state["rng"][f"rank{s.rt.rank}"])
+        ck.restore_rng(s.rt.rank, tensors, state["rng"][f"rank{s.rt.rank}"], ckpt)
     else:
         warn(s.rt, f"checkpoint {ckpt} was written by {state.get('world_size')} processes, this run has "
                    f"{s.rt.world}: random-number states start fresh (data order is unaffected)")

@@ -23,6 +23,7 @@ def save_run(run_dir: Path, tokenizer, overrides=()) -> Path:
     model = model_core.build_model(recipe, vocab_size=tokenizer.vocab_size)
     ckpt = run_dir / "checkpoints" / "step_00000020"
     checkpoint_mod.save_model_files(ckpt, model, recipe, tokenizer)
+    checkpoint_mod.write_state_file(ckpt, {"step": 20})  # the manifest every reader verifies
     (run_dir / "checkpoints" / "latest").write_text("step_00000020\n")
     return run_dir
 

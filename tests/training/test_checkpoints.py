@@ -34,11 +34,23 @@ def run_steps(model, opt, n, seed=0):
     return losses
 
 
+def model_files(model):
+    """What save_model_files writes, for a model that is not an lm2 LanguageModel."""
+
+    def write(d):
+        save_model(model, str(d / "model.safetensors"))
+        (d / "recipe.toml").write_text("# Resolved lm2 recipe (test)\n")
+        (d / "tokenizer.model").write_bytes(b"test")
+
+    return write
+
+
 def save(root, step, model, opt=None, state=None, memory=None):
     tensors, info = ck.capture_rng(0)
-    return ck.save_checkpoint(root, step, lambda d: save_model(model, str(d / "model.safetensors")),
-                              dict(state or {"step": step}, rng={"rank0": info}), opt and opt.state_dict(), tensors,
-                              memory)
+    opt = opt or torch.optim.AdamW(model.parameters())
+    full = {"command": "pretrain", "step": step, "rows_done": 0, "stage": 0, "world_size": 1, "eval_pending": False,
+            "memory_carried": False, "best": {}, "rng": {"rank0": info}, **(state or {})}
+    return ck.save_checkpoint(root, step, model_files(model), full, opt.state_dict(), tensors, memory)
 
 
 def test_optimizer_state_round_trip_continues_identically(tmp_path):
@@ -86,7 +98,8 @@ def test_save_is_atomic_and_points_latest(tmp_path):
     assert path.name == "step_00000005" and not (tmp_path / "step_00000005.tmp").exists()
     assert ck.read_pointer(tmp_path, "latest") == "step_00000005"
     state = ck.read_trainer_state(path)
-    assert state["step"] == 5 and set(state["manifest"]) == {"model.safetensors", "rng.safetensors"}
+    assert state["step"] == 5 and set(state["manifest"]) == {"model.safetensors", "rng.safetensors", "recipe.toml",
+                                                             "tokenizer.model", "optimizer.safetensors"}
     # saving the same step again keeps the complete directory
     again = save(tmp_path, 5, tiny_model())
     assert again == path and ck.read_trainer_state(path)["manifest"] == state["manifest"]
