@@ -230,11 +230,18 @@ def babilong(
         bl.babilong_command(r, force=force)
 
 
-def report_error(err: Lm2Error) -> None:
-    for line in err.problems:
+MAX_PROBLEMS_SHOWN = 10  # a file with 1,000 bad rows gets the first few lines and a count, not 1,000 lines
+
+
+def report_error(err: Lm2Error, cause: BaseException | None = None) -> None:
+    problems = err.problems
+    for line in problems[:MAX_PROBLEMS_SHOWN]:
         print(f"error: {line}", file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"error: ... and {len(problems) - MAX_PROBLEMS_SHOWN:,} more problems of the same kind "
+              f"({len(problems):,} in all)", file=sys.stderr)
     if _debug:
-        traceback.print_exception(err, file=sys.stderr)
+        traceback.print_exception(cause or err, file=sys.stderr)
 
 
 _OPTIONS_WITH_VALUES = {"--set", "--out", "--resume-from"}
@@ -278,7 +285,30 @@ def run(argv: list[str] | None = None) -> int:
     except Lm2Error as e:
         report_error(e)
         return e.exit_code
+    except KeyboardInterrupt as e:  # every file lm2 writes is written atomically: nothing half-written is left
+        report_error(Lm2Error("interrupted (Ctrl-C)"), e)
+        return 130
+    except BrokenPipeError:  # `lm2 ... | head`: the reader left; stop quietly like any Unix filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # the environment refused something not checked beforehand (a full disk, permissions)
+        where = f": {e.filename}" if e.filename else ""
+        report_error(Lm2Error(f"{e.strerror or e}{where}"), e)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # the memory estimate refuses what clearly cannot fit; this is
+        if not _out_of_memory(e):                # for what it could not foresee
+            raise
+        first = (str(e).strip().splitlines() or ["out of memory"])[0][:200]
+        report_error(Lm2Error(f"ran out of memory ({first}); lower the sizes of the recipe (train.batch_size, "
+                              f"train.seq_len, model.d_model, memory.slots)"), e)
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return (isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(e))
 
 
 def main() -> None:

@@ -166,13 +166,13 @@ def check_fits(est: Estimate, device, what: str, processes: int = 1) -> None:
                    f"{fmt_bytes(limit)} ({source}); lower {', '.join(keys)}")
 
 
-def check_training_fits(recipe, vocab_size: int, rt, where: str = "the recipe") -> Estimate:
+def check_training_fits(recipe, vocab_size: int, rt) -> Estimate:
     """The training estimate for this runtime (device, dtype, FSDP sharding), refused if it cannot fit."""
     fsdp = rt.distributed and recipe.train.distributed == "fsdp"
     est = training_estimate(recipe, vocab_size, compute_bytes=2 if rt.dtype_name == "bf16" else 4,
                             shards=rt.world if fsdp else 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    check_fits(est, rt.device, f"training {where}", processes=local)
+    check_fits(est, rt.device, "training", processes=local)
     return est
 
 

@@ -107,14 +107,18 @@ def materialize(item: tuple) -> list[str]:
 
 def _quiet_datasets():
     """Import `datasets` with its progress bars and the hub client's retry chatter off: lm2 reports one line."""
+    import logging
+
     import datasets
 
-    datasets.utils.logging.set_verbosity_error()
+    # Above CRITICAL: datasets logs read failures at ERROR level ("Failed to load JSON from file ..."), which would
+    # print ahead of our own one-line message about the same failure.
+    datasets.utils.logging.set_verbosity(logging.CRITICAL + 1)
     datasets.utils.logging.disable_progress_bar()
     try:
         from huggingface_hub.utils import logging as hub_logging
 
-        hub_logging.set_verbosity_error()
+        hub_logging.set_verbosity(logging.CRITICAL + 1)
     except ImportError:  # pragma: no cover - datasets always brings huggingface_hub
         pass
     return datasets

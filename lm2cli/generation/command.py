@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lm2cli.errors import Lm2Error
-from lm2cli.recipe import GenerateConfig, OutputConfig, check_value, section_fields
+from lm2cli.recipe import GenerateConfig, OutputConfig, check_value, section_fields, text_problem
 
 # `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` must just work: with no run given we use
 # the default output directory of the schema, which is the one recipes/small.toml writes to.
@@ -103,6 +103,9 @@ def read_prompt_rows(path: Path) -> list[PromptJob]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             problems.append(f'{where}: expected an object with a "prompt" string, e.g. {{"prompt": "Mary went"}}')
             continue
+        if "id" in row and text_problem(json.dumps(row["id"], ensure_ascii=False)):
+            problems.append(f"{where}: the id is not valid UTF-8 text")
+            continue
         overrides = {k: v for k, v in row.items() if k not in ("prompt", "id")}
         unknown = [k for k in overrides if k not in SAMPLING_KEYS]
         for key in unknown:
@@ -133,14 +136,27 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts: Path | N
         raise Lm2Error(f"{which}: use --prompt TEXT, --prompt-file PATH, --prompts FILE.jsonl or - to read "
                        f"standard input")
     if prompt is not None:
-        return [PromptJob(prompt, "--prompt")]
-    if prompts is not None:
-        return read_prompt_rows(prompts)
-    if prompt_file is not None and str(prompt_file) != "-":
-        return [PromptJob(_strip_final_newline(_read_text(prompt_file, "prompt file")), str(prompt_file))]
+        jobs = [PromptJob(prompt, "--prompt")]
+    elif prompts is not None:
+        jobs = read_prompt_rows(prompts)
+    elif prompt_file is not None and str(prompt_file) != "-":
+        jobs = [PromptJob(_strip_final_newline(_read_text(prompt_file, "prompt file")), str(prompt_file))]
+    else:
+        jobs = [PromptJob(_strip_final_newline(_read_stdin()), "standard input")]
+    problems = [f"{job.where}: the prompt {bad}" for job in jobs if (bad := text_problem(job.text))]
+    if problems:
+        raise Lm2Error(problems[0], problems=problems)
+    return jobs
+
+
+def _read_stdin() -> str:
     if sys.stdin.isatty():
         print("lm2 generate: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
-    return [PromptJob(_strip_final_newline(sys.stdin.read()), "standard input")]
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Lm2Error(f"standard input: not UTF-8 text (byte offset {e.start}); prompts must be UTF-8") from None
 
 
 # ----------------------------------------------------------------------------------- model and device
@@ -269,17 +285,38 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
           file=sys.stderr)
     generator.warm_up()
     try:
-        for job, ids, params in planned:
-            if json_output:
-                result = generator.generate(ids, params)
-                row = ({"id": job.id} if job.id is not None else {}) | result.summary()
-                _write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
-                generator.generate(ids, params, on_text=_write)
-                _write("\n")
+        for n, (job, ids, params) in enumerate(planned, start=1):
+            pieces: list[str] = []
+            try:
+                if json_output:
+                    result = generator.generate(ids, params, on_text=pieces.append)
+                    _write(json.dumps(_with_id(job, result.summary()), ensure_ascii=False) + "\n")
+                else:
+                    generator.generate(ids, params, on_text=_write)
+                    _write("\n")
+            except KeyboardInterrupt:
+                # Ctrl-C: finish the line, so a script reading JSON lines still gets the text so far.
+                if json_output:
+                    partial = {"text": "".join(pieces), "prompt_tokens": len(ids), "new_tokens": None,
+                               "stop_reason": "interrupted"}
+                    _write(json.dumps(_with_id(job, partial), ensure_ascii=False) + "\n")
+                else:
+                    _write("\n")
+                raise GenerationInterrupted(f"interrupted (Ctrl-C) during prompt {n} of {len(planned)} "
+                                            f"({job.where}); its text so far was printed") from None
     except BrokenPipeError:
         # `lm2 generate ... | head -n 3`: the reader left; stop quietly like any Unix filter.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _with_id(job: PromptJob, row: dict) -> dict:
+    return ({"id": job.id} if job.id is not None else {}) | row
+
+
+class GenerationInterrupted(Lm2Error):
+    """Ctrl-C while generating: the partial output is printed; exit code 130 like any interrupted command."""
+
+    exit_code = 130
 
 
 def plan_prompts(generator, jobs: list[PromptJob], defaults) -> list[tuple[PromptJob, list[int], Any]]:

@@ -80,6 +80,7 @@ class Session:
     stage: int = 0
     best: dict[str, dict] = field(default_factory=dict)  # pointer name -> {"val_loss", "checkpoint"}
     carry: Any = None  # memory carried across steps (memory.carry = true)
+    steps_this_run: int = 0  # optimizer steps taken by this process (0: the weights are as loaded/initialised)
     train_seconds: float = 0.0  # wall time spent in training steps, across resumes
     fsdp: bool = False  # `model` is sharded in place (train.distributed = "fsdp" under torchrun)
     extra_state: dict = field(default_factory=dict)  # command-specific values stored in trainer_state.json
@@ -192,6 +193,7 @@ def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
+    s.steps_this_run += 1
     s.rows_done += tcfg.batch_size * tcfg.grad_accum * rt.world
     rt.sync()
     return step_loss, norm, n_tokens
@@ -242,7 +244,27 @@ def non_finite(s: Session, step: int, loss: float, grad_norm: float) -> NonFinit
     kept = (f"the last good checkpoint {s.ckpt_root / last} is intact (resume with: {s.resume_hint})" if last
             else "no checkpoint had been saved yet")
     return NonFiniteLoss(f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
-                         f"Lower train.lr (now {s.recipe.train.lr}) or train.grad_clip, or check the data")
+                         f"{likely_cause(s)}")
+
+
+def likely_cause(s: Session) -> str:
+    """Where to look: an update gone wrong (the learning rate) only if this run has updated the weights."""
+    bad = next((n for n, p in s.model.named_parameters()
+                if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    lr = f"lower train.lr (now {s.recipe.train.lr}) or train.grad_clip"
+    if s.steps_this_run == 0:
+        if s.step > 0:
+            start = "the checkpoint this run resumed"
+        elif s.command == "finetune" and s.recipe.finetune.init_from:
+            start = f"the starting weights (finetune.init_from = {s.recipe.finetune.init_from})"
+        else:
+            start = f"the initialisation (model.init_std = {s.recipe.model.init_std})"
+        state = f"the weights are already non-finite ({bad})" if bad else "the untouched weights already give it"
+        return (f"This happened before any update of this run, so it is not the learning rate: {state}; check "
+                f"{start}, the model settings (model.norm_eps, model.rope_theta) and the data")
+    if bad:
+        return f"The weights became non-finite ({bad}) in an update: {lr}"
+    return f"{lr[0].upper()}{lr[1:]}, or check the data"
 
 
 # ---------------------------------------------------------------------------------------- evaluation
