@@ -92,10 +92,10 @@ def training_estimate(recipe, vocab_size: int, compute_bytes: int = 4, shards: i
     tokens = b * seq * (1 + 2 * a.slots / a.segment_len if a.arch == "rmt" else 1)
     per_layer = 8 * a.d_model + 3 * a.ffn_hidden  # inputs of the norms, projections and SwiGLU kept for backward
     layers = (a.n_layers * a.d_model + per_layer) if t.activation_checkpointing else a.n_layers * per_layer
-    per_token = compute_bytes * (layers + 3 * n_mem * a.d_model) + 4 * 2 * a.vocab_size  # float32 logits + grad
-    keys = ["train.batch_size", "train.seq_len"] + ([] if t.activation_checkpointing else
-                                                    ["or set train.activation_checkpointing = true"])
-    est.add("activations", tokens * per_token, keys)
+    keys = ["train.batch_size", "train.seq_len"]
+    est.add("activations", tokens * compute_bytes * (layers + 3 * n_mem * a.d_model),
+            keys + ([] if t.activation_checkpointing else ["or set train.activation_checkpointing = true"]))
+    est.add("logits", tokens * 4 * 2 * a.vocab_size, keys + ["model.vocab_size (the tokenizer's vocabulary)"])
     return est
 
 

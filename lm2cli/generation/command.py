@@ -103,8 +103,9 @@ def read_prompt_rows(path: Path) -> list[PromptJob]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             problems.append(f'{where}: expected an object with a "prompt" string, e.g. {{"prompt": "Mary went"}}')
             continue
-        if "id" in row and text_problem(json.dumps(row["id"], ensure_ascii=False)):
-            problems.append(f"{where}: the id is not valid UTF-8 text")
+        bad = text_problem(row["prompt"])
+        if bad or ("id" in row and text_problem(json.dumps(row["id"], ensure_ascii=False))):
+            problems.append(f"{where}: the prompt {bad}" if bad else f"{where}: the id is not valid UTF-8 text")
             continue
         overrides = {k: v for k, v in row.items() if k not in ("prompt", "id")}
         unknown = [k for k in overrides if k not in SAMPLING_KEYS]
