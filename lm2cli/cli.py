@@ -236,7 +236,8 @@ MAX_PROBLEMS_SHOWN = 10  # a file with 1,000 bad rows gets the first few lines a
 def report_error(err: Lm2Error, cause: BaseException | None = None) -> None:
     problems = err.problems
     for line in problems[:MAX_PROBLEMS_SHOWN]:
-        print(f"error: {line}", file=sys.stderr)
+        # an undecodable byte the user gave us (kept by Python as a lone surrogate) is shown, not re-raised
+        print(f"error: {line}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     if len(problems) > MAX_PROBLEMS_SHOWN:
         print(f"error: ... and {len(problems) - MAX_PROBLEMS_SHOWN:,} more problems of the same kind "
               f"({len(problems):,} in all)", file=sys.stderr)
