@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lm2cli.recipe import sections, section_fields, toml_value
+from lm2cli.recipe import section_fields, sections, toml_value
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.toml"

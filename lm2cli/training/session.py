@@ -356,6 +356,8 @@ def summarize(s: Session, stage: Stage) -> None:
 
 def dry_run_report(s: Session, data, stage: Stage) -> None:
     """Derived sizes, a memory estimate and one timed forward/backward pass; writes nothing."""
+    from lm2cli.resources import check_training_fits, fmt_bytes
+
     r, t, rt = s.recipe, s.recipe.train, s.rt
     rows_per_step = t.batch_size * t.grad_accum * rt.world
     row_tokens = data.row_tokens
@@ -372,9 +374,8 @@ def dry_run_report(s: Session, data, stage: Stage) -> None:
     info(rt, f"run: {stage.steps} steps x {up_to}{tokens_per_step:,} = {up_to}{stage.steps * tokens_per_step:,} tokens"
              f"{epochs}; "
              f"warm-up {t.warmup_steps} steps, lr {t.lr:g} -> {t.min_lr:g} (cosine)")
-    n_params = sum(p.numel() for p in s.model.parameters())
-    info(rt, f"memory estimate: weights + gradients + AdamW moments = 16 bytes x {n_params:,} = "
-             f"{16 * n_params / 2**20:,.1f} MiB, plus activations")
+    est = check_training_fits(r, s.model.args.vocab_size, rt)
+    info(rt, f"memory estimate (a lower bound, per process): {fmt_bytes(est.total)} = {est.describe()}")
     batch = to_device(data.batch(s.rows_done, t.batch_size), rt.device)
     timings = []
     for _ in range(2):  # the first pass pays for allocation and lazy initialisation
