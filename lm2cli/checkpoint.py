@@ -412,7 +412,7 @@ def read_carried_memory(ckpt: Path, model) -> CarriedMemory:
 
     if not path.is_file():
         raise bad("the file is missing")
-    tensors, raw = _read_safetensors(path, bad)
+    tensors, raw = read_safetensors(path, bad)
     try:
         desc = json.loads(raw) if raw is not None else None
     except (ValueError, RecursionError):
@@ -424,7 +424,9 @@ def read_carried_memory(ckpt: Path, model) -> CarriedMemory:
     return CarriedMemory(desc["ranks"], desc["batch_size"], tensors)
 
 
-def _read_safetensors(path: Path, bad) -> tuple[dict, str | None]:
+def read_safetensors(path: Path, bad) -> tuple[dict, str | None]:
+    """(tensors, the "lm2" metadata string or None) of a safetensors file; `bad(what)` makes the error raised
+    for an unreadable file."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lm2cli.checkpoint import (  # noqa: F401 - re-exported: the training side of the shared format
     CHECKPOINTS,
@@ -243,15 +242,13 @@ def trainer_state_problem(state: dict) -> str | None:
 
 def load_safetensors(ckpt: Path, fname: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and lm2 metadata (JSON) of one safetensors file of a checkpoint, with corruption as Lm2Error."""
-    from safetensors import safe_open
+    from lm2cli.checkpoint import read_safetensors
 
-    path = ckpt / fname
+    tensors, raw = read_safetensors(ckpt / fname, lambda what: _corrupt(ckpt, f"{fname}: {what}"))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lm2", "{}"))
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as e:
-        raise _corrupt(ckpt, f"{fname}: {str(e).splitlines()[0][:160]}") from None
+        return tensors, json.loads(raw or "{}")
+    except (ValueError, RecursionError):
+        raise _corrupt(ckpt, f"{fname}: its metadata is not JSON") from None
 
 
 # ------------------------------------------------------------------------------------- optimizer state

@@ -415,8 +415,12 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
 def load_model_weights(s: Session, ckpt: Path) -> None:
     """Weights of checkpoint `ckpt` into the session's model (sharded or not)."""
     if s.fsdp:
+        from lm2cli.checkpoint import check_weight_shapes
+        from lm2cli.resources import meta_model
         from lm2cli.training.fsdp import load_model_file
 
+        # names and shapes against an unsharded twin on the meta device, as load_weights does without FSDP
+        check_weight_shapes(meta_model(s.recipe, s.model.args.vocab_size), ckpt / "model.safetensors")
         load_model_file(s.model, ckpt / "model.safetensors")
     else:
         from lm2cli.checkpoint import load_weights
