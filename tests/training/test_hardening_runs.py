@@ -299,10 +299,16 @@ def limit_memory():
 
 
 @pytest.mark.parametrize("setting,key", [("memory.slots=10000000000", "lower memory.slots"),
-                                         ("model.d_model=1048576", "lower model.d_model"),
-                                         ("train.batch_size=100000000", "lower train.batch_size")])
-def test_sizes_that_cannot_be_allocated_are_refused_before_allocating(tiny_args, lm2_proc, setting, key):
-    res = lm2_proc("pretrain", *tiny_args(*STEPS, setting), preexec_fn=limit_memory, timeout=300)
+                                         ("model.d_model=1048576", "lower model.d_model")])
+def test_sizes_that_cannot_be_allocated_are_refused_before_allocating(cli, tiny_args, setting, key):
+    # in-process is safe here: without the check, the first allocation (terabytes at once) fails immediately
+    line = one_error(cli("pretrain", *tiny_args(*STEPS, setting)))
+    assert "training needs at least" in line and key in line
+
+
+def test_a_batch_that_cannot_be_allocated_is_refused_before_allocating(tiny_args, lm2_proc):
+    # in a child with an address-space limit: without the check, this one allocates row by row for minutes
+    res = lm2_proc("pretrain", *tiny_args(*STEPS, "train.batch_size=100000000"), preexec_fn=limit_memory, timeout=300)
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "training needs at least" in lines[0] and key in lines[0]
+    assert "training needs at least" in lines[0] and "lower train.batch_size" in lines[0]
