@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -215,3 +216,36 @@ def test_hf_directory_without_sentencepiece_tokenizer(cli, tiny_data, tmp_path):
     (hf / "tokenizer.model").unlink()
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", f"finetune.init_from={hf}", "train.steps=1"))
     assert res.code == 2 and "no tokenizer.model" in res.err
+
+
+def test_next_stage_starts_from_the_best_checkpoint_not_the_newest(cli, tiny_data, babilong_dir, tmp_path,
+                                                                   monkeypatch):
+    """Stage 1's validation losses are scripted so that its best checkpoint (step 1) is older than its newest
+    (step 2): stage 2 must begin with step 1's weights."""
+    from safetensors.torch import load_file
+
+    import lm2cli.training.loop as loop
+
+    real = loop.evaluate
+    scripted = {0: 5.0, 1: 1.0, 2: 3.0}
+    at_stage_2_start = {}
+
+    def evaluate(s, data):
+        result = real(s, data)
+        if s.stage == 0:
+            return dict(result, val_loss=scripted[s.step], val_ppl=math.exp(scripted[s.step]))
+        if s.step == 2 and not at_stage_2_start:  # the validation before stage 2's first step
+            at_stage_2_start.update({k: v.detach().clone() for k, v in s.model.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    sets = (f"finetune.data={babilong_dir}", "finetune.stages=[1, 2]", "train.steps=2", "train.eval_every=1",
+            "train.save_every=1")
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", *sets))
+    assert res.code == 0, res.err
+    root = tmp_path / "r/checkpoints"
+    assert ck.read_pointer(root, "best_stage_1") == "step_00000001"
+    assert f"starting from {root / 'step_00000001'}" in res.out
+    best, newest = (load_file(str(root / n / "model.safetensors")) for n in ("step_00000001", "step_00000002"))
+    assert at_stage_2_start and all(torch.equal(at_stage_2_start[k], best[k]) for k in best)
+    assert any(not torch.equal(best[k], newest[k]) for k in best)  # the two candidates really differ
