@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -45,6 +46,59 @@ def test_window_keeps_facts_inside_and_too_narrow_window_fails():
     assert all(50 <= p <= 60 for p in positions)
     with pytest.raises(Lm2Error, match="fact_window .* leaves no place"):
         inject_facts(facts, [[7], [7]], random.Random(2), window=(0.6, 0.9))
+
+
+def rebuild(fact_ids, sentences, positions):
+    """The token sequence a row's recorded positions describe: fact j just before haystack sentence
+    positions[j] (at the end when it equals the number of sentences)."""
+    tokens = []
+    for i in range(len(sentences) + 1):
+        tokens += [t for j, p in enumerate(positions) if p == i for t in fact_ids[j]]
+        if i < len(sentences):
+            tokens += sentences[i]
+    return tokens
+
+
+def test_facts_are_inserted_before_the_recorded_sentence():
+    facts = [[100 + i, 200 + i] for i in range(5)]
+    sentences = [[1000 + i] * 3 for i in range(12)]
+    for seed in range(20):
+        tokens, positions = inject_facts(facts, sentences, random.Random(seed))
+        assert tokens == rebuild(facts, sentences, positions)
+
+
+def test_fact_positions_spread_over_the_window_and_vary_between_rows():
+    facts = [[100 + i] for i in range(4)]
+    sentences = [[7] for _ in range(100)]
+    drawn = [inject_facts(facts, sentences, random.Random(seed), window=(0.2, 0.6))[1] for seed in range(50)]
+    everything = [p for positions in drawn for p in positions]
+    assert 20 <= min(everything) <= 24 and 56 <= max(everything) <= 60  # the whole window is used
+    assert len({tuple(p) for p in drawn}) > 40  # rows differ
+    assert sum(len(set(p)) > 1 for p in drawn) > 40  # the facts of a row are spread, not stacked in one gap
+
+
+class RecordingSampler:
+    def __init__(self, sampler):
+        self.sampler, self.last = sampler, None
+
+    def sample(self, n_tokens):
+        self.last = self.sampler.sample(n_tokens)
+        return self.last
+
+
+def test_a_row_is_its_haystack_with_the_facts_where_it_records_them(small_tokenizer):
+    sampler = RecordingSampler(make_sampler(small_tokenizer))
+    fact_ids = small_tokenizer.encode_batch(FACTS)
+    seen = set()
+    for k in range(5):
+        row, _ = build_row(sample(), 1000, 300, small_tokenizer, sampler, random.Random(k), window=(0.25, 0.75))
+        n = row["n_sentences"]
+        assert n == len(sampler.last) > 10
+        assert all(math.ceil(0.25 * n) <= p <= math.floor(0.75 * n) for p in row["fact_positions"])
+        rebuilt = rebuild(fact_ids, sampler.last, row["fact_positions"])
+        assert small_tokenizer.decode(rebuilt).strip() == row["input"]
+        seen.add(tuple(row["fact_positions"]))
+    assert len(seen) == 5
 
 
 def make_sampler(tok, seed=0, side="test"):
