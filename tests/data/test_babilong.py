@@ -13,7 +13,7 @@ from lm2cli.data.babilong import build_row, inject_facts, length_tokens, load_ba
 from lm2cli.data.haystack import BuiltinHaystack, SentenceSampler, split_sentences
 from lm2cli.errors import Lm2Error
 
-from .conftest import shared_dir
+from .conftest import needs_shared, shared_dir
 from .test_prepare import write_recipe
 
 FACTS = ["Mary moved to the bathroom.", "John went to the hallway.", "Mary got the football there.",
@@ -232,7 +232,7 @@ def test_bad_babilong_input_is_one_line(cli, tmp_path, small_tokenizer, sets, me
 SHARED_BOOKS = shared_dir("books")
 
 
-@pytest.mark.skipif(not SHARED_BOOKS.is_dir(), reason="../shared/books is not available")
+@needs_shared("books", "persuasion.txt")
 def test_real_books_as_haystack(small_tokenizer):
     from lm2cli.data.haystack import haystack_for
 

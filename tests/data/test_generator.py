@@ -1,5 +1,5 @@
 """The bAbI-world generator: story shapes, answers re-derived independently, support, determinism, disjointness,
-and (when ../shared/babi exists) statistics against the real bAbI files."""
+and (when the reference data has bAbI, see LM2_SHARED_DIR) statistics against the real bAbI files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from lm2cli.data.babi import Line, Story, format_story, statistics
 from lm2cli.data.checker import check_story, story_answers
 from lm2cli.data.generator import LABELS, TASKS, generate_stories, generate_story, story_side
 
-from .conftest import shared_dir
+from .conftest import needs_shared, shared_dir
 
-SHARED_BABI = shared_dir("babi") / "tasks_1-20_v1-2"
-needs_babi = pytest.mark.skipif(not SHARED_BABI.is_dir(), reason="../shared/babi is not available")
+SHARED_BABI = shared_dir("babi", "tasks_1-20_v1-2")
+needs_babi = needs_shared("babi", "tasks_1-20_v1-2")
 
 
 def stories(task, n=60, split="train", seed=3):
@@ -152,8 +152,7 @@ def _real(task):
 
 
 @needs_babi
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["qa1", "qa2", "qa3", "qa4", "qa5"])
+@pytest.mark.parametrize("task", ["qa1", "qa2", "qa3", "qa4", "qa5"])  # ~10 s together: not slow
 def test_statistics_match_the_real_training_files(task):
     real = statistics(_real(task))
     gen = statistics(list(generate_stories(task, "train", 2024, n_questions=10_000, verify=False)))

@@ -1,6 +1,5 @@
-"""Fixtures for the training tests: the tiny recipe's corpus tokenized once per session, tiny-recipe overrides, a
-single compute thread (2 shared CPU cores: with more threads than free cores, OpenMP barriers make every op
-wait for descheduled threads, and a 0.03 s step becomes seconds)."""
+"""Fixtures for the training tests: the tiny recipe's corpus tokenized once per session and tiny-recipe
+overrides (the single compute thread is set for the whole suite in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "tiny.toml"
@@ -40,15 +38,6 @@ def story(rng: random.Random) -> str:
 def corpus(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [story(rng) for _ in range(n)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
-    yield
-    torch.set_num_threads(before)
 
 
 def build_shards(out_dir: Path, recipe, train_docs: list[str], val_docs: list[str], tok=None):
