@@ -169,3 +169,21 @@ def test_dropping_the_state_changes_no_logit_or_gradient(arch):
     (kept_logits, kept_grads, kept_state), (logits, grads, state) = results
     assert state is None and kept_state is not None
     assert torch.allclose(kept_logits, logits, atol=1e-6) and torch.allclose(kept_grads, grads, atol=1e-6)
+
+
+def test_memory_bank_stays_float32_under_bf16_autocast():
+    """docs/architecture.md: the bank is a recurrence over many segments and is kept in float32 under bf16."""
+    model = tiny("lm2", 0).eval()
+    x = torch.randint(0, VOCAB, (2, 33))  # 4 writes
+    with torch.no_grad():
+        _, exact = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, state = model(x)
+            _, state = model(x[:, :5], state)  # a continuation reads and writes the float32 bank too
+    banks = [ls.memory.bank for ls in state.layers]
+    assert all(b.dtype == torch.float32 for b in banks) and logits.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, low = model(x)
+    for a, b in zip(low.layers, exact.layers, strict=True):
+        assert a.memory.bank.dtype == torch.float32
+        assert 0 < (a.memory.bank - b.memory.bank).abs().max() < 0.05  # bf16 activations, float32 recurrence

@@ -249,3 +249,27 @@ def test_next_stage_starts_from_the_best_checkpoint_not_the_newest(cli, tiny_dat
     best, newest = (load_file(str(root / n / "model.safetensors")) for n in ("step_00000001", "step_00000002"))
     assert at_stage_2_start and all(torch.equal(at_stage_2_start[k], best[k]) for k in best)
     assert any(not torch.equal(best[k], newest[k]) for k in best)  # the two candidates really differ
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_one_error(cli, tiny_data, babilong_dir, tmp_path):
+    pre = tmp_path / "pre"
+    assert cli("pretrain", *finetune_args(tiny_data, pre, "train.steps=1")).code == 0
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "ft", f"finetune.init_from={pre}",
+                                         f"finetune.data={babilong_dir}", "model.d_model=64", "train.steps=1"))
+    assert res.code == 2 and "Traceback" not in res.err
+    error = [line for line in res.err.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "model.d_model = 32 in the checkpoint, 64 now" in error[0]  # names the key
+    assert not (tmp_path / "ft/checkpoints").exists()
+
+
+def test_jsonl_rows_longer_than_seq_len_are_left_out_and_counted(cli, tiny_data, tmp_path):
+    rows = qa_rows(2, 30, seed=8)
+    short = [{"prompt": f"{r['input']} {r['question']}", "response": r["target"]} for r in rows]
+    long = [{"prompt": " ".join(r["input"] for r in rows[:12]), "response": "kitchen"} for _ in range(4)]
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in short[:20] + long))
+    val.write_text("".join(json.dumps(r) + "\n" for r in short[20:]))
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", "finetune.format=jsonl", f"finetune.data={data}",
+                                         f"finetune.val_data={val}", "train.steps=1"))
+    assert res.code == 0, res.err
+    assert "20 training rows of at most 65 tokens (4 longer rows left out)" in res.out

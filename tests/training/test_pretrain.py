@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -164,3 +165,71 @@ def test_bits_per_byte_counts_decoded_bytes(tiny_data):
         text = tok.decode(doc)
         # SentencePiece drops the leading space of a decoded sequence; our count keeps it
         assert lengths[doc].sum() == len(text.encode("utf-8")) + 1
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradient_norm_stops_before_the_step(cli, tiny_args, tmp_path, monkeypatch):
+    import lm2cli.training.loop as loop
+
+    real = loop.loss_sum
+    calls = {"n": 0}
+
+    def inf_gradient_on_third_step(logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 3 + 1:  # +1: the step-0 validation batch
+            logits = InfiniteGradient.apply(logits)
+        return real(logits, targets)
+
+    monkeypatch.setattr(loop, "loss_sum", inf_gradient_on_third_step)
+    res = cli("pretrain", *tiny_args("train.steps=5", "train.save_every=2", "train.eval_every=0",
+                                     "train.eval_batches=1"))
+    assert res.code == 2 and res.err.count("\n") == 1
+    assert "non-finite gradient norm" in res.err and "at step 3" in res.err and "step_00000002" in res.err
+    root = tmp_path / "run/checkpoints"
+    assert ck.list_checkpoints(root) == ["step_00000002"]
+    train = [r for r in metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
+
+
+def test_a_validation_left_pending_runs_first_on_resume(cli, tiny_args, tmp_path, monkeypatch):
+    """Killed after the save of an evaluation step but before its validation: --resume validates that
+    checkpoint first, records the result in it, then trains on."""
+    import lm2cli.training.loop as loop
+
+    real = loop.evaluate
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_2(s, data):
+        if s.step == 2:
+            raise Crash  # the process dies here, in validation, after the save
+        return real(s, data)
+
+    monkeypatch.setattr(loop, "evaluate", crash_at_step_2)
+    sets = ("train.steps=4", "train.eval_every=2", "train.save_every=0", "train.eval_batches=1")
+    with pytest.raises(Crash):
+        cli("pretrain", *tiny_args(*sets))
+    ckpt = tmp_path / "run/checkpoints/step_00000002"
+    assert ck.read_trainer_state(ckpt)["eval_pending"] is True
+    monkeypatch.setattr(loop, "evaluate", real)
+    res = cli("pretrain", *tiny_args(*sets), "--resume")
+    assert res.code == 0, res.err
+    state = ck.read_trainer_state(ckpt)
+    assert state["eval_pending"] is False and state["val"]["val_loss"] > 0
+    val = [r for r in metrics(tmp_path / "run") if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [0, 2, 4]
+    lines = res.out.splitlines()
+    first_val = next(i for i, line in enumerate(lines) if "step 2: val loss" in line)
+    assert first_val < next(i for i, line in enumerate(lines) if line.startswith("step 3/4"))
