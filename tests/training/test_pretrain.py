@@ -25,7 +25,6 @@ def test_pretrain_learns_and_writes_the_run_directory(cli, tiny_args, tmp_path):
     val = [r for r in rows if r["kind"] == "val"]
     assert [r["step"] for r in val] == [0, 12, 24]
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.0  # clearly learning
-    assert val[-1]["val_ppl"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
     assert 0 < val[-1]["val_bpb"] < val[0]["val_bpb"]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 25)) and all(r["grad_norm"] > 0 for r in train)
