@@ -176,3 +176,10 @@ def test_top_k_breaks_ties_by_the_lower_id(logits, k, kept):
     out = apply_top_k(torch.tensor([logits]), k)
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == kept
     assert out[0, kept].tolist() == [logits[i] for i in kept]
+
+
+def test_repetition_penalty_divides_small_positive_logits_too():
+    """A seen token with a logit in (0, 1] is divided as well (made less likely), zero stays zero."""
+    logits = torch.tensor([[0.5, 1.0, 0.0, -0.5, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 2, 3]]), 2.0)
+    assert out.tolist() == [[0.25, 0.5, 0.0, -1.0, 0.5]]
