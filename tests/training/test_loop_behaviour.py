@@ -138,3 +138,23 @@ def test_carried_memory_feeds_the_next_step_and_is_the_bank_saved(cli, tiny_args
     carry, fresh = rows(tmp_path / "carry", "train"), rows(tmp_path / "fresh", "train")
     assert carry[0]["loss"] == fresh[0]["loss"]  # same weights, same first batch, both from the initial bank
     assert carry[1]["loss"] != fresh[1]["loss"] and carry[2]["loss"] != fresh[2]["loss"]
+
+
+def test_validation_out_of_memory_is_a_warning_and_training_goes_on(cli, tiny_args, tmp_path, monkeypatch):
+    import lm2cli.training.loop as loop
+
+    real = loop.evaluate
+
+    def oom_at_step_2(s, data):
+        if s.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(s, data)
+
+    monkeypatch.setattr(loop, "evaluate", oom_at_step_2)
+    res = cli("pretrain", *tiny_args("train.steps=4", "train.eval_every=2", "train.eval_batches=1"))
+    assert res.code == 0, res.err
+    assert "validation at step 2 ran out of memory and was skipped" in res.out
+    assert [r["step"] for r in rows(tmp_path / "run", "val")] == [0, 4]
+    assert [r["step"] for r in rows(tmp_path / "run", "train")] == [1, 2, 3, 4]
+    state = ck.read_trainer_state(tmp_path / "run/checkpoints/step_00000002")
+    assert state["eval_pending"] is False  # a resume does not redo it
