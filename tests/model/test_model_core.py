@@ -101,8 +101,9 @@ def _grad_of_first_segment(model, bptt):
     return captured["emb"].grad[:, :8].abs().sum().item()
 
 
-def test_truncated_bptt_really_stops_gradients():
-    model = tiny("lm2", 4)
+@pytest.mark.parametrize("arch", ["lm2", "rmt"])
+def test_truncated_bptt_really_stops_gradients(arch):
+    model = tiny(arch, 4)
     assert _grad_of_first_segment(model, bptt=0) > 0  # gradient reaches segment 0 only through memory
     model.zero_grad()
     assert _grad_of_first_segment(model, bptt=2) == 0
@@ -124,6 +125,26 @@ def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
     assert [w.end_pos for w in writes] == [8, 16]
     assert writes[0].attention.shape == (2, 2, 5, 8) and writes[0].bank.shape == (2, 5, 12)
     assert torch.allclose(writes[0].attention.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_recording_across_chunked_calls_equals_one_recorded_call():
+    """One recorder over several calls (as generation makes them) gives the same per-token views as one call."""
+    model = tiny("lm2", 0).eval()
+    x = torch.randint(0, VOCAB, (2, 21))
+    whole, pieces = MemoryRecorder(), MemoryRecorder()
+    with torch.no_grad():
+        model(x, recorder=whole)
+        state = None
+        for a, b in ((0, 5), (5, 6), (6, 17), (17, 21)):
+            _, state = model(x[:, a:b], state, recorder=pieces)
+    for layer in (0, 2):
+        assert pieces.read_attention(layer).shape == (2, 2, 21, 5)
+        assert torch.allclose(pieces.read_attention(layer), whole.read_attention(layer), atol=1e-6)
+        assert pieces.output_gate(layer).shape == (2, 21, 32)
+        assert torch.allclose(pieces.output_gate(layer), whole.output_gate(layer), atol=1e-6)
+        assert [w.end_pos for w in pieces.writes[layer]] == [w.end_pos for w in whole.writes[layer]] == [8, 16]
+        for a, b in zip(pieces.writes[layer], whole.writes[layer], strict=True):
+            assert torch.allclose(a.bank, b.bank, atol=1e-6)
 
 
 def test_identity_initial_memory_and_carry():
