@@ -165,11 +165,24 @@ def test_command_writes_the_hub_layout_and_meta(cli, tmp_path, small_tokenizer):
     assert meta["tokenizer"]["sha256"] == small_tokenizer.sha256 and meta["tokenizer"]["vocab_size"] == 400
     assert meta["lengths"] == {"0k": 0, "1k": 1000, "2k": 2000} and meta["margin"] == 300
     assert meta["max_n_facts"] == "budget//8" and meta["whitespace"] == "collapsed"
+    assert meta["length_unit"] == "tokens" and meta["generator"] == "lm2 bAbI-world generator"
+    assert meta["fact_window"] == [0.0, 1.0] and meta["samples_per_length"] == 6
     assert meta["mean_chars"]["2k"] > meta["mean_chars"]["1k"] > meta["mean_chars"]["0k"]
     assert load_babilong(out, "1k", "qa2") == [{k: r[k] for k in ("input", "question", "target")}
                                               for r in json.loads((out / "qa2" / "1k.json").read_text())]
     res = cli("babilong", recipe)
     assert res.code == 0 and "up to date" in res.out
+
+
+def test_command_places_facts_within_the_fact_window(cli, tmp_path, small_tokenizer):
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["2k"], samples=8,
+                             fact_window=[0.0, 0.25])
+    assert cli("babilong", recipe).code == 0
+    rows = json.loads((tmp_path / "bl" / "qa1" / "2k.json").read_text())
+    shares = [p / r["n_sentences"] for r in rows for p in r["fact_positions"]]
+    assert all(0.0 <= x <= 0.25 for x in shares)
+    assert min(shares) < 0.1 and max(shares) > 0.15  # spread over the window, from its start
+    assert json.loads((tmp_path / "bl" / "meta.json").read_text())["fact_window"] == [0.0, 0.25]
 
 
 def test_identical_seeds_identical_files_and_train_differs_from_test(cli, tmp_path, small_tokenizer):
@@ -198,7 +211,7 @@ def test_reading_real_format_facts_from_a_directory(cli, tmp_path, small_tokeniz
     res = cli("babilong", recipe, "--set", f"babilong.facts='{tmp_path / 'babi'}'")
     assert res.code == 0, res.err
     meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
-    assert meta["facts_source"].startswith("babi-v1.2:")
+    assert meta["facts_source"].startswith("babi-v1.2:") and meta["generator"] == "bAbI v1.2 files"
     res = cli("babilong", recipe, "--set", f"babilong.facts='{tmp_path / 'nowhere'}'")
     assert res.code == 2 and "expected \"synthetic\" or a bAbI v1.2 directory" in res.err
 
