@@ -167,6 +167,12 @@ def test_command_writes_the_hub_layout_and_meta(cli, tmp_path, small_tokenizer):
     assert meta["max_n_facts"] == "budget//8" and meta["whitespace"] == "collapsed"
     assert meta["length_unit"] == "tokens" and meta["generator"] == "lm2 bAbI-world generator"
     assert meta["fact_window"] == [0.0, 1.0] and meta["samples_per_length"] == 6
+    documented = {"format", "lm2_version", "split", "generator", "facts_source", "haystack", "length_unit",
+                  "tokenizer", "margin", "lengths", "samples_per_length", "seed", "max_n_facts",
+                  "min_sentence_tokens", "max_sentence_tokens", "fact_window", "whitespace", "sentence_splitter",
+                  "mean_chars", "rows", "dropped", "files", "fingerprint"}  # docs/data.md
+    assert documented <= set(meta) and meta["seed"] == 1234
+    assert "not the official BABILong release" in meta["note"]
     assert meta["mean_chars"]["2k"] > meta["mean_chars"]["1k"] > meta["mean_chars"]["0k"]
     assert load_babilong(out, "1k", "qa2") == [{k: r[k] for k in ("input", "question", "target")}
                                               for r in json.loads((out / "qa2" / "1k.json").read_text())]
