@@ -117,6 +117,7 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
     assert res.code == 0, res.err
     assert "new (freshly initialised) memory parameters" in res.out and "blocks 0, 1" in res.out
     assert "[stage 2/2, 2 segments] starting from" in res.out
+    assert "\n[stage 2/2, 2 segments] step 5/8 | loss " in res.out  # progress lines carry the stage label
     root = tmp_path / "a/checkpoints"
     b1, b2 = ck.read_pointer(root, "best_stage_1"), ck.read_pointer(root, "best_stage_2")
     assert ck.step_of(b1) <= 4 < ck.step_of(b2) <= 8 and ck.read_pointer(root, "best") == b2

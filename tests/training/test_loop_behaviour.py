@@ -158,3 +158,14 @@ def test_validation_out_of_memory_is_a_warning_and_training_goes_on(cli, tiny_ar
     assert [r["step"] for r in rows(tmp_path / "run", "train")] == [1, 2, 3, 4]
     state = ck.read_trainer_state(tmp_path / "run/checkpoints/step_00000002")
     assert state["eval_pending"] is False  # a resume does not redo it
+
+
+def test_mfu_is_logged_against_the_device_peak(cli, tiny_args, tmp_path, monkeypatch):
+    """CPUs report no MFU; with a known peak (here a pretend 1 TFLOP/s device) it is flops/token x tok/s / peak."""
+    monkeypatch.setattr(Runtime, "peak_flops", lambda self: 1e12)
+    res = cli("pretrain", *tiny_args("train.steps=2", "train.eval_every=0", "train.eval_batches=1"))
+    assert res.code == 0, res.err
+    flops = ck.read_trainer_state(tmp_path / "run/checkpoints/step_00000002")["flops_per_token"]
+    train = rows(tmp_path / "run", "train")
+    assert all(r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e12) for r in train)
+    assert "| mfu " in res.out
