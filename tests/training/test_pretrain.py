@@ -37,6 +37,10 @@ def test_pretrain_learns_and_writes_the_run_directory(cli, tiny_args, tmp_path):
     assert ck.read_pointer(root, "latest") == ck.read_pointer(root, "best") == "step_00000024"
     state = ck.read_trainer_state(root / "step_00000024")
     assert state["step"] == 24 and state["rows_done"] == 96 and state["val"]["val_loss"] == val[-1]["val_loss"]
+    from lm2cli import __version__
+
+    assert state["command"] == "pretrain" and state["lm2_version"] == __version__ and state["stage"] == 0
+    assert state["eval_pending"] is False and state["best"]["best"]["checkpoint"] == "step_00000024"
     assert set(state["manifest"]) == {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
                                       "recipe.toml", "tokenizer.model"}
     assert "val loss" in res.out and "done: step 24" in res.out
