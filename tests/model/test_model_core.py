@@ -208,3 +208,30 @@ def test_memory_bank_stays_float32_under_bf16_autocast():
     for a, b in zip(low.layers, exact.layers, strict=True):
         assert a.memory.bank.dtype == torch.float32
         assert 0 < (a.memory.bank - b.memory.bank).abs().max() < 0.05  # bf16 activations, float32 recurrence
+
+
+def test_flops_estimate_follows_its_definition():
+    """docs/architecture.md §5: 6 x matmul parameters per token, plus attention over the context (half of it on
+    average under the causal mask, at most W keys with a window), plus the memory read and write. Checked
+    through properties of the estimate rather than its formula."""
+    d, layers = 32, 3
+    vanilla = tiny("vanilla")
+    n = vanilla.param_report()["total"]
+    f = vanilla.flops_per_token
+    assert f(0) == 6 * n  # no context: the parameters alone (the tied embedding counted once, as the head)
+    assert f(100) - f(0) == pytest.approx(6 * layers * d * 100)  # scores and weighted sum: 2 x 2 x d per key x 3
+    untied = tiny("vanilla", 0, "model.tie_embeddings=false")
+    assert untied.param_report()["total"] == n + VOCAB * d and untied.flops_per_token(64) == f(64)  # lookup is free
+    assert vanilla.param_report()["embedding"] == VOCAB * d and untied.param_report()["embedding"] == 2 * VOCAB * d
+    windowed = tiny("vanilla", 6).flops_per_token
+    assert windowed(6) == windowed(1000) == f(12)  # W keys at most, every key (no causal halving)
+    lm2 = tiny("lm2")
+    extra = lm2.flops_per_token(64) - f(64) - 6 * lm2.param_report()["memory"]  # memory work beyond its weights
+    one_layer = tiny("lm2", 0, "memory.layers=[1]")
+    extra_one = one_layer.flops_per_token(64) - f(64) - 6 * one_layer.param_report()["memory"]
+    assert extra > 0 and extra == pytest.approx(layers * extra_one)
+    longer_segments = tiny("lm2", 0, "memory.segment_len=16")
+    assert longer_segments.flops_per_token(64) < lm2.flops_per_token(64)  # per-segment work amortised over S
+    rmt = tiny("rmt")
+    assert rmt.flops_per_token(64) == pytest.approx(
+        (6 * (rmt.param_report()["total"] - 5 * d) + 6 * layers * d * 64) * (1 + 2 * 5 / 8))
