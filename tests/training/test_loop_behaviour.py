@@ -169,3 +169,14 @@ def test_mfu_is_logged_against_the_device_peak(cli, tiny_args, tmp_path, monkeyp
     train = rows(tmp_path / "run", "train")
     assert all(r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e12) for r in train)
     assert "| mfu " in res.out
+
+
+def test_moving_a_batch_keeps_its_counts_and_kind():
+    from lm2cli.training.loop import to_device
+
+    t = torch.tensor([[1, 2, X]])
+    batch = Batch(t, t, n_tokens=2, n_bytes=7.0, answers=True)
+    assert to_device(batch, torch.device("cpu")) is batch
+    moved = to_device(batch, torch.device("meta"))
+    assert moved.inputs.device.type == moved.targets.device.type == "meta"
+    assert (moved.n_tokens, moved.n_bytes, moved.answers) == (2, 7.0, True)

@@ -79,3 +79,14 @@ def test_schedule_without_warmup_starts_at_peak():
     assert lr_at(0, lr=3e-4, min_lr=0.0, warmup_steps=0, total_steps=100) == pytest.approx(3e-4)
     assert lr_at(50, lr=3e-4, min_lr=0.0, warmup_steps=0, total_steps=100) == pytest.approx(1.5e-4)
     assert math.isfinite(lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=0))
+
+
+def test_one_step_of_decay_reaches_the_floor():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=1, total_steps=2)
+    assert [lr_at(s, **kw) for s in range(4)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+
+
+def test_set_lr_on_groups_without_a_multiplier():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == 0.25

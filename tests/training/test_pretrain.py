@@ -28,6 +28,7 @@ def test_pretrain_learns_and_writes_the_run_directory(cli, tiny_args, tmp_path):
     assert 0 < val[-1]["val_bpb"] < val[0]["val_bpb"]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 25)) and all(r["grad_norm"] > 0 for r in train)
+    assert 0 < train[0]["epoch"] < train[1]["epoch"] < 1  # a fraction of an epoch, not rounded to whole ones
     assert train[0]["lr"] == pytest.approx(0.005)  # warm-up: step 1 of 2
     assert (run / "metrics.csv").read_text().count("\n") == len(rows) + 1
     assert (run / "recipe.toml").is_file()
