@@ -45,6 +45,9 @@ def test_groups_split_memory_and_decay_and_count_tied_weights_once():
     assert any(p is model.memory.bank0 for p in by_name["memory/no_decay"]["params"])  # 2-D but not decayed
     assert by_name["memory/decay"]["lr_mult"] == 3.0 and by_name["backbone/decay"]["lr_mult"] == 1.0
     assert sum(s.params for s in summary) == sum(p.numel() for p in model.parameters())
+    assert [(s.name, s.tensors, s.weight_decay, s.lr_mult) for s in summary] == [
+        ("backbone/decay", 1, 0.1, 1.0), ("backbone/no_decay", 2, 0.0, 1.0), ("memory/decay", 1, 0.1, 3.0),
+        ("memory/no_decay", 2, 0.0, 3.0)]
 
 
 def test_set_lr_applies_the_memory_multiplier():
@@ -54,6 +57,15 @@ def test_set_lr_applies_the_memory_multiplier():
     set_lr(opt, 2e-3)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["backbone/decay"] == 2e-3 and lrs["memory/decay"] == 1e-3
+
+
+@pytest.mark.parametrize("device_type, fused", [("cpu", None), ("cuda", True)])
+def test_optimizer_takes_the_recipe_betas_and_fuses_on_cuda(device_type, fused):
+    model = StandIn()
+    cfg = SimpleNamespace(weight_decay=0.1, memory_lr_mult=1.0, lr=1e-3, beta1=0.8, beta2=0.95)
+    opt, _ = build_optimizer(model, cfg, model.is_memory_param, device_type)  # fused AdamW also runs on CPU
+    assert opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-8
+    assert opt.defaults["fused"] is fused
 
 
 def test_frozen_parameters_are_left_out():
