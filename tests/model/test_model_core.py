@@ -230,6 +230,9 @@ def test_flops_estimate_follows_its_definition():
     one_layer = tiny("lm2", 0, "memory.layers=[1]")
     extra_one = one_layer.flops_per_token(64) - f(64) - 6 * one_layer.param_report()["memory"]
     assert extra > 0 and extra == pytest.approx(layers * extra_one)
+    per_slot = [tiny("lm2", 0, f"memory.slots={n}").flops_per_token(64) for n in (2, 4, 6)]
+    assert per_slot[2] - per_slot[1] == pytest.approx(per_slot[1] - per_slot[0])  # reads and writes grow with N
+    assert per_slot[1] > per_slot[0]
     longer_segments = tiny("lm2", 0, "memory.segment_len=16")
     assert longer_segments.flops_per_token(64) < lm2.flops_per_token(64)  # per-segment work amortised over S
     rmt = tiny("rmt")
