@@ -85,9 +85,9 @@ def test_every_memory_parameter_gets_a_gradient(arch):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
 
-def _grad_of_first_segment(model, bptt):
+def _grad_of_segment(model, bptt, segment):
     emb = model.tok_emb
-    x = torch.randint(0, VOCAB, (1, 32))
+    x = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
     captured = {}
 
     def keep(_module, _inp, out):
@@ -97,8 +97,12 @@ def _grad_of_first_segment(model, bptt):
     handle = emb.register_forward_hook(keep)
     logits, _ = model(x, bptt=bptt)
     handle.remove()
-    logits[:, -1].sum().backward()  # last token: window 4 keeps segment 0 out of its attention
-    return captured["emb"].grad[:, :8].abs().sum().item()
+    logits[:, -1].sum().backward()  # last token: window 4 keeps earlier segments out of its attention
+    return captured["emb"].grad[:, 8 * segment:8 * segment + 8].abs().sum().item()
+
+
+def _grad_of_first_segment(model, bptt):
+    return _grad_of_segment(model, bptt, 0)
 
 
 @pytest.mark.parametrize("arch", ["lm2", "rmt"])
@@ -107,6 +111,9 @@ def test_truncated_bptt_really_stops_gradients(arch):
     assert _grad_of_first_segment(model, bptt=0) > 0  # gradient reaches segment 0 only through memory
     model.zero_grad()
     assert _grad_of_first_segment(model, bptt=2) == 0
+    if arch == "lm2":  # (RMT's write suffix sees only the last W - 1 tokens of its segment)
+        model.zero_grad()
+        assert _grad_of_segment(model, bptt=2, segment=2) > 0  # the last two writes keep their history
 
 
 def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
@@ -125,6 +132,19 @@ def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
     assert [w.end_pos for w in writes] == [8, 16]
     assert writes[0].attention.shape == (2, 2, 5, 8) and writes[0].bank.shape == (2, 5, 12)
     assert torch.allclose(writes[0].attention.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_chunks_that_complete_a_segment_as_long_as_the_bank_has_slots():
+    """A piece that completes a segment begun in an earlier call, as many tokens long as there are slots."""
+    model = tiny("lm2", 0, "memory.slots=2").eval()
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        full, _ = model(x)
+        state, outs = None, []
+        for a, b in ((0, 6), (6, 8), (8, 14), (14, 24)):
+            logits, state = model(x[:, a:b], state)
+            outs.append(logits)
+    assert (torch.cat(outs, dim=1) - full).abs().max() <= 1e-4
 
 
 def test_recording_across_chunked_calls_equals_one_recorded_call():
