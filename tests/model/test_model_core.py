@@ -35,6 +35,8 @@ def test_future_tokens_never_change_past_logits(arch, window):
             changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
             out, _ = model(changed)
             assert (out[:, :t + 1] - base[:, :t + 1]).abs().max() <= 1e-6, f"position <= {t} saw the future"
+        for t in (2, 3):  # short inputs without a cache take a different mask path
+            assert (model(x[:, :t])[0][:, 0] - base[:, 0]).abs().max() <= 1e-6
         # and the test can fail: changing a token does change later logits
         changed = x.clone()
         changed[:, 3] = (changed[:, 3] + 1) % VOCAB
@@ -63,6 +65,13 @@ def test_window_bounds_the_kv_cache():
     assert all(ls.k.shape[2] == 5 for ls in state.layers)  # W - 1 keys: enough for the next token
 
 
+def test_memory_heads_must_divide_both_widths():
+    from lm2cli.model.memory import LM2Memory
+
+    with pytest.raises(ValueError, match="memory heads must divide d_model and slot_dim"):
+        LM2Memory(8, 4, 6, 4, 8, "identity", 0.0, 1.0)
+
+
 def test_memory_layers_subset_and_params():
     model = tiny("lm2", 0, "memory.layers=[1]")
     assert [b.memory is not None for b in model.blocks] == [False, True, False]
@@ -81,6 +90,7 @@ def test_every_memory_parameter_gets_a_gradient(arch):
     logits.float().logsumexp(-1).mean().backward()
     memory_params = [(n, p) for n, p in model.named_parameters() if model.is_memory_param(n)]
     assert memory_params
+    assert any(n.endswith("bank0") for n, _ in memory_params) == (arch == "lm2")  # the learned initial bank
     for name, p in memory_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
