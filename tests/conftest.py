@@ -35,7 +35,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 def pytest_report_header(config):
     root = Path(os.environ.get("LM2_SHARED_DIR") or REPO.parent / "shared")  # as tests/data/conftest.py
     return f"lm2 reference data: {root} ({'found' if root.is_dir() else 'missing: tests that need it skip'}); " \
-           f"hypothesis profile {settings._current_profile}; torch threads {torch.get_num_threads()}"
+           f"hypothesis profile {settings.get_current_profile_name()}; torch threads {torch.get_num_threads()}"
 
 
 @dataclass
