@@ -29,13 +29,14 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses the tests start
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 
 def pytest_report_header(config):
     root = Path(os.environ.get("LM2_SHARED_DIR") or REPO.parent / "shared")  # as tests/data/conftest.py
     return f"lm2 reference data: {root} ({'found' if root.is_dir() else 'missing: tests that need it skip'}); " \
-           f"hypothesis profile {settings.get_current_profile_name()}; torch threads {torch.get_num_threads()}"
+           f"hypothesis profile {HYPOTHESIS_PROFILE}; torch threads {torch.get_num_threads()}"
 
 
 @dataclass
