@@ -331,14 +331,13 @@ def _validated(rows, where: str) -> list[dict[str, str]]:
 
 
 def _load_from_hub(name: str, length: str, task: str) -> list:
-    from lm2cli.data.corpus import _first_line, _quiet_datasets, is_network_error
+    from lm2cli.data.corpus import _first_line, is_network_error, load_dataset
 
-    datasets = _quiet_datasets()
     offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     problems = []
     for config, split in ((length, task), (task, length)):  # current hub order, then the older one
         try:
-            dataset = datasets.load_dataset(name, config)
+            dataset = load_dataset(name, config)
         except Exception as e:
             if is_network_error(e) or offline:
                 raise Lm2Error(f"BABILong source '{name}': the Hugging Face hub cannot be reached "

@@ -10,7 +10,8 @@ holds what exact resume needs:
     optimizer.safetensors   AdamW moments and step counts, keyed `state/<param index or name>/<name>`; the
                             group layout is in the safetensors metadata (JSON)
     rng.safetensors         torch CPU (and CUDA) generator states per rank, as uint8 tensors
-    memory_state.safetensors  the carried memory (memory.carry = true only), with its structure as JSON
+    memory_state.safetensors  the carried memory (memory.carry = true only): named tensors and a small JSON
+                            description, decoded and checked against the model by lm2cli.checkpoint
 
 Nothing is ever unpickled: tensors come from safetensors and everything else from JSON.
 `latest` and `best` are small text files naming a checkpoint directory; rotation keeps the newest
@@ -19,8 +20,6 @@ Nothing is ever unpickled: tensors come from safetensors and everything else fro
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import os
 import random
@@ -35,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lm2cli.checkpoint import MEMORY_FILE
 from lm2cli.errors import Lm2Error
 from lm2cli.fileio import atomic_write_json, atomic_write_text, sha256_file
 
@@ -42,7 +42,6 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-MEMORY_FILE = "memory_state.safetensors"
 STATE_FORMAT = "lm2-trainer-state"
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -133,8 +132,10 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], None], trainer_state: dict,
                     optimizer_state: dict | None, rng_tensors: dict[str, torch.Tensor],
-                    memory_state: Any = None) -> Path:
+                    memory_state: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
     """Write checkpoint `step` atomically and point `latest` at it. Returns the final directory.
+
+    `memory_state`: the carried memory as (tensors, description), from `lm2cli.checkpoint.encode_carried_memory`.
 
     If a complete checkpoint of the same step already exists (e.g. an interrupt right after a periodic
     save), it is kept as is: the state at a given step is the same by construction.
@@ -153,8 +154,8 @@ def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], N
         save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"lm2": json.dumps(meta)})
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / RNG_FILE)
     if memory_state is not None:
-        tensors, skeleton = flatten_tree(memory_state)
-        save_file(tensors, tmp / MEMORY_FILE, metadata={"lm2": json.dumps(skeleton)})
+        tensors, description = memory_state
+        save_file(tensors, tmp / MEMORY_FILE, metadata={"lm2": json.dumps(description)})
     state = dict(trainer_state, format=STATE_FORMAT, version=STATE_VERSION, manifest=_manifest(tmp))
     atomic_write_json(tmp / STATE_FILE, state)
     for f in tmp.iterdir():  # the rename must not become visible before the data is on disk
@@ -343,57 +344,3 @@ def restore_rng(rank: int, tensors: dict[str, torch.Tensor], info: dict) -> None
     n = info["numpy"]
     np.random.set_state((n["name"], np.frombuffer(bytes.fromhex(n["key"]), "<u4").astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))
-
-
-# ------------------------------------------------------------------------------ tensor trees (no pickle)
-
-
-def flatten_tree(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested structure of tensors (dicts, lists, tuples, lm2 dataclasses, None, numbers) into
-    named tensors and a JSON skeleton that `unflatten_tree` turns back into the same structure."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(x: Any) -> Any:
-        if torch.is_tensor(x):
-            key = f"t{len(tensors)}"
-            tensors[key] = x.detach().to("cpu").contiguous().clone()
-            return {"tensor": key}
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return {"value": x}
-        if isinstance(x, (list, tuple)):
-            return {"list" if isinstance(x, list) else "tuple": [walk(v) for v in x]}
-        if isinstance(x, dict):
-            return {"dict": {str(k): walk(v) for k, v in x.items()}}
-        if dataclasses.is_dataclass(x) and type(x).__module__.startswith("lm2cli."):
-            cls = type(x)
-            return {"dataclass": f"{cls.__module__}:{cls.__qualname__}",
-                    "fields": {f.name: walk(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-        raise TypeError(f"cannot store {type(x).__name__} in a checkpoint")
-
-    return tensors, walk(tree)
-
-
-def unflatten_tree(tensors: dict[str, torch.Tensor], skeleton: Any, device: Any = None) -> Any:
-    def build(node: dict) -> Any:
-        if "tensor" in node:
-            return tensors[node["tensor"]].to(device) if device is not None else tensors[node["tensor"]]
-        if "value" in node:
-            return node["value"]
-        if "list" in node:
-            return [build(v) for v in node["list"]]
-        if "tuple" in node:
-            return tuple(build(v) for v in node["tuple"])
-        if "dict" in node:
-            return {k: build(v) for k, v in node["dict"].items()}
-        if "dataclass" in node:
-            module, qualname = node["dataclass"].split(":")
-            if not module.startswith("lm2cli."):  # only our own state classes, never arbitrary code
-                raise ValueError(f"refusing to build {node['dataclass']}")
-            cls: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                cls = getattr(cls, part)
-            return cls(**{k: build(v) for k, v in node["fields"].items()})
-        raise ValueError(f"bad tree node {node}")
-
-    return build(skeleton)
-

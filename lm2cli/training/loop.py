@@ -363,7 +363,7 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
     `eval_pending`: a validation is due at this step and follows the save; its result is added to the
     checkpoint's trainer_state.json afterwards, and a run resumed before that happened validates first.
     """
-    from lm2cli.checkpoint import save_model_files
+    from lm2cli.checkpoint import encode_carried_memory, save_model_files
 
     rng_tensors, rng_info = ck.capture_rng(s.rt.rank)
     gathered = s.rt.gather_objects((rng_tensors, rng_info, s.carry))
@@ -378,7 +378,9 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
     if s.rt.is_main:
         all_tensors = {k: v for t, _, _ in gathered for k, v in t.items()}
         infos = {f"rank{i}": info for i, (_, info, _) in enumerate(gathered)}
-        carried = [c for _, _, c in gathered] if s.carry is not None else None
+        carried = None
+        if s.carry is not None:
+            carried = encode_carried_memory(s.model, [c for _, _, c in gathered], s.recipe.train.batch_size)
         state = trainer_state(s, stage, eval_pending, infos)
         path = ck.save_checkpoint(s.ckpt_root, s.step, lambda d: save_model_files(d, model, s.recipe, s.tokenizer),
                                   state, optimizer_state, all_tensors, carried)

@@ -285,13 +285,28 @@ def restore(s: Session, ckpt: Path, state: dict) -> None:
         warn(s.rt, f"checkpoint {ckpt} was written by {state.get('world_size')} processes, this run has "
                    f"{s.rt.world}: random-number states start fresh (data order is unaffected)")
     if state.get("memory_carried") and s.recipe.memory.carry:
-        tensors, skeleton = ck.load_safetensors(ckpt, ck.MEMORY_FILE)
-        per_rank = ck.unflatten_tree(tensors, skeleton, s.rt.device)
-        if len(per_rank) == s.rt.world:
-            s.carry = per_rank[s.rt.rank]
-        else:
-            warn(s.rt, "the carried memory was saved by a different number of processes; it starts fresh")
+        restore_carried_memory(s, ckpt)
     info(s.rt, f"resumed from {ckpt} (step {s.step}, {s.rows_done:,} rows into the data)")
+
+
+def restore_carried_memory(s: Session, ckpt: Path) -> None:
+    """The memory this process carried into its next batch (memory.carry = true), checked against the model.
+
+    A vanilla model carries nothing but the start of a new sequence, which is what no state means too.
+    """
+    from lm2cli.checkpoint import read_carried_memory
+
+    carried = read_carried_memory(ckpt, s.model)
+    if s.model.args.arch == "vanilla":
+        return
+    if carried.ranks != s.rt.world:
+        warn(s.rt, f"the carried memory was saved by {carried.ranks} processes, this run has {s.rt.world}; it "
+                   f"starts fresh")
+    elif carried.batch_size != s.recipe.train.batch_size:
+        warn(s.rt, f"the carried memory holds {carried.batch_size} rows per process, train.batch_size is now "
+                   f"{s.recipe.train.batch_size}; it starts fresh")
+    else:
+        s.carry = carried.state_for(s.model, s.rt.rank, s.rt.device)
 
 
 def pending_eval(state: dict | None) -> bool:

@@ -277,7 +277,7 @@ def test_hub_source_with_a_monkeypatched_load_dataset(cli, tmp_path, monkeypatch
     assert res.code == 0, res.err
     name, config, kwargs = calls[0]
     assert (name, config) == ("someone/corpus", "en")
-    assert kwargs == {"split": "train", "streaming": True, "revision": "abc123"}
+    assert kwargs == {"split": "train", "streaming": True, "revision": "abc123", "trust_remote_code": False}
     meta = TokenShards(tmp_path / "data").meta
     assert meta["stats"]["documents"] == 40 and meta["source"]["revision"] == "abc123"
 

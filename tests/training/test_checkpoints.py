@@ -1,10 +1,10 @@
-"""Checkpoint directories: atomic save, pickle-free optimizer/RNG/memory state, rotation, corruption."""
+"""Checkpoint directories: atomic save, pickle-free optimizer/RNG state, rotation, corruption (the carried
+memory: test_hostile_memory_state.py)."""
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -110,34 +110,6 @@ def test_rng_states_round_trip():
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ck.restore_rng(0, tensors, info)
     assert (random.random(), random.gauss(0, 1), np.random.rand(), float(torch.rand(()))) == before
-
-
-@dataclass
-class FakeState:  # stands in for the model's state dataclasses; flatten_tree accepts only lm2cli classes
-    bank: torch.Tensor
-    pending: torch.Tensor | None
-
-
-def test_tensor_trees_round_trip_without_pickle():
-    from lm2cli.training.loop import Batch  # any lm2cli dataclass holding tensors (like the model's state)
-
-    tree = {"rows": [Batch(torch.ones(2, 3), torch.zeros(2, 3), 6, 1.5, True), None], "pos": 7,
-            "t": (torch.arange(3), "x")}
-    tensors, skeleton = ck.flatten_tree(tree)
-    json.dumps(skeleton)
-    back = ck.unflatten_tree(tensors, skeleton)
-    batch = back["rows"][0]
-    assert isinstance(batch, Batch) and torch.equal(batch.inputs, torch.ones(2, 3))
-    assert (batch.n_tokens, batch.n_bytes, batch.answers) == (6, 1.5, True)
-    assert back["rows"][1] is None and back["pos"] == 7
-    assert isinstance(back["t"], tuple) and torch.equal(back["t"][0], torch.arange(3)) and back["t"][1] == "x"
-
-
-def test_foreign_classes_are_refused():
-    with pytest.raises(TypeError, match="cannot store FakeState in a checkpoint"):
-        ck.flatten_tree(FakeState(torch.ones(1), None))  # defined in the tests, not in lm2cli
-    with pytest.raises(ValueError, match="refusing"):
-        ck.unflatten_tree({}, {"dataclass": "os:system", "fields": {}})
 
 
 def test_save_is_atomic_and_points_latest(tmp_path):

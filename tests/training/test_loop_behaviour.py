@@ -105,9 +105,11 @@ def test_grad_clip_bounds_the_gradient_the_optimizer_applies(cli, tiny_args, tmp
 
 
 def carried_banks(ckpt) -> list[torch.Tensor]:
-    tensors, skeleton = ck.load_safetensors(ckpt, ck.MEMORY_FILE)
-    per_rank = ck.unflatten_tree(tensors, skeleton)
-    return [ls.memory.bank for ls in per_rank[0].layers]
+    """The banks of memory_state.safetensors, one per memory block (named tensors, docs/training.md)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "memory_state.safetensors"))
+    return [tensors[f"rank0.block{i}.bank"] for i in range(2)]
 
 
 def test_carried_memory_feeds_the_next_step_and_is_the_bank_saved(cli, tiny_args, tmp_path, monkeypatch):
