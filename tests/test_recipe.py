@@ -149,6 +149,17 @@ def test_random_recipes_load_or_fail_cleanly(tmp_path, text):
 @given(key=any_key, value=st.text(string.printable.replace("\n", "").replace("\r", ""), max_size=12))
 def test_random_overrides_load_or_fail_cleanly(key, value):
     try:
-        load_recipe(None, [f"{key}={value}"])
+        r = load_recipe(None, [f"{key}={value}"])
     except RecipeError as e:
         assert e.problems and all(p and "\n" not in p for p in e.problems)
+    else:  # the override set that key and nothing else, to a value that reads back the same
+        default = load_recipe(None)
+        for other in all_keys():
+            if other != key:
+                assert value_of(r, other) == value_of(default, other), other
+        assert load_recipe(None, [f"{key}={toml_value(value_of(r, key))}"]) == r
+
+
+def value_of(recipe, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)

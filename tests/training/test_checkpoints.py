@@ -81,6 +81,38 @@ def test_optimizer_layout_mismatch_is_an_error(tmp_path):
         ck.load_optimizer_state(torch.optim.AdamW(other.parameters()), ckpt)
 
 
+def test_optimizer_tensor_of_the_wrong_shape_is_reported(tmp_path):
+    """Same groups and parameter counts, different shapes: the moments must not be loaded silently."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, 1)
+    ckpt = save(tmp_path, 1, model, opt)
+    wider = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+    with pytest.raises(Lm2Error, match=r"optimizer tensor exp_avg\w* of parameter 0 has shape \(8, 6\), the "
+                                       r"parameter \(9, 6\)"):
+        ck.load_optimizer_state(torch.optim.AdamW(wider.parameters()), ckpt)
+
+
+def test_name_keyed_optimizer_state_reads_back_by_name(tmp_path):
+    """FSDP checkpoints key the optimizer state by parameter name; reading gives back names, not positions."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, 1)
+    sd = opt.state_dict()
+    names = ck.optimizer_param_names(model, opt)
+    by_name = dict(sd, state=ck.rekey(sd["state"], names, by_name=True))
+    tensors, meta = ck.flatten_optimizer_state(by_name)
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / ck.OPTIMIZER_FILE, metadata={"lm2": json.dumps(meta)})
+    state, _ = ck.read_optimizer_state(tmp_path)
+    assert sorted(state) == sorted(names) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert torch.equal(state["0.weight"]["exp_avg"], sd["state"][0]["exp_avg"])
+    opt2 = torch.optim.AdamW(tiny_model().parameters(), lr=1e-2)
+    ck.load_optimizer_state(opt2, tmp_path, names)  # name-keyed state into a plain optimizer
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
 def test_rng_states_round_trip():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1)
