@@ -210,7 +210,7 @@ def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
     """Write weights, recipe and tokenizer into `directory` (each file atomically)."""
     from safetensors.torch import save_model
 
-    from lm2cli import __version__
+    from lm2cli.version import __version__
     from lm2cli.fileio import atomic_write_bytes, atomic_write_text, temp_file_for
 
     directory = Path(directory)

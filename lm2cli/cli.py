@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lm2cli import __version__
+from lm2cli.version import __version__
 from lm2cli.errors import Lm2Error, NotAvailableYet
 
 app = typer.Typer(

@@ -600,7 +600,7 @@ def toml_value(v: Any) -> str:
 
 def dump_toml(recipe: Recipe) -> str:
     """The fully resolved recipe as TOML, each key preceded by its help text."""
-    from lm2cli import __version__
+    from lm2cli.version import __version__
 
     lines = [f"# Resolved lm2 recipe (lm2 {__version__}). Every key is shown with its effective value."]
     for sec_name, cls in sections().items():

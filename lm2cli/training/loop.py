@@ -366,7 +366,7 @@ def log_eval(s: Session, stage: Stage, result: dict[str, float], ckpt: Path | No
 
 
 def trainer_state(s: Session, stage: Stage, eval_pending: bool, rng_info: dict) -> dict:
-    from lm2cli import __version__
+    from lm2cli.version import __version__
 
     tcfg = s.recipe.train
     return {
