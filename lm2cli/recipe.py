@@ -535,6 +535,36 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise RecipeError([f"{where}: invalid TOML: {e}"]) from None
         values = _apply(data, where, problems)
+    return _build(values, overrides, problems, str(path) if path is not None else "recipe")
+
+
+def recipe_from_toml(text: str, where: str = "recipe") -> Recipe:
+    """Parse a resolved recipe stored as text (e.g. inside a checkpoint) with the same checks."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError([f"{where}: invalid TOML: {e}"]) from None
+    problems: list[str] = []
+    return _build(_apply(data, where, problems), None, problems, where)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | None, where: str = "--set") -> Recipe:
+    """`recipe` with `section.key=value` overrides applied, checked exactly as `load_recipe` checks `--set`
+    (types, ranges, unknown keys with "did you mean", then the cross-key checks on the result). This is how
+    `--set` reaches a recipe stored in a checkpoint."""
+    values = {sec: {key: _copy(getattr(getattr(recipe, sec), key)) for key in section_fields(cls)}
+              for sec, cls in sections().items()}
+    return _build(values, overrides, [], where)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value  # the new recipe shares no list with the old
+
+
+def _build(values: dict[str, dict[str, Any]], overrides: list[str] | None, problems: list[str],
+           where: str) -> Recipe:
+    """The one way a Recipe is made: checked `values` plus `overrides`, then the cross-key checks. Raises
+    RecipeError with every problem (those already in `problems` first)."""
     for text in overrides or []:
         try:
             section, key, value = parse_override(text)
@@ -546,26 +576,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise RecipeError(problems)
     recipe = Recipe(**{sec: cls(**values.get(sec, {})) for sec, cls in sections().items()})
-    problems = [f"{path if path is not None else 'recipe'}: {p}" for p in _cross_checks(recipe)]
+    problems = [f"{where}: {p}" for p in _cross_checks(recipe)]
     if problems:
         raise RecipeError(problems)
-    return recipe
-
-
-def recipe_from_toml(text: str, where: str = "recipe") -> Recipe:
-    """Parse a resolved recipe stored as text (e.g. inside a checkpoint) with the same checks."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError([f"{where}: invalid TOML: {e}"]) from None
-    problems: list[str] = []
-    values = _apply(data, where, problems)
-    if problems:
-        raise RecipeError(problems)
-    recipe = Recipe(**{sec: cls(**values.get(sec, {})) for sec, cls in sections().items()})
-    cross = [f"{where}: {p}" for p in _cross_checks(recipe)]
-    if cross:
-        raise RecipeError(cross)
     return recipe
 
 
