@@ -180,7 +180,7 @@ def _up_to_date(out_dir: Path, fingerprint: str) -> bool:
 
 def babilong_command(recipe, force: bool = False) -> Path:
     """Build the BABILong-style set described by recipe.babilong; returns the output directory."""
-    from lm2cli.version import __version__
+    from lm2cli import __version__
     from lm2cli.data.haystack import MIN_SENTENCE_TOKENS, SentenceSampler, haystack_for
     from lm2cli.fileio import atomic_write_json, atomic_write_text
     from lm2cli.outdir import BABILONG, check_output_dir
@@ -282,7 +282,7 @@ def _remove_previous_build(out_dir: Path) -> None:
 def write_babi_text(recipe, out_dir: Path, train_questions: int = TRAIN_REFERENCE_QUESTIONS,
                     test_questions: int = TEST_REFERENCE_QUESTIONS) -> list[Path]:
     """Generated stories for babilong.tasks as bAbI v1.2 files (train and test), like en-10k."""
-    from lm2cli.version import __version__
+    from lm2cli import __version__
     from lm2cli.data.babi import file_name, write_babi_file
     from lm2cli.data.generator import generate_stories
     from lm2cli.fileio import atomic_write_json, remove_stale_temp_files

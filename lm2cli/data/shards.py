@@ -80,7 +80,7 @@ class ShardWriter:
 def build_meta(tokenizer, writers: dict[str, ShardWriter], inputs: dict[str, Any], source: dict[str, Any],
                stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """meta.json's content: everything a reader needs without opening the binaries."""
-    from lm2cli.version import __version__
+    from lm2cli import __version__
     from lm2cli.data.fingerprint import fingerprint_of
 
     special = {"unk": tokenizer.unk_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,

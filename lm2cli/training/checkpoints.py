@@ -34,21 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lm2cli.checkpoint import (  # noqa: F401 - re-exported: the training side of the shared format
-    CHECKPOINTS,
-    INFERENCE_FILES,
-    MEMORY_FILE,
-    STATE_FILE,
-    CorruptCheckpoint,
-    checkpoint_name,
-    is_pointer_name,
-    list_checkpoints,
-    newest_checkpoint,
-    read_pointer,
-    step_of,
-    verify_checkpoint,
-    write_state_file,
-)
+from lm2cli import checkpoint as layout
+from lm2cli.checkpoint import MEMORY_FILE, STATE_FILE, CorruptCheckpoint
 from lm2cli.errors import Lm2Error
 from lm2cli.fileio import atomic_write_json, atomic_write_text, remove_stale_temp_files
 
@@ -79,9 +66,9 @@ def remove_stale_tmp(root: Path) -> list[str]:
 
 def rotate(root: Path, keep_last: int, protected: set[str]) -> list[str]:
     """Delete all but the newest `keep_last` checkpoints and those in `protected`; return what was deleted."""
-    names = list_checkpoints(root)
+    names = layout.list_checkpoints(root)
     keep = set(names[-keep_last:]) | protected
-    pointed = {read_pointer(root, p.name) for p in root.iterdir() if is_pointer_name(p.name)}
+    pointed = {layout.read_pointer(root, p.name) for p in root.iterdir() if layout.is_pointer_name(p.name)}
     deleted = []
     for name in names:
         if name not in keep and name not in pointed:
@@ -116,10 +103,10 @@ def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], N
     If a complete checkpoint of the same step already exists (e.g. an interrupt right after a periodic
     save), it is kept as is: the state at a given step is the same by construction.
     """
-    name = checkpoint_name(step)
+    name = layout.checkpoint_name(step)
     final = root / name
     if final.is_dir():
-        write_pointer(root, "latest", name)
+        write_pointer(root, layout.LATEST, name)
         return final
     tmp = root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -132,13 +119,13 @@ def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], N
     if memory_state is not None:
         tensors, description = memory_state
         save_file(tensors, tmp / MEMORY_FILE, metadata={"lm2": json.dumps(description)})
-    write_state_file(tmp, trainer_state)
+    layout.write_state_file(tmp, trainer_state)
     for f in tmp.iterdir():  # the rename must not become visible before the data is on disk
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, final)
     _fsync_dir(root)
-    write_pointer(root, "latest", name)
+    write_pointer(root, layout.LATEST, name)
     return final
 
 
@@ -154,21 +141,17 @@ def update_trainer_state(ckpt: Path, **changes) -> dict:
 
 
 def _corrupt(ckpt: Path, what: str) -> CorruptCheckpoint:
-    from lm2cli.checkpoint import corrupt
-
-    return corrupt(ckpt, what, RESUME_FROM)
+    return layout.corrupt(ckpt, what, RESUME_FROM)
 
 
 def read_trainer_state(ckpt: Path, verify: bool = True, checksums: bool = True) -> dict:
     """trainer_state.json of `ckpt`, after checking every file against the manifest (sizes always, sha256
     unless `checksums` is False) and the state against its schema."""
-    from lm2cli.checkpoint import read_state_file
-
     if verify:
-        state = verify_checkpoint(ckpt, checksums, needed=(*INFERENCE_FILES, OPTIMIZER_FILE, RNG_FILE),
+        state = layout.verify_checkpoint(ckpt, checksums, needed=(*layout.INFERENCE_FILES, OPTIMIZER_FILE, RNG_FILE),
                                   use_previous=RESUME_FROM)
     else:
-        state = read_state_file(ckpt, RESUME_FROM)
+        state = layout.read_state_file(ckpt, RESUME_FROM)
     problem = trainer_state_problem(state)
     if problem:
         raise _corrupt(ckpt, f"{STATE_FILE}: {problem}")
@@ -227,8 +210,8 @@ def trainer_state_problem(state: dict) -> str | None:
     if not isinstance(best, dict):
         return "best must be an object {pointer: {val_loss, checkpoint}}"
     for pointer, entry in best.items():
-        if (not is_pointer_name(pointer) or not isinstance(entry, dict) or not _is_number(entry.get("val_loss"))
-                or not isinstance(entry.get("checkpoint"), str) or step_of(entry["checkpoint"]) is None):
+        if (not layout.is_pointer_name(pointer) or not isinstance(entry, dict) or not _is_number(entry.get("val_loss"))
+                or not isinstance(entry.get("checkpoint"), str) or layout.step_of(entry["checkpoint"]) is None):
             return f"best.{pointer[:40]} must be {{\"val_loss\": <number>, \"checkpoint\": \"step_XXXXXXXX\"}}"
     rng = state.get("rng")
     if not isinstance(rng, dict):
@@ -242,9 +225,7 @@ def trainer_state_problem(state: dict) -> str | None:
 
 def load_safetensors(ckpt: Path, fname: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and lm2 metadata (JSON) of one safetensors file of a checkpoint, with corruption as Lm2Error."""
-    from lm2cli.checkpoint import read_safetensors
-
-    tensors, raw = read_safetensors(ckpt / fname, lambda what: _corrupt(ckpt, f"{fname}: {what}"))
+    tensors, raw = layout.read_safetensors(ckpt / fname, lambda what: _corrupt(ckpt, f"{fname}: {what}"))
     try:
         return tensors, json.loads(raw or "{}")
     except (ValueError, RecursionError):
@@ -350,7 +331,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path, names: li
             want = () if name == "step" else tuple(params[idx].shape)
             if torch.is_tensor(value) and tuple(value.shape) != want:
                 raise _corrupt(ckpt, f"optimizer tensor {name} of parameter {idx} has shape "
-                                     f"{tuple(value.shape)}, expected {want}")
+                                     f"{tuple(value.shape)}, the parameter {want}")
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
