@@ -15,8 +15,10 @@ protects against an attacker is that no file content chooses what code runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ STATE_FILE = "trainer_state.json"
 STATE_FORMAT = "lm2-trainer-state"
 STATE_VERSION = 1
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # pointer file naming the newest checkpoint
 INFERENCE_FILES = (MODEL_FILE, RECIPE_FILE, TOKENIZER_FILE)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _POINTER = re.compile(r"^(latest|best|best_stage_\d+)$")
@@ -81,7 +84,7 @@ def newest_checkpoint(root: Path) -> str | None:
     directory, and a higher-step directory than the pointer wins (the pointer is written after the rename, so a
     crash in between leaves a complete directory newer than the pointer)."""
     names = list_checkpoints(root)
-    pointed = read_pointer(root, "latest")
+    pointed = read_pointer(root, LATEST)
     if names and (pointed is None or step_of(names[-1]) > step_of(pointed)):
         return names[-1]
     return pointed
@@ -91,22 +94,95 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (Path(path) / STATE_FILE).is_file() or (Path(path) / MODEL_FILE).is_file()
 
 
-def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+def find_checkpoint(path: str | Path, which: str = LATEST, given_as: str = "") -> Path:
     """The checkpoint directory that `path` names: itself, or a run directory's (or its `checkpoints/`
-    directory's) newest checkpoint; with `which = "best"` the one the `best` pointer names, else the newest."""
+    directory's) newest checkpoint; with `which = "best"` the one the `best` pointer names, else the newest.
+    `given_as` names where the path came from in errors, e.g. "--resume-from"."""
     path = Path(path)
+    named = f"{given_as} {path}" if given_as else str(path)
     if not path.exists():
-        raise Lm2Error(f"checkpoint or run directory not found: {path}")
+        raise Lm2Error(f"{named}: checkpoint or run directory not found")
     if not path.is_dir():
-        raise Lm2Error(f"{path} is a file; expected a run directory or a checkpoint directory")
+        raise Lm2Error(f"{named} is a file; expected a run directory or a checkpoint directory")
     if is_checkpoint_dir(path):
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    name = (read_pointer(root, which) if which != "latest" else None) or newest_checkpoint(root)
+    name = (read_pointer(root, which) if which != LATEST else None) or newest_checkpoint(root)
     if name is not None:
         return root / name
-    raise Lm2Error(f"{path}: no checkpoint found (expected a run directory with {CHECKPOINTS}/step_XXXXXXXX/, or "
+    raise Lm2Error(f"{named}: no checkpoint found (expected a run directory with {CHECKPOINTS}/step_XXXXXXXX/, or "
                    f"a checkpoint directory containing {MODEL_FILE})")
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (the checkpoint itself when it stands alone)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS and step_of(ckpt.name) is not None else ckpt
+
+
+# ------------------------------------------------------------------- RUN_OR_CHECKPOINT_OR_RECIPE arguments
+
+
+@dataclass(frozen=True)
+class Target:
+    """One RUN_OR_CHECKPOINT_OR_RECIPE argument of `generate`, `eval` or `inspect-memory`, resolved."""
+
+    argument: str  # as the user gave it ("" = none: the default run)
+    checkpoint: Path  # the checkpoint directory (model.safetensors, recipe.toml, tokenizer.model, ...)
+    run_dir: Path  # the run directory holding it (the checkpoint itself when it stands alone)
+    recipe_file: Path | None = None  # the recipe file the argument named, if it was one
+
+
+def default_run() -> Path:
+    """The run of the default recipe: `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` just works,
+    because the schema's default output.dir is the one recipes/small.toml writes to."""
+    from lm2cli.recipe import OutputConfig
+
+    return Path(OutputConfig().dir)
+
+
+def resolve_target(argument: str | Path | None, which: str = LATEST) -> Target:
+    """The checkpoint a RUN_OR_CHECKPOINT_OR_RECIPE argument names: a checkpoint directory, a run directory (its
+    newest checkpoint), a recipe file ending in .toml (the run in its output.dir), or nothing (the default
+    recipe's run). Every command that reads a trained model resolves its argument here."""
+    if argument is None or str(argument) == "":
+        run = default_run()
+        if not run.exists():
+            raise Lm2Error(f"no run given and the default run directory {run}/ does not exist here; train one first "
+                           f"with `lm2 pretrain recipes/small.toml`, or pass a run or checkpoint directory or a "
+                           f"recipe file")
+        ckpt = find_checkpoint(run, which)
+        return Target("", ckpt, run_dir_of(ckpt))
+    path = Path(argument)
+    if path.suffix == ".toml" and not path.is_dir():
+        from lm2cli.recipe import load_recipe
+
+        run = Path(load_recipe(path).output.dir)
+        if not run.exists():
+            raise Lm2Error(f"{path}: its run directory {run} (output.dir) does not exist; train it first with "
+                           f"`lm2 pretrain {path}`, or pass a run or checkpoint directory")
+        ckpt = find_checkpoint(run, which, given_as=f"{path}: output.dir")
+        return Target(str(argument), ckpt, run_dir_of(ckpt), path)
+    if not path.exists():
+        raise Lm2Error(f"{path}: not found (expected a run directory, one of its {CHECKPOINTS}/step_XXXXXXXX "
+                       f"directories, or a recipe .toml file whose output.dir holds a run)")
+    if not path.is_dir():
+        raise Lm2Error(f"{path} is a file; expected a run directory, a checkpoint directory or a recipe .toml file")
+    ckpt = find_checkpoint(path, which)
+    return Target(str(argument), ckpt, run_dir_of(ckpt))
+
+
+def checkpoint_info(ckpt: Path) -> dict:
+    """What identifies a checkpoint in a report: {"step", "sha256" (of the weights, from the manifest), "command"
+    (pretrain / finetune), "val_loss" (of its validation; None without one)}. The files are checked against the
+    manifest by size first (cheap; the sha256 check happens when the weights are loaded)."""
+    state = verify_checkpoint(ckpt, checksums=False)
+    step, val, command = state.get("step"), state.get("val"), state.get("command")
+    val_loss = val.get("val_loss") if isinstance(val, dict) else None
+    return {"step": step if _is_int(step) else step_of(Path(ckpt).name),
+            "sha256": state["manifest"][MODEL_FILE]["sha256"],
+            "command": command if isinstance(command, str) else None,
+            "val_loss": float(val_loss) if _is_number(val_loss) else None}
 
 
 # ------------------------------------------------------------------------------- manifest, verification
@@ -210,8 +286,8 @@ def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
     """Write weights, recipe and tokenizer into `directory` (each file atomically)."""
     from safetensors.torch import save_model
 
-    from lm2cli.version import __version__
     from lm2cli.fileio import atomic_write_bytes, atomic_write_text, temp_file_for
+    from lm2cli.version import __version__
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -290,27 +366,38 @@ def check_weight_shapes(model, path: Path, stored: dict[str, tuple[int, ...]] | 
                        f"({', '.join(missing[:3])})")
 
 
-def load_weights(model, ckpt: Path, strict: bool = True) -> tuple[list[str], list[str]]:
-    """Load `ckpt/model.safetensors` into `model` after checking names and shapes; refuses non-finite values."""
-    import torch
-    from safetensors.torch import load_model
+def read_weights(path: str | Path) -> dict:
+    """The tensors of a weights file (a checkpoint directory's model.safetensors, or the file itself), refusing
+    a missing, unreadable or non-finite one with an error naming the file. Every reader of lm2 weights (inference,
+    finetune.init_from, an FSDP resume) reads them here."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise Lm2Error(f"{path}: incomplete checkpoint, {MODEL_FILE} is missing")
+        path = path / MODEL_FILE
+    tensors, _ = read_safetensors(path, lambda what: Lm2Error(f"{path}: corrupt or truncated weights file ({what})"))
+    refuse_non_finite(tensors, str(path))
+    return tensors
 
+
+def refuse_non_finite(tensors: dict, where: str) -> None:
+    import torch
+
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise Lm2Error(f"{where}: tensor {bad} holds non-finite values (inf or nan); the weights are damaged or "
+                       f"training had diverged before they were saved; use an earlier checkpoint")
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """Load `ckpt/model.safetensors` into `model` after checking names and shapes (before reading a tensor)."""
     weights = Path(ckpt) / MODEL_FILE
     if not weights.is_file():
         raise Lm2Error(f"{ckpt}: incomplete checkpoint, {MODEL_FILE} is missing")
-    if strict:
-        check_weight_shapes(model, weights)
-    try:
-        missing, unexpected = load_model(model, weights, strict=strict)
-    except RuntimeError as e:
-        raise Lm2Error(f"{weights}: weights do not match the recipe's model ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # SafetensorError: truncated header, bad JSON, short file
-        raise Lm2Error(f"{weights}: corrupt or truncated weights file ({e})") from None
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise Lm2Error(f"{weights}: tensor {name} holds non-finite values (inf or nan); the checkpoint is "
-                           f"damaged or training had diverged before it was saved; use an earlier checkpoint")
-    return list(missing), list(unexpected)
+    check_weight_shapes(model, weights)
+    # Every parameter is in the file under its own name or one it shares storage with (tied embeddings, stored
+    # once): the names left missing here are filled through the tensor they share.
+    model.load_state_dict(read_weights(weights), strict=False)
 
 
 def load_for_inference(path: str | Path, device=None, which: str = "latest", verify_checksums: bool = True):
@@ -440,6 +527,10 @@ def read_safetensors(path: Path, bad) -> tuple[dict, str | None]:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_description(desc, arch: str, bad) -> None:

@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lm2cli.version import __version__
 from lm2cli.errors import Lm2Error, NotAvailableYet
+from lm2cli.version import __version__
 
 app = typer.Typer(
     name="lm2",
@@ -142,9 +142,9 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_reci
 @app.command()
 def generate(
     targets: Annotated[Optional[list[str]], typer.Argument(
-        metavar="RUN_OR_CHECKPOINT", show_default=False,
-        help="Run directory or checkpoint (default: the newest checkpoint in runs/small, where "
-             "recipes/small.toml trains); a lone - reads the prompt from standard input")] = None,
+        metavar="RUN_OR_CHECKPOINT_OR_RECIPE", show_default=False,
+        help="Run directory, checkpoint, or recipe .toml (its output.dir run); default: the newest checkpoint in "
+             "runs/small, where recipes/small.toml trains. A lone - reads the prompt from standard input")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="Read the prompt from this UTF-8 file (- = standard input)")] = None,
@@ -183,7 +183,7 @@ def generate(
     stdin = "-" in targets
     paths = [t for t in targets if t != "-"]
     if len(paths) > 1 or targets.count("-") > 1:
-        raise Lm2Error(f"expected at most one run or checkpoint and one -, got: {' '.join(targets)}")
+        raise Lm2Error(f"expected at most one run, checkpoint or recipe and one -, got: {' '.join(targets)}")
     generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
                      stdin=stdin, json_output=json_output, device=device, threads=threads,
                      verify_checksums=not no_verify_checksums,

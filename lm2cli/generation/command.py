@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lm2cli.errors import Lm2Error
-from lm2cli.recipe import GenerateConfig, OutputConfig, check_value, section_fields, text_problem
+from lm2cli.recipe import GenerateConfig, check_value, section_fields, text_problem
 
-# `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` must just work: with no run given we use
-# the default output directory of the schema, which is the one recipes/small.toml writes to.
-DEFAULT_RUN = OutputConfig().dir
 SAMPLING_KEYS = [*section_fields(GenerateConfig), "greedy"]
 
 
@@ -163,19 +160,6 @@ def _read_stdin() -> str:
 # ----------------------------------------------------------------------------------- model and device
 
 
-def resolve_run(run: Path | None) -> Path:
-    if run is None:
-        if not Path(DEFAULT_RUN).exists():
-            raise Lm2Error(f"no run given and the default run directory {DEFAULT_RUN}/ does not exist here; "
-                           f"train one first with `lm2 pretrain recipes/small.toml`, or pass a run or checkpoint "
-                           f"directory")
-        return Path(DEFAULT_RUN)
-    if not run.exists():
-        raise Lm2Error(f"checkpoint not found: {run} (expected a run directory or one of its "
-                       f"checkpoints/step_* directories)")
-    return run
-
-
 def pick_device(name: str):
     import torch
 
@@ -210,24 +194,6 @@ def cpu_threads(requested: int, n_params: int) -> tuple[int, str]:
     return torch.get_num_threads(), "torch default"
 
 
-def model_vocab_size(model) -> int:
-    """Rows of the token embedding: the ids the model can read and the logits it produces."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            return module.num_embeddings
-    raise TypeError("model has no token embedding")  # a bug, not a user error
-
-
-def check_tokenizer_fits(model, tokenizer, where: Path) -> None:
-    vocab = model_vocab_size(model)
-    if vocab != tokenizer.vocab_size:
-        raise Lm2Error(f"{where}: the tokenizer has {tokenizer.vocab_size} pieces but the model was built for "
-                       f"{vocab}; the checkpoint's tokenizer.model does not belong to its weights (re-save the "
-                       f"checkpoint with the tokenizer it was trained with)")
-
-
 # ----------------------------------------------------------------------------------------- the command
 
 
@@ -254,7 +220,7 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
               verify_checksums=True) -> None:
     import torch
 
-    from lm2cli.checkpoint import find_checkpoint, load_for_inference
+    from lm2cli.checkpoint import load_for_inference, resolve_target
     from lm2cli.generation.generator import Generator
     from lm2cli.generation.sampling import SamplingParams
 
@@ -268,9 +234,8 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
         raise Lm2Error(problems[0], problems=problems)
     jobs = read_prompts(prompt, prompt_file, prompts, stdin)
     torch_device = pick_device(device)
-    checkpoint = find_checkpoint(resolve_run(run))
+    checkpoint = resolve_target(run).checkpoint
     model, tokenizer, recipe = load_for_inference(checkpoint, device=torch_device, verify_checksums=verify_checksums)
-    check_tokenizer_fits(model, tokenizer, checkpoint)
     generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
 
     defaults = SamplingParams.from_recipe(recipe.generate).with_overrides(**flags)

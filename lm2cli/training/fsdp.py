@@ -55,15 +55,11 @@ def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
 
 def load_model_file(model: nn.Module, path: Path) -> None:
     """Load a full model.safetensors into the sharded model (every rank reads the file)."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from lm2cli.errors import Lm2Error
+    from lm2cli.checkpoint import read_weights
 
-    full = load_file(str(path))
-    bad = next((k for k, v in full.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise Lm2Error(f"{path}: tensor {bad} holds non-finite values (inf or nan); use an earlier checkpoint")
+    full = read_weights(path)
     own = model.state_dict()
     for name in own:  # tied weights are stored once: fill the other name from the same tensor
         if name not in full and name == "lm_head.weight" and "tok_emb.weight" in full:

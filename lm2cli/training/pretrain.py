@@ -14,28 +14,10 @@ import torch
 
 from lm2cli.errors import Lm2Error
 from lm2cli.training.cursor import RowOrder, plan_windows, spread_indices
-from lm2cli.training.loop import Batch, Stage
+from lm2cli.training.driver import run_stages
 from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
-from lm2cli.training.session import dry_run_report, info, open_session, plan_run, run_stage, warn, with_vocab
-
-
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id contributes to decoded text: control pieces (BOS, EOS, PAD) 0, byte-fallback
-    pieces 1, others the length of the piece with SentencePiece's "▁" read as one space.
-
-    Summed over the validation targets this is the byte length of the decoded validation text (SentencePiece
-    drops the leading space of a decoded sequence; we count it), so bits per byte compare across tokenizers.
-    """
-    sp = tokenizer.sp
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for i in range(tokenizer.vocab_size):
-        if sp.is_control(i):
-            continue
-        if sp.is_byte(i):
-            lengths[i] = 1
-        else:
-            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return lengths
+from lm2cli.training.session import dry_run_report, info, open_session, plan_run, warn, with_vocab
+from lm2cli.training.types import Batch, Stage
 
 
 class PretrainData:
@@ -61,7 +43,7 @@ class PretrainData:
         # eval_batches counts global batches (batch_size x processes), so every world size sees the same rows
         wanted = t.eval_batches * t.batch_size * world
         self.val_starts = val_plan.starts[spread_indices(len(val_plan), wanted)]
-        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.byte_lengths = tokenizer.token_byte_lengths()
 
     def describe(self) -> list[str]:
         lines = [f"train: {len(self.train_tokens):,} tokens; {self.plan.describe()}",
@@ -143,9 +125,8 @@ def _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_chec
     model = build_model(recipe, tokenizer.vocab_size)
     s = open_session("pretrain", recipe, rt, tokenizer, model, plan,
                      extra_state={"data_fingerprint": shards.meta.get("fingerprint")})
-    stage = Stage(index=0, count=1, start_step=0, steps=recipe.train.steps)
+    stage = Stage(index=0, start_step=0, steps=recipe.train.steps)
     if dry_run:
         dry_run_report(s, data, stage)
         return
-    run_stage(s, data, stage, resumed=plan.resume_from is not None, eval_pending=bool(
-        plan.state and plan.state.get("eval_pending")))
+    run_stages(s, plan, [stage], lambda stage: data)

@@ -5,7 +5,6 @@ model on its device, the optimizer, torch.compile / DDP wrapping, and restoring 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -15,23 +14,18 @@ from typing import Any
 
 import torch
 
+from lm2cli import checkpoint as layout
+from lm2cli.checkpoint import RECIPE_FILE, find_checkpoint
 from lm2cli.errors import Lm2Error
 from lm2cli.fileio import atomic_write_text
 from lm2cli.recipe import Recipe, section_fields, sections, toml_value
+from lm2cli.scoring import IGNORE
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.loop import (
-    IGNORE,
-    Session,
-    Stage,
-    forward_loss,
-    load_model_weights,
-    to_device,
-    train_stage,
-    validate,
-)
+from lm2cli.training.loop import forward_loss, load_model_weights, to_device
 from lm2cli.training.metrics import Console, MetricsLog, fmt_duration, truncate_after
 from lm2cli.training.optim import build_optimizer
 from lm2cli.training.runtime import Runtime, StopRequest
+from lm2cli.training.types import Session, Stage
 
 # Keys that decide parameter shapes: a checkpoint built with other values cannot be loaded.
 SHAPE_KEYS = {
@@ -63,7 +57,7 @@ def with_vocab(recipe: Recipe, vocab_size: int) -> Recipe:
 
 def resume_hint(command: str, run_dir: Path) -> str:
     """The command that resumes this run: the run's own resolved recipe carries every override and --out."""
-    return " ".join(shlex.quote(a) for a in ["lm2", command, str(run_dir / "recipe.toml"), "--resume"])
+    return " ".join(shlex.quote(a) for a in ["lm2", command, str(run_dir / RECIPE_FILE), "--resume"])
 
 
 # -------------------------------------------------------------------------------------- run directory
@@ -83,17 +77,17 @@ def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | Non
     from lm2cli.outdir import RUN, check_output_dir
 
     run_dir = check_output_dir(recipe.output.dir, "output.dir", RUN, probe=not dry_run)
-    root = run_dir / ck.CHECKPOINTS
+    root = run_dir / layout.CHECKPOINTS
     if resume_from is not None:
-        ckpt = locate_checkpoint(Path(resume_from))
+        ckpt = find_checkpoint(resume_from, given_as="--resume-from")
     elif resume:
-        name = ck.newest_checkpoint(root)
+        name = layout.newest_checkpoint(root)
         if name is None:
             info(rt, f"--resume: no checkpoint in {root} yet; starting a fresh run")
             return RunPlan(run_dir, None, None)
         ckpt = root / name
     else:
-        existing = ck.list_checkpoints(root)
+        existing = layout.list_checkpoints(root)
         if existing and not dry_run:
             raise Lm2Error(f"{run_dir} already has checkpoints (newest: {existing[-1]}); continue it with "
                            f"`lm2 {command} RECIPE --resume`, or start a new run elsewhere with --out DIR")
@@ -103,20 +97,6 @@ def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | Non
         raise Lm2Error(f"checkpoint {ckpt} was written by `lm2 {state.get('command')}`, not `lm2 {command}`; "
                        f"to start {command} from its weights use finetune.init_from = \"{ckpt}\"")
     return RunPlan(run_dir, ckpt, state)
-
-
-def locate_checkpoint(path: Path) -> Path:
-    """A checkpoint directory from a path that is one, or a run directory (its newest checkpoint, by the rule
-    every command uses)."""
-    from lm2cli.checkpoint import find_checkpoint
-
-    if not path.exists():
-        raise Lm2Error(f"--resume-from {path}: no such file or directory")
-    try:
-        return find_checkpoint(path)
-    except Lm2Error:
-        raise Lm2Error(f"--resume-from {path}: not a checkpoint directory and no checkpoints inside it "
-                       f"(expected checkpoints/step_XXXXXXXX/ with {ck.STATE_FILE})") from None
 
 
 def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
@@ -131,7 +111,7 @@ def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
     stale = ck.remove_stale_tmp(s.ckpt_root) + remove_stale_temp_files(s.run_dir)
     if stale:  # the console is not up yet: print directly
         info(s.rt, f"removed what an interrupted save left behind: {', '.join(stale)}")
-    atomic_write_text(s.run_dir / "recipe.toml", recipe_text)
+    atomic_write_text(s.run_dir / RECIPE_FILE, recipe_text)
     if resumed:
         truncate_after(s.run_dir, s.step, s.stage + 1)
     else:
@@ -229,9 +209,8 @@ def open_session(command: str, recipe: Recipe, rt: Runtime, tokenizer, model: to
     optimizer = new_optimizer(model, recipe, rt)
     s = Session(command=command, recipe=recipe, rt=rt, model=model, train_model=model, optimizer=optimizer,
                 tokenizer=tokenizer, run_dir=plan.run_dir, console=Console(False, 1, 0, command), metrics=None,
-                stop=StopRequest(), resume_hint=resume_hint(command, plan.run_dir),
+                stop=StopRequest(), resume_hint=resume_hint(command, plan.run_dir), flops_per_token=flops,
                 extra_state=dict(extra_state or {}), fsdp=fsdp)
-    s.extra_state["flops_per_token"] = flops
     if plan.resume_from is not None:
         restore(s, plan.resume_from, plan.state)
     s.train_model = wrap_for_training(model, recipe, rt, fsdp)
@@ -314,44 +293,7 @@ def restore_carried_memory(s: Session, ckpt: Path) -> None:
         s.carry = carried.state_for(s.model, s.rt.rank, s.rt.device)
 
 
-def pending_eval(state: dict | None) -> bool:
-    return bool(state and state.get("eval_pending"))
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
-
-
-# ------------------------------------------------------------------------------------- running a stage
-
-
-def run_stage(s: Session, data, stage: Stage, resumed: bool, eval_pending: bool) -> None:
-    """Pretraining's whole run (one stage): logging set up, a validation left pending by an interrupted run,
-    the steps, and a closing summary."""
-    begin_logging(s, s.recipe.to_toml(), stage.end_step, resumed)
-    try:
-        if eval_pending:
-            validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
-        if s.step >= stage.end_step:
-            s.say(f"nothing to train: the checkpoint is at step {s.step} and train.steps = {stage.steps}; "
-                  f"raise train.steps to continue")
-            return
-        train_stage(s, data, stage)
-        summarize(s, stage)
-    finally:
-        end_logging(s)
-
-
-def summarize(s: Session, stage: Stage) -> None:
-    best = s.best.get(stage.best_pointers[0])
-    first = s.extra_state.get("start_val_loss")
-    last = s.extra_state.get("last_val_loss")
-    parts = [f"step {s.step} after {fmt_duration(s.train_seconds)} of training"]
-    if first is not None and last is not None:
-        parts.append(f"val loss {first:.4f} -> {last:.4f}")
-    if best:
-        parts.append(f"best {best['val_loss']:.4f} at {s.ckpt_root / best['checkpoint']}")
-    s.say(f"{stage.label}done: " + "; ".join(parts))
+# --------------------------------------------------------------------------------------------- dry run
 
 
 def dry_run_report(s: Session, data, stage: Stage) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from lm2cli import checkpoint as layout
 from lm2cli.errors import Lm2Error
 from lm2cli.training import checkpoints as ck
 
@@ -128,7 +129,7 @@ def test_save_is_atomic_and_points_latest(tmp_path):
     model = tiny_model()
     path = save(tmp_path, 5, model)
     assert path.name == "step_00000005" and not (tmp_path / "step_00000005.tmp").exists()
-    assert ck.read_pointer(tmp_path, "latest") == "step_00000005"
+    assert layout.read_pointer(tmp_path, "latest") == "step_00000005"
     state = ck.read_trainer_state(path)
     assert state["step"] == 5 and set(state["manifest"]) == {"model.safetensors", "rng.safetensors", "recipe.toml",
                                                              "tokenizer.model", "optimizer.safetensors"}
@@ -143,7 +144,7 @@ def test_newest_checkpoint_survives_a_crash_between_rename_and_pointer(tmp_path)
     save(tmp_path, 2, model)
     ck.write_pointer(tmp_path, "latest", "step_00000001")  # as if the pointer update was lost
     (tmp_path / "step_00000003.tmp").mkdir()  # a save killed half-way
-    assert ck.newest_checkpoint(tmp_path) == "step_00000002"
+    assert layout.newest_checkpoint(tmp_path) == "step_00000002"
     assert ck.remove_stale_tmp(tmp_path) == ["step_00000003.tmp"]
 
 
@@ -154,7 +155,7 @@ def test_rotation_keeps_last_n_and_pointed(tmp_path):
     ck.write_pointer(tmp_path, "best", "step_00000002")
     deleted = ck.rotate(tmp_path, keep_last=2, protected=set())
     assert deleted == ["step_00000001", "step_00000003"]
-    assert ck.list_checkpoints(tmp_path) == ["step_00000002", "step_00000004", "step_00000005"]
+    assert layout.list_checkpoints(tmp_path) == ["step_00000002", "step_00000004", "step_00000005"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "json"])

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lm2cli import checkpoint as layout
+from lm2cli.data.examples import babilong_example, jsonl_example
+from lm2cli.scoring import IGNORE
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.finetune import FinetuneData, babilong_example, jsonl_example
-from lm2cli.training.loop import IGNORE
+from lm2cli.training.finetune import FinetuneData
 
 from .conftest import PEOPLE, ROOMS, SMALL_MODEL, TINY
 
@@ -56,8 +58,8 @@ def test_loss_only_on_answer_and_eos_with_right_padding(tok):
 
 
 def test_jsonl_rows(tok, tmp_path):
+    from lm2cli.data.examples import read_jsonl
     from lm2cli.errors import Lm2Error
-    from lm2cli.training.finetune import read_jsonl
 
     ex = jsonl_example(tok, {"prompt": "Where is Mary?", "response": "kitchen"})
     assert ex.prompt == [tok.bos_id] + tok.encode("Where is Mary?")
@@ -119,8 +121,8 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
     assert "[stage 2/2, 2 segments] starting from" in res.out
     assert "\n[stage 2/2, 2 segments] step 5/8 | loss " in res.out  # progress lines carry the stage label
     root = tmp_path / "a/checkpoints"
-    b1, b2 = ck.read_pointer(root, "best_stage_1"), ck.read_pointer(root, "best_stage_2")
-    assert ck.step_of(b1) <= 4 < ck.step_of(b2) <= 8 and ck.read_pointer(root, "best") == b2
+    b1, b2 = layout.read_pointer(root, "best_stage_1"), layout.read_pointer(root, "best_stage_2")
+    assert layout.step_of(b1) <= 4 < layout.step_of(b2) <= 8 and layout.read_pointer(root, "best") == b2
     assert ck.read_trainer_state(root / b2)["stage"] == 1
     rows = metrics(tmp_path / "a")
     val = [r for r in rows if r["kind"] == "val"]
@@ -154,7 +156,7 @@ def validation_rows(run: Path, stage: int) -> list:
     from lm2cli.training.finetune import split_examples, stage_budgets
 
     recipe = load_recipe(run / "recipe.toml")
-    tok = Tokenizer.load(run / "checkpoints" / ck.newest_checkpoint(run / "checkpoints") / "tokenizer.model")
+    tok = Tokenizer.load(run / "checkpoints" / layout.newest_checkpoint(run / "checkpoints") / "tokenizer.model")
     train, val, _ = split_examples(recipe, tok)
     return FinetuneData(train, val, stage_budgets(recipe)[stage], recipe, tok, stage, "").val
 
@@ -276,7 +278,7 @@ def test_next_stage_starts_from_the_best_checkpoint_not_the_newest(cli, tiny_dat
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", *sets))
     assert res.code == 0, res.err
     root = tmp_path / "r/checkpoints"
-    assert ck.read_pointer(root, "best_stage_1") == "step_00000001"
+    assert layout.read_pointer(root, "best_stage_1") == "step_00000001"
     assert f"starting from {root / 'step_00000001'}" in res.out
     best, newest = (load_file(str(root / n / "model.safetensors")) for n in ("step_00000001", "step_00000002"))
     assert at_stage_2_start and all(torch.equal(at_stage_2_start[k], best[k]) for k in best)

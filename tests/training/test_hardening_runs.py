@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lm2cli import checkpoint as layout
 from lm2cli.checkpoint import write_state_file
 from lm2cli.training import checkpoints as ck
 
@@ -60,7 +61,7 @@ def copy_run(trained, name: str, dest: Path) -> Path:
 
 
 def newest(run: Path) -> Path:
-    return run / "checkpoints" / ck.newest_checkpoint(run / "checkpoints")
+    return run / "checkpoints" / layout.newest_checkpoint(run / "checkpoints")
 
 
 # ------------------------------------------------------------ every reader refuses a tampered checkpoint
@@ -167,7 +168,7 @@ def test_resigned_optimizer_and_rng_files_are_checked(cli, trained, tmp_path):
 def test_pointers_never_lead_outside_the_run(cli, trained, tmp_path):
     run = copy_run(trained, "pre", tmp_path / "run")
     elsewhere = copy_run(trained, "ft", tmp_path / "elsewhere")
-    target = ck.newest_checkpoint(elsewhere / "checkpoints")
+    target = layout.newest_checkpoint(elsewhere / "checkpoints")
     (run / "checkpoints" / "latest").write_text(f"../../elsewhere/checkpoints/{target}")
     res = cli("generate", run, "--prompt", "Mary", "--max-new-tokens", "2")
     assert res.code == 0, res.err

@@ -11,9 +11,13 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from lm2cli import checkpoint as layout
+from lm2cli.checkpoint import load_for_inference
+from lm2cli.scoring import IGNORE
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.loop import IGNORE, Batch, evaluate
+from lm2cli.training.loop import evaluate
 from lm2cli.training.runtime import Runtime
+from lm2cli.training.types import Batch
 
 # ------------------------------------------------------------------------------------ evaluate, by hand
 
@@ -132,7 +136,7 @@ def test_carried_memory_feeds_the_next_step_and_is_the_bank_saved(cli, tiny_args
     assert len(fed) == 3 and fed[0] is None  # the first batch starts fresh
     root = tmp_path / "carry/checkpoints"
     for step in (1, 2):  # what step k saved is what step k + 1 started from
-        saved = carried_banks(root / ck.checkpoint_name(step))
+        saved = carried_banks(root / layout.checkpoint_name(step))
         assert len(saved) == len(fed[step]) == 2
         assert all(torch.equal(a, b) for a, b in zip(saved, fed[step], strict=True))
     identity = torch.eye(4, 32).expand_as(fed[1][0])  # memory.slots = 4 one-hot slots of width d = 32
@@ -167,7 +171,10 @@ def test_mfu_is_logged_against_the_device_peak(cli, tiny_args, tmp_path, monkeyp
     monkeypatch.setattr(Runtime, "peak_flops", lambda self: 1e12)
     res = cli("pretrain", *tiny_args("train.steps=2", "train.eval_every=0", "train.eval_batches=1"))
     assert res.code == 0, res.err
-    flops = ck.read_trainer_state(tmp_path / "run/checkpoints/step_00000002")["flops_per_token"]
+    ckpt = tmp_path / "run/checkpoints/step_00000002"
+    assert "flops_per_token" not in ck.read_trainer_state(ckpt)  # a property of the model, not of the run's state
+    model, _, recipe = load_for_inference(ckpt)
+    flops = model.flops_per_token(recipe.train.seq_len)
     train = rows(tmp_path / "run", "train")
     assert all(r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e12) for r in train)
     assert "| mfu " in res.out

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lm2cli import checkpoint as layout
 from lm2cli.training import checkpoints as ck
 
 
@@ -34,8 +35,8 @@ def test_pretrain_learns_and_writes_the_run_directory(cli, tiny_args, tmp_path):
     assert (run / "recipe.toml").is_file()
     root = run / "checkpoints"
     # keep_last = 2 plus the best; 6 and 12 were rotated away unless best
-    assert ck.list_checkpoints(root) == ["step_00000018", "step_00000024"]
-    assert ck.read_pointer(root, "latest") == ck.read_pointer(root, "best") == "step_00000024"
+    assert layout.list_checkpoints(root) == ["step_00000018", "step_00000024"]
+    assert layout.read_pointer(root, "latest") == layout.read_pointer(root, "best") == "step_00000024"
     state = ck.read_trainer_state(root / "step_00000024")
     assert state["step"] == 24 and state["rows_done"] == 96 and state["val"]["val_loss"] == val[-1]["val_loss"]
     from lm2cli import __version__
@@ -140,7 +141,7 @@ def test_non_finite_loss_stops_naming_the_step(cli, tiny_args, tmp_path, monkeyp
     assert res.code == 2
     assert "non-finite loss nan at step 5" in res.err and "step_00000004" in res.err and "intact" in res.err
     root = tmp_path / "run/checkpoints"
-    assert ck.list_checkpoints(root)[-1] == "step_00000004" and ck.read_pointer(root, "latest") == "step_00000004"
+    assert layout.list_checkpoints(root)[-1] == layout.read_pointer(root, "latest") == "step_00000004"
     ck.read_trainer_state(root / "step_00000004")
 
 
@@ -159,11 +160,10 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_resumes(cli, tin
 
 def test_bits_per_byte_counts_decoded_bytes(tiny_data):
     from lm2cli.data.shards import TokenShards
-    from lm2cli.training.pretrain import token_byte_lengths
 
     shards = TokenShards(tiny_data)
     tok = shards.tokenizer()
-    lengths = token_byte_lengths(tok)
+    lengths = tok.token_byte_lengths()
     for i in range(3):
         doc = shards.document("val", i)
         text = tok.decode(doc)
@@ -201,7 +201,7 @@ def test_non_finite_gradient_norm_stops_before_the_step(cli, tiny_args, tmp_path
     assert res.code == 2 and res.err.count("\n") == 1
     assert "non-finite gradient norm" in res.err and "at step 3" in res.err and "step_00000002" in res.err
     root = tmp_path / "run/checkpoints"
-    assert ck.list_checkpoints(root) == ["step_00000002"]
+    assert layout.list_checkpoints(root) == ["step_00000002"]
     train = [r for r in metrics(tmp_path / "run") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
 
