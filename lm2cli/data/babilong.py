@@ -109,7 +109,7 @@ def babilong_tokenizer(recipe):
 def sample_stream(facts: str, task: str, split: str, seed: int) -> Iterator:
     """bAbI samples of one task in a seeded random order: synthetic stories (endless) or a bAbI file."""
     from lm2cli.data.babi import find_babi_file, read_babi_file, samples_of
-    from lm2cli.data.generator import generate_stories
+    from lm2cli.data.stories import generate_stories
 
     rng = random.Random(f"lm2-babilong/{seed}/{task}/{split}/samples")
     if facts == "synthetic":
@@ -147,7 +147,7 @@ class SamplePool:
 def facts_description(facts: str, tasks: list[str], split: str) -> tuple[str, dict]:
     from lm2cli.data.babi import find_babi_file
     from lm2cli.data.fingerprint import files_signature
-    from lm2cli.data.generator import GENERATOR_VERSION
+    from lm2cli.data.stories import GENERATOR_VERSION
 
     if facts == "synthetic":
         return "synthetic", {"generator_version": GENERATOR_VERSION}
@@ -284,7 +284,7 @@ def write_babi_text(recipe, out_dir: Path, train_questions: int = TRAIN_REFERENC
     """Generated stories for babilong.tasks as bAbI v1.2 files (train and test), like en-10k."""
     from lm2cli import __version__
     from lm2cli.data.babi import file_name, write_babi_file
-    from lm2cli.data.generator import generate_stories
+    from lm2cli.data.stories import generate_stories
     from lm2cli.fileio import atomic_write_json, remove_stale_temp_files
     from lm2cli.outdir import BABI_TEXT, check_output_dir
 

@@ -43,7 +43,7 @@ class BuiltinCorpus:
     def document(self, index: int) -> str:
         from lm2cli.data.babi import render_plain
         from lm2cli.data.filler import filler_document
-        from lm2cli.data.generator import generate_story
+        from lm2cli.data.stories import generate_story
 
         if self.filler and index < 3 * self.n_filler:
             group, pos = divmod(index, 3)

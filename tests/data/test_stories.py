@@ -7,7 +7,7 @@ import pytest
 
 from lm2cli.data.babi import Line, Story, format_story, statistics
 from lm2cli.data.checker import check_story, story_answers
-from lm2cli.data.generator import LABELS, TASKS, generate_stories, generate_story, story_side
+from lm2cli.data.stories import LABELS, TASKS, generate_stories, generate_story, story_side
 
 from .conftest import needs_shared, shared_dir
 
@@ -174,18 +174,18 @@ def test_statistics_match_the_real_training_files(task):
 def test_every_task_generates_quickly_enough_for_the_builtin_corpus(monkeypatch):
     """Not a timing test: a bound on redraws. A test-side story is accepted with probability 1/TEST_SHARE, so
     20 of them take about 20 x TEST_SHARE draws; a task whose drafts are often rejected would take many more."""
-    import lm2cli.data.generator as generator
+    import lm2cli.data.stories as stories
 
     draws = {"n": 0}
-    real = generator._story
+    real = stories._story
 
     def counting(*args):
         draws["n"] += 1
         return real(*args)
 
-    monkeypatch.setattr(generator, "_story", counting)
+    monkeypatch.setattr(stories, "_story", counting)
     for task in TASKS:
         draws["n"] = 0
         for i in range(20):
             assert generate_story(task, "test", 9, i).lines
-        assert draws["n"] <= 20 * generator.TEST_SHARE * 2.5, (task, draws["n"])
+        assert draws["n"] <= 20 * stories.TEST_SHARE * 2.5, (task, draws["n"])
