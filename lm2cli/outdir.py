@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm2cli.checkpoint import CHECKPOINTS, RECIPE_FILE
 from lm2cli.errors import Lm2Error
 
 RESOLVED_RECIPE_HEADER = "# Resolved lm2 recipe"
@@ -31,7 +32,7 @@ class DirKind:
     suggest: str  # a subdirectory name to suggest instead
 
 
-RUN = DirKind("run", frozenset({"recipe.toml", "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints"}),
+RUN = DirKind("run", frozenset({RECIPE_FILE, "metrics.jsonl", "metrics.csv", "tensorboard", CHECKPOINTS}),
               None, True, "run")
 DATA = DirKind("token-shard", frozenset({"tokenizer.model", "train.bin", "train.idx", "val.bin", "val.idx",
                                          "meta.json", "recipe.toml"}), "lm2-token-shards", True, "data")
@@ -72,9 +73,9 @@ def _marked(directory: Path, kind: DirKind) -> bool:
     """Does `directory` carry the marks of an lm2 directory of this kind?"""
     if kind.meta_format is not None and meta_format(directory) == kind.meta_format:
         return True
-    if kind is RUN and ((directory / "checkpoints").is_dir() or (directory / "metrics.jsonl").is_file()):
+    if kind is RUN and ((directory / CHECKPOINTS).is_dir() or (directory / "metrics.jsonl").is_file()):
         return True
-    return kind.writes_recipe and is_resolved_recipe(directory / "recipe.toml")
+    return kind.writes_recipe and is_resolved_recipe(directory / RECIPE_FILE)
 
 
 def _other_kind(directory: Path, kind: DirKind) -> DirKind | None:
@@ -82,7 +83,7 @@ def _other_kind(directory: Path, kind: DirKind) -> DirKind | None:
     for other in _KINDS:
         if other is not kind and other.meta_format is not None and fmt == other.meta_format:
             return other
-    if kind is not RUN and (directory / "checkpoints").is_dir():
+    if kind is not RUN and (directory / CHECKPOINTS).is_dir():
         return RUN
     return None
 
@@ -125,7 +126,7 @@ def _check_owned(path: Path, key: str, kind: DirKind) -> None:
     if other is not None:
         raise Lm2Error(f"{key} = {path} is an lm2 {other.name} directory, not a {kind.name} directory; choose a "
                        f"new or empty directory (e.g. {path / kind.suggest})")
-    recipe = path / "recipe.toml"
+    recipe = path / RECIPE_FILE
     if kind.writes_recipe and recipe.exists() and not is_resolved_recipe(recipe):
         raise Lm2Error(f"{key} = {path} holds a recipe.toml that lm2 did not write; lm2 would replace it with "
                        f"the resolved recipe (losing its comments); write the output elsewhere (e.g. "
