@@ -257,3 +257,16 @@ def test_small_models_decode_on_one_thread_and_the_setting_is_restored(cli, run_
     res = cli("generate", run_dir, "--prompt", "Mary", "--max-new-tokens", "3", "--threads", "2")
     assert res.code == 0 and "2 threads (--threads)" in res.err
     assert torch.get_num_threads() == before
+
+
+def test_a_recipe_names_its_run_so_pretrain_and_generate_chain(cli, run_dir, tmp_path):
+    """`lm2 pretrain R && lm2 generate R`: a .toml argument means the run in that recipe's output.dir."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY.read_text().replace('dir = "runs/tiny"', f'dir = "{run_dir}"'))
+    args = ["--prompt", "Mary went", "--max-new-tokens", "8", "--greedy", "--json"]
+    by_recipe, by_run = cli("generate", recipe, *args), cli("generate", run_dir, *args)
+    assert by_recipe.code == 0, by_recipe.err
+    assert json.loads(by_recipe.out)["text"] == json.loads(by_run.out)["text"]
+    assert str(run_dir / "checkpoints" / "step_00000020") in by_recipe.err
+    recipe.write_text(f'[output]\ndir = "{tmp_path / "untrained"}"\n')
+    one_line_error(cli("generate", recipe, "--prompt", "x"), "output.dir", f"lm2 pretrain {recipe}")

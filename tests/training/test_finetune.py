@@ -147,6 +147,9 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")
     assert res.code == 0, res.err
     assert metrics(tmp_path / "b") == rows
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")  # every stage is done
+    assert res.code == 0 and "nothing to train: the checkpoint is at step 8, the end of the last of 2" in res.out
+    assert metrics(tmp_path / "b") == rows
 
 
 def validation_rows(run: Path, stage: int) -> list:
