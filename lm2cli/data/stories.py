@@ -336,15 +336,19 @@ def _who_gave_what(w: World, q: _Eligible) -> None:  # qa5: one question about t
     q.add(text, answer, [line])
 
 
+def _yes_or_no(w: World, q: _Eligible, a: str, room: str, line: int) -> None:
+    """Half the time "Is a in <the room a is in>?" (yes), else about another room (no)."""
+    if w.rng.random() < 0.5:
+        q.add(f"Is {a} in the {room}?", "yes", [line])
+    else:
+        other = w.rng.choice([r for r in w.rooms if r != room])
+        q.add(f"Is {a} in the {other}?", "no", [line])
+
+
 def _is_actor_in(w: World, q: _Eligible) -> None:  # qa6: yes/no about the newest move
     for a in w.actors:
         if w.last_move[a] is not None:
-            room = w.known_loc[a]
-            if w.rng.random() < 0.5:
-                q.add(f"Is {a} in the {room}?", "yes", [w.last_move[a]])
-            else:
-                other = w.rng.choice([r for r in w.rooms if r != room])
-                q.add(f"Is {a} in the {other}?", "no", [w.last_move[a]])
+            _yes_or_no(w, q, a, w.known_loc[a], w.last_move[a])
 
 
 def _holders(w: World):
@@ -371,11 +375,7 @@ def _is_actor_in_belief(w: World, q: _Eligible) -> None:  # qa9 (negation), qa10
             continue
         kind, rooms, line = w.belief[a]
         if kind == "at":
-            if w.rng.random() < 0.5:
-                q.add(f"Is {a} in the {rooms[0]}?", "yes", [line])
-            else:
-                other = w.rng.choice([r for r in w.rooms if r != rooms[0]])
-                q.add(f"Is {a} in the {other}?", "no", [line])
+            _yes_or_no(w, q, a, rooms[0], line)
         elif kind == "not":
             q.add(f"Is {a} in the {rooms[0]}?", "no", [line])
         elif w.rng.random() < 0.58:  # either
