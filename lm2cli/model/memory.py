@@ -42,10 +42,6 @@ class MemoryState:
     keys: Tensor | None = None  # (B, h, N, dh)
     values: Tensor | None = None
 
-    def detach(self) -> MemoryState:
-        return MemoryState(self.bank.detach(), tuple(q.detach() for q in self.pending_queries),
-                           tuple(c.detach() for c in self.pending_contents), self.pending_len)
-
 
 class LM2Memory(nn.Module):
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,

@@ -18,7 +18,7 @@ blocks, memory modules and the model, not on the linear and norm layers inside a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +30,31 @@ from lm2cli.model.memory import LM2Memory, MemoryState
 
 @dataclass
 class ModelArgs:
-    """Flat model hyper-parameters (built from a recipe by `ModelArgs.from_recipe`)."""
+    """Flat model hyper-parameters, built from a recipe by `ModelArgs.from_recipe` (the recipe schema is the one
+    source of defaults, so none are repeated here)."""
 
     vocab_size: int
-    arch: str = "lm2"
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    ffn_hidden: int = 704
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    max_seq_len: int = 4096
-    window: int = 0
-    memory_layers: list[int] = field(default_factory=list)
-    slots: int = 16
-    slot_dim: int = 256
-    memory_heads: int = 4
-    segment_len: int = 128
-    bptt: int = 0
-    memory_init: str = "identity"
-    out_gate_bias: float = 0.0
-    forget_gate_bias: float = 1.0
+    arch: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    max_seq_len: int
+    window: int
+    memory_layers: list[int]
+    slots: int
+    slot_dim: int
+    memory_heads: int
+    segment_len: int
+    bptt: int
+    memory_init: str
+    out_gate_bias: float
+    forget_gate_bias: float
 
     @staticmethod
     def from_recipe(recipe, vocab_size: int | None = None) -> ModelArgs:
@@ -97,13 +98,6 @@ class ModelState:
     layers: list[LayerState]
     rmt_memory: Tensor | None = None  # (B, m, d) RMT memory tokens for the current segment
     rmt_seg_len: int = 0  # RMT: tokens of the open segment already in the cache
-
-    def detach(self) -> ModelState:
-        """Same sequence, history cut: for truncated backpropagation across training steps."""
-        layers = [LayerState(None if ls.k is None else ls.k.detach(), None if ls.v is None else ls.v.detach(),
-                             None if ls.memory is None else ls.memory.detach()) for ls in self.layers]
-        rmt = None if self.rmt_memory is None else self.rmt_memory.detach()
-        return replace(self, layers=layers, rmt_memory=rmt)
 
 
 # ---------------------------------------------------------------------------------------- building blocks
@@ -414,11 +408,6 @@ class LanguageModel(nn.Module):
         if self.args.arch == "rmt":
             rmt = self.rmt_memory.unsqueeze(0).expand(batch_size, -1, -1)
         return ModelState(pos=0, layers=layers, rmt_memory=rmt)
-
-    @staticmethod
-    def detach_state(state: ModelState) -> ModelState:
-        """The same sequence with its autograd history cut (truncated BPTT across training steps)."""
-        return state.detach()
 
     def carry_memory(self, state: ModelState) -> ModelState:
         """A fresh sequence that starts from `state`'s memory, detached (memory.carry = true)."""
