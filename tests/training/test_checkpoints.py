@@ -90,7 +90,7 @@ def test_optimizer_tensor_of_the_wrong_shape_is_reported(tmp_path):
     ckpt = save(tmp_path, 1, model, opt)
     wider = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
     with pytest.raises(Lm2Error, match=r"optimizer tensor exp_avg\w* of parameter 0 has shape \(8, 6\), "
-                                       r"expected \(9, 6\)"):
+                                       r"the parameter \(9, 6\)"):
         ck.load_optimizer_state(torch.optim.AdamW(wider.parameters()), ckpt)
 
 
