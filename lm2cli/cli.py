@@ -169,6 +169,9 @@ def generate(
     no_verify_checksums: NoVerifyOpt = False,
     threads: Annotated[int, typer.Option(
         help="CPU threads; 0 = 1 for models under 100M parameters (fastest at batch 1), else torch's default")] = 0,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Decode with the static-shape step compiled by torch.compile (compiles first; "
+                          "also generate.compile in the recipe)")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout as tokens are produced.
@@ -185,7 +188,7 @@ def generate(
     if len(paths) > 1 or targets.count("-") > 1:
         raise Lm2Error(f"expected at most one run, checkpoint or recipe and one -, got: {' '.join(targets)}")
     generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
-                     stdin=stdin, json_output=json_output, device=device, threads=threads,
+                     stdin=stdin, json_output=json_output, device=device, threads=threads, compile=compile,
                      verify_checksums=not no_verify_checksums,
                      max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -226,6 +226,8 @@ class GenerateConfig:
     repetition_window: int = opt(0, "Only the last N tokens count for the repetition penalty; 0 = all", min=0)
     stop: list[str] = opt([], "Stop when the generated text contains one of these strings")
     seed: int = opt(1234, "Sampling seed: the same seed gives the same text")
+    compile: bool = opt(False, "Decode with the static-shape step compiled by torch.compile (--compile): "
+                               "same tokens, a one-time compilation first")
 
 
 @dataclass

@@ -39,6 +39,19 @@ def pytest_report_header(config):
            f"hypothesis profile {HYPOTHESIS_PROFILE}; torch threads {torch.get_num_threads()}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on a machine without a CUDA GPU (torch is imported only if there are any)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+        for item in marked:
+            item.add_marker(skip)
+
+
 @dataclass
 class CliResult:
     code: int

@@ -30,7 +30,11 @@ def cpu_runtime() -> Runtime:
     return Runtime(torch.device("cpu"), "fp32", "test")
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.toml")), ids=lambda p: p.name)
+LAPTOP_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.toml") if not p.name.startswith("gpu-"))
+GPU_RECIPES = sorted((REPO / "recipes").glob("gpu-*.toml"))
+
+
+@pytest.mark.parametrize("recipe", LAPTOP_RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_fit_a_laptop(recipe, monkeypatch):
     r = load_recipe(recipe)
     est = training_estimate(r, r.tokenizer.vocab_size)
@@ -38,6 +42,14 @@ def test_shipped_recipes_fit_a_laptop(recipe, monkeypatch):
     monkeypatch.setenv("LM2_MEMORY_LIMIT", str(4 * GIB))
     check_training_fits(r, r.tokenizer.vocab_size, cpu_runtime())
     assert inference_estimate(r, r.tokenizer.vocab_size).total < GIB
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda p: p.name)
+def test_shipped_gpu_recipes_fit_one_80_gib_gpu(recipe):
+    """gpu-*.toml are for one data-centre GPU (A100/H100 80 GB): the fp32 estimate is an upper bound there."""
+    r = load_recipe(recipe)
+    est = training_estimate(r, r.tokenizer.vocab_size)
+    assert 2 * GIB < est.total < 80 * GIB, est.describe()
 
 
 def test_a_125m_model_fits_a_big_machine_and_not_a_small_one(monkeypatch):

@@ -17,7 +17,9 @@ from typing import Any
 from lm2cli.errors import Lm2Error
 from lm2cli.recipe import GenerateConfig, check_value, section_fields, text_problem
 
-SAMPLING_KEYS = [*section_fields(GenerateConfig), "greedy"]
+# [generate] keys that are not per-prompt sampling settings (no JSONL row may set them)
+RUN_KEYS = ("compile",)
+SAMPLING_KEYS = [*(k for k in section_fields(GenerateConfig) if k not in RUN_KEYS), "greedy"]
 
 
 @dataclass
@@ -204,19 +206,21 @@ def _write(text: str) -> None:
 
 def generate_command(run: Path | None, *, prompt: str | None = None, prompt_file: Path | None = None,
                      prompts: Path | None = None, stdin: bool = False, json_output: bool = False,
-                     device: str = "auto", threads: int = 0, verify_checksums: bool = True,
+                     device: str = "auto", threads: int = 0, compile: bool = False, verify_checksums: bool = True,
                      **sampling: Any) -> None:
-    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line)."""
+    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line).
+    `compile`: decode with the compiled static-shape step (also on when the recipe's generate.compile is)."""
     import torch
 
     previous_threads = torch.get_num_threads()
     try:
-        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling, verify_checksums)
+        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, compile, sampling,
+                  verify_checksums)
     finally:
         torch.set_num_threads(previous_threads)  # the thread count is process-wide; leave it as we found it
 
 
-def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling,
+def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, compile, sampling,
               verify_checksums=True) -> None:
     import torch
 
@@ -236,7 +240,8 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
     torch_device = pick_device(device)
     checkpoint = resolve_target(run).checkpoint
     model, tokenizer, recipe = load_for_inference(checkpoint, device=torch_device, verify_checksums=verify_checksums)
-    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
+    compile = compile or recipe.generate.compile
+    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device, compile=compile)
 
     defaults = SamplingParams.from_recipe(recipe.generate).with_overrides(**flags)
     planned = plan_prompts(generator, jobs, defaults)
@@ -247,7 +252,8 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
         n_threads, why = cpu_threads(threads, n_params)
         torch.set_num_threads(n_threads)
         where += f", {n_threads} thread{'s' if n_threads > 1 else ''} ({why})"
-    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}",
+    how = ", compiled static-shape decoding (compiling first)" if compile else ""
+    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}{how}",
           file=sys.stderr)
     generator.warm_up()
     try:

@@ -159,12 +159,13 @@ def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp:
     """The module the training step calls: optionally compiled, DDP-wrapped under torchrun (FSDP shards the
     model in place before the optimizer is built, see open_session).
 
-    The plain `model` stays what is saved and evaluated: a compiled wrapper's state dict has `_orig_mod.`
-    prefixes and DDP's has `module.` (both broke resume and sampling in other toolkits).
+    The plain `model` stays what is saved and evaluated: DDP's state dict has `module.` prefixes (which broke
+    resume and sampling in other toolkits). Compilation is block by block and kept inside the model
+    (`compile_blocks`): no `_orig_mod.` prefixes, one compilation for every block, validation stays eager.
     """
     train_model = model
     if recipe.train.compile:
-        train_model = torch.compile(train_model)
+        model.compile_blocks()
     if rt.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
