@@ -143,6 +143,7 @@ def eval_(
         "--out", help="Results directory (default: <first run>/eval/<eval.name or a timestamp>)")] = None,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print results.json instead of the tables")] = False,
+    no_verify_checksums: NoVerifyOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate: BABILong task x length accuracy, perplexity against position, multiple choice, lm-eval tasks.
@@ -153,7 +154,8 @@ def eval_(
 
     global _debug
     _debug = _debug or debug
-    eval_command(list(targets or []), sets=list(set_ or []), out=out, json_output=json_output)
+    eval_command(list(targets or []), sets=list(set_ or []), out=out, json_output=json_output,
+                 verify_checksums=not no_verify_checksums)
 
 
 @app.command()

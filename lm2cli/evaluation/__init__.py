@@ -7,9 +7,13 @@
     multiple_choice.py  MMLU-layout multiple choice by log-likelihood
     harness.py          an lm-evaluation-harness model class over an lm2 checkpoint (extra "harness")
     decode.py           batched greedy decoding and continuation scoring through the model state
-    scoring.py          the pure batch scorer (loss, tokens, bytes, exact match)
     report.py           results.json / .csv / .md, predictions.jsonl, plots (extra "plot")
+    models.py           the models under evaluation: resolved and verified checkpoints, loaded one at a time
     command.py          the command: settings, checks, the run, Ctrl-C
+
+Checkpoints, example assembly and the batch scorer come from the shared layer (lm2cli.checkpoint,
+lm2cli.data.examples, lm2cli.scoring); like every command that reads a trained model, this package never
+imports lm2cli.training (docs/internals.md, tests/test_structure.py).
 """
 
 import os

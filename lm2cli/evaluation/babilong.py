@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm2cli.data.examples import babilong_example
 from lm2cli.errors import Lm2Error
-from lm2cli.evaluation._shared import babilong_example
 from lm2cli.evaluation.metrics import score_answer, wilson_interval
 
 DEFAULT_MAX_NEW_TOKENS = {"finetune-em": 10, "prompt-compat": 20, "prompt-strict": 20}  # upstream's values

@@ -29,10 +29,6 @@ from lm2cli.evaluation.models import (
     resolve_device,
     resolve_models,
 )
-from lm2cli.recipe import OutputConfig
-
-# `lm2 pretrain recipes/small.toml && lm2 eval` evaluates the run the default recipe writes (as `lm2 generate`).
-DEFAULT_RUN = OutputConfig().dir
 
 
 class Stopped(Exception):
@@ -54,8 +50,7 @@ def check_sets(sets: list[str]) -> None:
 
 def settings_recipe(first: EvalModel, sets: list[str]):
     """The recipe whose [eval] section (with --set applied) drives the run."""
-    from lm2cli.evaluation._shared import apply_overrides
-    from lm2cli.recipe import load_recipe
+    from lm2cli.recipe import apply_overrides, load_recipe
 
     if first.target.recipe_file is not None:
         return load_recipe(first.target.recipe_file, sets)
@@ -337,11 +332,12 @@ def _version() -> str:
 
 
 def eval_command(arguments: list[str], sets: list[str] | None = None, out: Path | None = None,
-                 json_output: bool = False) -> dict:
+                 json_output: bool = False, verify_checksums: bool = True) -> dict:
+    """`arguments`: RUN_OR_CHECKPOINT_OR_RECIPE each (none: the default recipe's run, as `lm2 generate`)."""
     sets = list(sets or [])
-    arguments = list(arguments or []) or [DEFAULT_RUN]
+    arguments = list(arguments or [])
     check_sets(sets)
-    models = resolve_models(arguments)
+    models = resolve_models(arguments, verify_checksums)
     recipe = settings_recipe(models[0], sets)
     cfg = recipe.eval
     kinds = kinds_to_run(cfg)
@@ -354,7 +350,8 @@ def eval_command(arguments: list[str], sets: list[str] | None = None, out: Path 
         raise Lm2Error(f"{out_dir} already holds results (results.json); choose another --out or eval.name, or "
                        f"remove it")
     command = " ".join(["lm2 eval", *arguments, *(f"--set {s}" for s in sets),
-                        *([f"--out {out}"] if out is not None else [])])
+                        *([f"--out {out}"] if out is not None else []),
+                        *([] if verify_checksums else ["--no-verify-checksums"])])
     results = EvalRun(out_dir, cfg, kinds, plans, models, command).execute()
     if json_output:
         import json

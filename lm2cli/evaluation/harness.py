@@ -44,7 +44,8 @@ class Lm2LM(LM):
     """lm-evaluation-harness `LM` for an lm2 model: loglikelihood, loglikelihood_rolling, generate_until."""
 
     def __init__(self, path: str | None = None, model=None, tokenizer=None, recipe=None, device: str = "auto",
-                 batch_size: int | str = 16, max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS):
+                 batch_size: int | str = 16, max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
+                 verify_checksums: bool | str = True):
         super().__init__()
         from lm2cli.evaluation.models import autocast_dtype, resolve_device
 
@@ -52,10 +53,12 @@ class Lm2LM(LM):
         if model is None:
             if path is None:
                 raise Lm2Error("Lm2LM needs a checkpoint (path=...) or a loaded model, tokenizer and recipe")
-            from lm2cli.checkpoint import load_for_inference
-            from lm2cli.evaluation._shared import resolve_target
+            from lm2cli.checkpoint import load_for_inference, resolve_target
 
-            model, tokenizer, recipe = load_for_inference(resolve_target(path).checkpoint, device=dev)
+            # lm_eval passes --model_args values as strings: "verify_checksums=False" must mean False
+            verify = str(verify_checksums).lower() not in ("false", "0", "no")
+            model, tokenizer, recipe = load_for_inference(resolve_target(path).checkpoint, device=dev,
+                                                          verify_checksums=verify)
         self.model, self.tokenizer, self.recipe = model.eval(), tokenizer, recipe
         self.runner = StateRunner(model, recipe.memory.segment_len, dev, int(batch_size), autocast_dtype(dev))
         self.max_gen_toks = int(max_gen_toks)

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import torch
 
+from lm2cli.checkpoint import (
+    Target,
+    checkpoint_info,
+    load_recipe_of,
+    load_tokenizer_of,
+    resolve_target,
+    verify_checkpoint,
+)
 from lm2cli.errors import Lm2Error
-from lm2cli.evaluation._shared import Target, checkpoint_info, resolve_target
 
 
 @dataclass
@@ -18,6 +25,7 @@ class EvalModel:
     recipe: object  # the checkpoint's stored recipe (shapes, tokenizer settings)
     tokenizer: object
     info: dict  # step, sha256, val_loss
+    verify_checksums: bool = True  # sha256 of every file again when the weights are loaded (sizes always)
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -37,8 +45,9 @@ class EvalModel:
     def load(self, device: torch.device) -> torch.nn.Module:
         from lm2cli.checkpoint import load_for_inference
 
-        if self.model is None:
-            self.model, _, _ = load_for_inference(self.target.checkpoint, device=device)
+        if self.model is None:  # verified again here: the files may have changed while other models ran
+            self.model, _, _ = load_for_inference(self.target.checkpoint, device=device,
+                                                  verify_checksums=self.verify_checksums)
         return self.model
 
     def unload(self) -> None:
@@ -54,20 +63,19 @@ class EvalModel:
                 "training_val_loss": self.info["val_loss"]}
 
 
-def resolve_models(arguments: list[str]) -> list[EvalModel]:
-    """Every argument resolved and its recipe and tokenizer read (no weights yet); names made unique."""
-    from lm2cli.checkpoint import load_recipe_of, load_tokenizer_of
-
+def resolve_models(arguments: list[str], verify_checksums: bool = True) -> list[EvalModel]:
+    """Every argument resolved (none: the default recipe's run) and its checkpoint verified against its manifest
+    (sizes, and sha256 unless `verify_checksums` is False) before its recipe and tokenizer are read, so that a
+    damaged checkpoint stops the run before any model is evaluated or anything written. No weights yet; names
+    made unique."""
     models = []
-    for argument in arguments:
-        if not Path(argument).exists():
-            raise Lm2Error(f"{argument}: no such run, checkpoint or recipe file (train a model with `lm2 pretrain "
-                           f"RECIPE`, or name a run directory such as runs/small)")
+    for argument in arguments or [None]:
         target = resolve_target(argument)
+        verify_checkpoint(target.checkpoint, checksums=verify_checksums)
         recipe = load_recipe_of(target.checkpoint)
         tokenizer = load_tokenizer_of(target.checkpoint)
         models.append(EvalModel(target.run_dir.name or str(target.run_dir), target, recipe, tokenizer,
-                                checkpoint_info(target.checkpoint)))
+                                checkpoint_info(target.checkpoint), verify_checksums))
     names = [m.name for m in models]
     for m in models:
         if names.count(m.name) > 1:  # the same run twice, or runs of the same name: tell them apart by step

@@ -4,7 +4,8 @@ Sequences of `eval.ppl_seq_len + 1` tokens come from the recipe's validation sha
 order) or from text files (each file `BOS text EOS`, cut into sequences that never cross files), up to
 `eval.ppl_tokens` scored tokens. Each sequence starts from a fresh model state and is fed segment-aligned
 chunk by chunk through it, so any length fits in memory with an attention window or memory. The arithmetic
-is the shared batch scorer's (lm2cli/evaluation/scoring.py), the one training's validation is meant to use.
+is the shared batch scorer's (lm2cli/scoring.py), the one training's validation uses, so both give the same
+loss on the same rows.
 
 Loss is also averaged in buckets of the position of the predicted token (0-128, 128-512, 512-2k, 2k-8k, ...,
 each four times the one before): the curve that shows whether a model keeps using context beyond its
@@ -21,8 +22,7 @@ import numpy as np
 import torch
 
 from lm2cli.errors import Lm2Error
-from lm2cli.evaluation._shared import token_byte_lengths
-from lm2cli.evaluation.scoring import Scores, score_logits, token_losses
+from lm2cli.scoring import Scores, score_logits, token_losses
 
 
 def bucket_edges(seq_len: int) -> list[int]:
@@ -150,7 +150,7 @@ class PositionLoss:
 @torch.no_grad()
 def evaluate_perplexity(runner, tokenizer, plan: PerplexityPlan, name: str, on_done=None) -> dict:
     """Score every sequence of the plan with the model behind `runner` (a StateRunner)."""
-    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
+    byte_lengths = torch.from_numpy(tokenizer.token_byte_lengths())
     total, positions = Scores(), PositionLoss(plan.edges)
     by_length: dict[int, list[np.ndarray]] = {}
     for s in plan.sequences:

@@ -80,11 +80,12 @@ def tiny_model(tokenizer, *sets: str, seed: int = 0):
 
 def write_checkpoint(run_dir: Path, tokenizer, *sets: str, seed: int = 0, step: int = 1) -> Path:
     """A run directory with one checkpoint of a randomly initialised tiny model (no training needed)."""
-    from lm2cli.checkpoint import save_model_files
+    from lm2cli.checkpoint import save_model_files, write_state_file
 
     model, recipe = tiny_model(tokenizer, *sets, seed=seed)
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
     save_model_files(ckpt, model, recipe, tokenizer)
+    write_state_file(ckpt, {"step": step})  # the manifest (sizes, sha256) every reader verifies
     (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
     return run_dir
 

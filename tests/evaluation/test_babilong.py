@@ -51,7 +51,7 @@ def test_constant_answer_scores_its_label_frequency(tmp_path, tokenizer):
 
 
 def test_finetune_em_uses_the_fine_tuning_assembly(tokenizer):
-    from lm2cli.training.finetune import babilong_example
+    from lm2cli.data.examples import babilong_example  # what fine-tuning assembles (load_examples)
 
     row = {"input": "  Mary went to the garden.  ", "question": " Where is Mary? ", "target": "garden"}
     ids = prompt_ids(tokenizer, "qa1", row, "finetune-em", [])
@@ -111,7 +111,7 @@ def test_hub_rows_in_both_orders(tmp_path, monkeypatch):
 
     rows = [{"input": "Mary went to the garden.", "question": "Where is Mary?", "target": "garden"}] * 3
 
-    def fake(name, config):
+    def fake(name, config, **kwargs):  # corpus.load_dataset adds trust_remote_code=False
         assert name == "RMT-team/babilong"  # the booydar alias is resolved
         if config.startswith("qa"):
             return {"0k": rows, "1k": rows}

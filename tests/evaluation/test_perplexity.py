@@ -1,7 +1,8 @@
-"""Perplexity and loss by position; the pure batch scorer."""
+"""Perplexity and loss by position, and their agreement with training's validation (the shared scorer)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -16,8 +17,8 @@ from lm2cli.evaluation.perplexity import (
     plan_perplexity,
     windows,
 )
-from lm2cli.evaluation.scoring import IGNORE, score_batches, score_logits
 from lm2cli.recipe import load_recipe
+from lm2cli.scoring import score_batches
 
 from .conftest import UniformModel, tiny_model
 
@@ -98,31 +99,32 @@ def test_text_files_and_validation_shards(tmp_path, tokenizer):
         plan_perplexity(cfg, str(tmp_path / "missing"), tokenizer)
 
 
-def test_score_batches_matches_the_training_loss(tokenizer):
-    """The pure scorer computes what the training loop's loss_sum and exact match compute."""
-    from lm2cli.training.loop import loss_sum
+def test_perplexity_equals_training_validation_on_the_same_rows(tokenizer, tmp_path):
+    """On the rows training validates on, `lm2 eval`'s perplexity path (chunk by chunk through the model state,
+    batched by the StateRunner) gives the loss and bits per byte of training's validation scorer to 1e-6."""
+    from lm2cli.data.fingerprint import fingerprint_inputs
+    from lm2cli.data.shards import ShardWriter, TokenShards, build_meta, token_dtype
+    from lm2cli.fileio import atomic_write_json
+    from lm2cli.training.pretrain import PretrainData
 
-    model, _ = tiny_model(tokenizer)
-    g = torch.Generator().manual_seed(0)
-    inputs = torch.randint(5, tokenizer.vocab_size, (3, 40), generator=g)
-    targets = torch.randint(5, tokenizer.vocab_size, (3, 40), generator=g)
-    targets[:, :30] = IGNORE  # answer rows: only the last 10 positions carry a target
-
-    class B:
-        pass
-
-    batch = B()
-    batch.inputs, batch.targets, batch.n_bytes, batch.answers = inputs, targets, 123.0, True
-    with torch.no_grad():
-        logits, _ = model(inputs, None)
-        want = float(loss_sum(logits, targets))
-    scores = score_batches(model, [batch, batch], "cpu")
-    assert scores.loss_sum == pytest.approx(2 * want, rel=1e-6)
-    assert scores.targets == 60 and scores.n_bytes == 246.0 and scores.answer_rows == 6
-    assert model.training is False
-    # teacher-forced exact match: a row counts when every answer position is the argmax
-    perfect = targets.clone()
-    perfect[:, 30:] = logits.argmax(-1)[:, 30:]
-    perfect[1, 35] = (perfect[1, 35] + 1) % tokenizer.vocab_size
-    s = score_logits(logits, perfect, answers=True)
-    assert (s.correct_rows, s.answer_rows) == (2, 3) and s.exact_match == pytest.approx(2 / 3)
+    model, recipe = tiny_model(tokenizer, "train.seq_len=80", "train.batch_size=3", "train.eval_batches=2",
+                               f"data.dir={json.dumps(str(tmp_path))}")
+    rng = np.random.default_rng(0)
+    writers = {}
+    for split, docs in (("train", 30), ("val", 30)):
+        writers[split] = ShardWriter(tmp_path, split, token_dtype(tokenizer.vocab_size))
+        for _ in range(docs):
+            writers[split].add(rng.integers(5, tokenizer.vocab_size, size=int(rng.integers(20, 60))))
+        writers[split].commit()
+    atomic_write_json(tmp_path / "meta.json", build_meta(tokenizer, writers, fingerprint_inputs(recipe),
+                                                         {"kind": "test"}))
+    data = PretrainData(TokenShards.for_recipe(recipe), recipe, tokenizer)
+    validation = score_batches(model, data.val_batches(0, 1), "cpu")  # what training's validation computes
+    rows = [torch.cat([b.inputs, b.targets[:, -1:]], dim=1).numpy() for b in data.val_batches(0, 1)]
+    plan = PerplexityPlan(80, [r for batch in rows for r in batch], {"kind": "test"}, bucket_edges(80))
+    runner = StateRunner(model, recipe.memory.segment_len, "cpu", batch_size=4)
+    runner.chunk_len = recipe.memory.segment_len  # five chunks per row: the state carries across them
+    ours = evaluate_perplexity(runner, tokenizer, plan, "m")
+    assert ours["tokens"] == validation.targets == 6 * 80
+    assert ours["loss"] == pytest.approx(validation.loss, rel=1e-6, abs=0)
+    assert ours["bpb"] == pytest.approx(validation.bits_per_byte, rel=1e-6, abs=0)
