@@ -154,6 +154,43 @@ def test_bad_input_is_one_line_and_exit_2(cli, world, tmp_path, tokenizer):
     assert "exceed model.max_seq_len = 500" in msg and "1k" in msg
 
 
+def tampered_copy(world, tmp_path, name: str) -> tuple[Path, Path]:
+    """A copy of world's lm2 run, and its weights file (to damage in place)."""
+    import shutil
+
+    run = tmp_path / name
+    shutil.copytree(world / "runs" / "lm2", run)
+    return run, next(run.glob("checkpoints/step_*/model.safetensors"))
+
+
+def test_damaged_weights_are_refused_before_anything_runs(cli, world, tmp_path):
+    """Issue 9: every reader of weights verifies them. Bytes changed in place (same size) are caught by the
+    sha256, a truncated file by its size even with --no-verify-checksums; one line naming the file, exit 2,
+    nothing written, even when the damaged checkpoint is the second model of the comparison."""
+    good = world / "runs" / "lm2"
+    base = [*sets(world, 'eval.run=["babilong"]', 'eval.tasks=["qa1"]', 'eval.lengths=["0k"]')]
+    changed, weights = tampered_copy(world, tmp_path, "changed")
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x01  # the lowest mantissa byte of the last float: finite, same size, another model
+    weights.write_bytes(bytes(data))
+    msg = one_error(cli("eval", good, changed, *base, "--out", tmp_path / "o1"))
+    assert str(weights.parent) in msg and "model.safetensors does not match its recorded sha256" in msg
+    assert "--no-verify-checksums" in msg and not (tmp_path / "o1").exists()
+    # --no-verify-checksums skips the hash (sizes still agree): the changed weights are evaluated
+    r = cli("eval", changed, *base, "--out", tmp_path / "o2", "--no-verify-checksums")
+    assert r.code == 0, r.err
+    assert read_results(tmp_path / "o2")["command"].endswith("--no-verify-checksums")
+
+    truncated, weights = tampered_copy(world, tmp_path, "truncated")
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:size // 2])
+    for flags in ([], ["--no-verify-checksums"]):
+        msg = one_error(cli("eval", good, truncated, *base, "--out", tmp_path / "o3", *flags))
+        assert str(weights.parent) in msg and f"model.safetensors has {size // 2:,} bytes, the manifest says " \
+            f"{size:,}" in msg
+        assert not (tmp_path / "o3").exists()
+
+
 def test_retrieval_is_its_own_row(cli, world, tmp_path):
     pytest.importorskip("bm25s")
     out = tmp_path / "res"
