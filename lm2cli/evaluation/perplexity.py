@@ -172,9 +172,10 @@ def score_sequences(runner, rows: torch.Tensor, byte_lengths: torch.Tensor, posi
     inputs, targets = rows[:, :-1], rows[:, 1:]
     state = runner.model.init_state(rows.shape[0], device=runner.device)
     total = Scores()
-    for start in range(0, inputs.shape[1], runner.chunk_len):
-        chunk_targets = targets[:, start:start + runner.chunk_len]
-        logits, state = runner.forward(inputs[:, start:start + runner.chunk_len].to(runner.device), state)
+    chunk = runner.chunk_for(rows.shape[0])
+    for start in range(0, inputs.shape[1], chunk):
+        chunk_targets = targets[:, start:start + chunk]
+        logits, state = runner.forward(inputs[:, start:start + chunk].to(runner.device), state)
         chunk_targets_dev = chunk_targets.to(logits.device)
         losses = token_losses(logits, chunk_targets_dev)
         total += score_logits(logits, chunk_targets_dev, float(byte_lengths[chunk_targets].sum()), losses=losses)

@@ -94,3 +94,19 @@ def test_continuation_scores_equal_a_full_forward(tokenizer):
                 want = float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
                 assert logprob == pytest.approx(want, abs=1e-4)
                 assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_batched_prefill_calls_are_never_split_by_the_model(tokenizer, monkeypatch):
+    """A batched prefill feeds the model pieces it takes in one call (an lm2 model splits a longer no-grad call
+    and concatenates the logits: a copy the runner avoids); one row gets lm2 generate's chunk; the answers stay
+    those of one-at-a-time generation."""
+    model, recipe = tiny_model(tokenizer, "attention.window=24")
+    monkeypatch.setattr(type(model), "NO_GRAD_CHUNK_TOKENS", 256)  # 16 rows: 16 tokens per call, one segment
+    split = []
+    real = type(model)._forward_in_chunks
+    monkeypatch.setattr(type(model), "_forward_in_chunks", lambda self, *a, **k: split.append(1) or real(self, *a, **k))
+    prompts = prompts_of(tokenizer, [70] * 8 + [90] * 8)
+    runner = StateRunner(model, recipe.memory.segment_len, "cpu", batch_size=16)
+    assert runner.chunk_for(16) == 16 and runner.chunk_for(4) == 64 and runner.chunk_for(1) == runner.chunk_len
+    assert runner.greedy(prompts, 6, tokenizer.eos_id) == one_at_a_time(model, recipe, tokenizer, prompts, 6)
+    assert split == []
