@@ -1,0 +1,54 @@
+"""The one place where inspection reaches for what issue 10 will move or unify (see the comment below)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# issue 10 will provide these: `lm2cli.checkpoint` becomes the single resolver of RUN_OR_CHECKPOINT_OR_RECIPE
+# (a .toml path means that recipe's output.dir run; no argument means the newest run of the default recipe),
+# `babilong_example` moves from training/finetune.py to lm2cli/data/examples.py, and data/generator.py is
+# renamed. When it lands: replace `resolve_checkpoint` with the shared resolver, build `babilong_prompt`'s
+# ids with `babilong_example`, and point `babi_vocabulary` at the renamed module; nothing else in
+# lm2cli/inspection needs to change. Inspection never imports lm2cli.training.
+from lm2cli.checkpoint import find_checkpoint, load_for_inference
+from lm2cli.errors import Lm2Error
+
+__all__ = ["resolve_checkpoint", "load_for_inference", "babilong_context", "babilong_prompt", "babi_vocabulary"]
+
+
+def resolve_checkpoint(target: Path | None) -> Path:
+    """The checkpoint that RUN_OR_CHECKPOINT_OR_RECIPE names (issue 10: the shared resolver replaces this)."""
+    from lm2cli.generation.command import resolve_run
+
+    if target is not None and target.suffix == ".toml":
+        from lm2cli.recipe import load_recipe
+
+        run = Path(load_recipe(target).output.dir)
+        if not run.exists():
+            raise Lm2Error(f"{target}: its run directory {run} (output.dir) does not exist; train it first with "
+                           f"`lm2 pretrain {target}`, or pass a run or checkpoint directory")
+        return find_checkpoint(run)
+    return find_checkpoint(resolve_run(target))
+
+
+def babilong_context(row: dict) -> str:
+    """The text a BABILong row is read as, before the answer separator (babilong.md §5.3). A character span
+    of `row["input"]` moves left by the input's leading whitespace in it."""
+    return row["input"].strip() + " " + row["question"].strip()
+
+
+def babilong_prompt(tokenizer, row: dict) -> tuple[list[int], list[tuple[int, int]]]:
+    """[BOS] + context + [answer separator], as fine-tuning and eval assemble it (issue 10: take the ids from
+    `lm2cli.data.examples.babilong_example`), with each token's character span in `babilong_context(row)`
+    (BOS and the separator get empty spans at the ends)."""
+    context = babilong_context(row)
+    ids, spans = tokenizer.encode_with_offsets(context)
+    end = len(context)
+    return [tokenizer.bos_id, *ids, tokenizer.answer_id], [(0, 0), *spans, (end, end)]
+
+
+def babi_vocabulary() -> tuple[set[str], set[str]]:
+    """(names, nouns) of bAbI statements, from the story generator (issue 10 renames its module)."""
+    from lm2cli.data.generator import ACTORS, ACTORS_QA5, ACTORS_QA10, OBJECTS, PLACES, ROOMS
+
+    return set(ACTORS + ACTORS_QA5 + ACTORS_QA10), set(ROOMS + PLACES + OBJECTS)
