@@ -37,14 +37,12 @@ def babilong_context(row: dict) -> str:
     return row["input"].strip() + " " + row["question"].strip()
 
 
-def babilong_prompt(tokenizer, row: dict) -> tuple[list[int], list[tuple[int, int]]]:
+def babilong_prompt(tokenizer, row: dict) -> tuple[list[int], list[tuple[int, int] | None]]:
     """[BOS] + context + [answer separator], as fine-tuning and eval assemble it (issue 10: take the ids from
     `lm2cli.data.examples.babilong_example`), with each token's character span in `babilong_context(row)`
-    (BOS and the separator get empty spans at the ends)."""
-    context = babilong_context(row)
-    ids, spans = tokenizer.encode_with_offsets(context)
-    end = len(context)
-    return [tokenizer.bos_id, *ids, tokenizer.answer_id], [(0, 0), *spans, (end, end)]
+    (None for BOS and the separator, which stand for no text)."""
+    ids, spans = tokenizer.encode_with_offsets(babilong_context(row))
+    return [tokenizer.bos_id, *ids, tokenizer.answer_id], [None, *spans, None]
 
 
 def babi_vocabulary() -> tuple[set[str], set[str]]:

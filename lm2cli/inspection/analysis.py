@@ -118,8 +118,10 @@ def summarize(ins, top_tokens: int) -> dict:
     if ins.facts_note:
         summary["facts"] = ins.facts_note
     for layer, tensors in sorted(ins.layers.items()):
+        # rmt: the memory tokens' norm and change are the model's, shared by every block
+        per_segment = tensors | {k: v for k, v in ins.memory.items() if k in ("slot_norm", "slot_change")}
         entry = {"ranking": slot_ranking(tensors, ins.n_prompt),
-                 "segments": segment_stats(tensors, ins.segment_len, len(ins.tokens))}
+                 "segments": segment_stats(per_segment, ins.segment_len, len(ins.tokens))}
         if ins.fact_mask is not None:
             entry["facts"] = fact_attention(tensors, ins.segment_len, ins.fact_mask, ins.answer_pos)
             if ins.support_mask is not None:

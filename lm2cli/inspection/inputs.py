@@ -121,20 +121,24 @@ def statement_spans(text: str) -> list[tuple[int, int]]:
     for m in re.finditer(r"[^.!?]+[.!?]", text):
         start = m.start() + len(m.group()) - len(m.group().lstrip())
         sentence = text[start:m.end()]
-        words = re.findall(r"[A-Za-z]+", sentence)
-        if (is_statement(sentence) and all(w in names for w in words if w[0].isupper() and w != "The")
-                and words[-1] in nouns | names):
+        capitals = [w for w in re.findall(r"[A-Z]\w*", sentence) if w != "The"]
+        things = re.findall(r"\b[Tt]he (\w+)", sentence)
+        if is_statement(sentence) and set(capitals) <= names and things and set(things) <= nouns:
             spans.append((start, m.end()))
     return spans
 
 
-def tokens_in(token_spans: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """For each token, whether its characters fall inside one of `spans` (sorted, disjoint). An empty token
-    span, as the first byte piece of a character has, counts by its position."""
+def tokens_in(token_spans: list[tuple[int, int] | None], spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token, whether its characters fall inside one of `spans` (disjoint). An empty token span, as
+    the first byte piece of a character has, counts by its position; None (a special token) never does."""
     spans = sorted(spans)
     starts = [a for a, _ in spans]
     out = []
-    for s, e in token_spans:
+    for span in token_spans:
+        if span is None:
+            out.append(False)
+            continue
+        s, e = span
         j = bisect.bisect_right(starts, s) - 1 if s == e else bisect.bisect_left(starts, e) - 1
         out.append(j >= 0 and spans[j][1] > s)
     return out

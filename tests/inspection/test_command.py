@@ -1,0 +1,178 @@
+"""`lm2 inspect-memory` end to end on tiny saved runs: files written and re-read, BABILong facts, RMT,
+recipes as targets, and one clear line for every bad option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm2cli.inspection import store
+
+from .conftest import FACTS, babilong_rows
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Figures are tested once; elsewhere they would only cost time."""
+    from lm2cli.inspection import figures
+
+    monkeypatch.setattr(figures, "have_matplotlib", lambda: False)
+
+
+PROMPT = ("Mary moved to the bathroom. John went to the hallway. Mary got the football there. "
+          "Sandra journeyed to the garden. Daniel took the apple there. Where is the football?")
+
+
+def test_figures_tensors_and_summary_are_written_and_reread(cli, runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    res = cli("inspect-memory", runs["lm2"], "--prompt", PROMPT * 2, "--generate", "40", "--top-tokens", "6",
+              "--out", out)
+    assert res.code == 0, res.err
+    assert "g_in" in res.out and f"written to {out}/" in res.out
+    names = {p.name for p in out.iterdir()}
+    for layer in (0, 1):
+        assert {f"read_L{layer}.png", f"write_L{layer}.png", f"gates_L{layer}.png",
+                f"before_after_L{layer}.png"} <= names
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    ins = store.load(out)
+    index = json.loads((out / "index.json").read_text())
+    tensors = store.flat_tensors(ins)
+    assert set(index["tensors"]) == set(tensors)
+    for key, meta in index["tensors"].items():
+        assert list(tensors[key].shape) == meta["shape"] and meta["meaning"]
+    read = ins.layers[0]["read"]
+    assert read.shape == (len(ins.tokens), 8) and len(ins.tokens) == ins.n_prompt + 40
+    assert torch.allclose(read.sum(-1), torch.ones(len(read)), atol=1e-5)
+    assert ins.reread[0]["before"].shape == (len(ins.heatmap_rows[0]), 8)
+    assert not torch.equal(ins.reread[0]["before"], ins.reread[0]["after"])  # generation wrote the memory
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generated_tokens"] == 40 and summary["layers"]["1"]["segments"]
+    slots = [json.loads(line) for line in (out / "slots.jsonl").read_text().splitlines()]
+    assert [(r["layer"], r["slot"]) for r in slots] == [(layer, s) for layer in (0, 1) for s in range(8)]
+    assert all(len(r["top_written"]) == 6 and "[[" in r["top_written"][0]["context"] for r in slots)
+
+
+def test_without_matplotlib_the_tensors_and_summary_are_still_written(cli, runs, tmp_path, no_figures):
+    res = cli("inspect-memory", runs["lm2"], "--prompt", PROMPT, "--out", tmp_path / "o", "--json")
+    assert res.code == 0, res.err
+    assert "pip install 'lm2[plot]'" in res.err and "plot extra" in res.err
+    assert not list((tmp_path / "o").glob("*.png"))
+    assert {"tensors.safetensors", "index.json", "summary.json", "slots.jsonl"} <= {
+        p.name for p in (tmp_path / "o").iterdir()}
+    summary = json.loads(res.out)
+    assert summary["arch"] == "lm2" and summary["out"] == str(tmp_path / "o")
+
+
+def test_babilong_row_reports_the_fact_attention_ratio(cli, runs, babilong_dir, no_figures):
+    res = cli("inspect-memory", runs["lm2"], "--babilong", f"{babilong_dir}:qa2:1k:1", "--json")
+    assert res.code == 0, res.err
+    summary = json.loads(res.out)
+    out = runs["lm2"] / "inspect" / "qa2-1k-1"  # the default: <run>/inspect/<name>
+    assert summary["out"] == str(out) and summary["target"] == "office"
+    assert summary["facts"] == "4 facts from the row's fact_spans"
+    facts = summary["layers"]["0"]["facts"]
+    assert facts["ratio"] > 0 and 0 <= facts["answer_read_on_fact_slots"] <= 1
+    assert summary["layers"]["0"]["supporting_facts"]["fact_tokens_written"] < facts["fact_tokens_written"]
+    ins = store.load(out)
+    marked = "".join(p for p, fact in zip(ins.pieces, ins.fact_mask, strict=False) if fact)
+    assert marked.replace(" ", "") == "".join(FACTS).replace(" ", "")  # the marked tokens are the facts
+    assert ins.answer_pos == ins.n_prompt - 1
+
+
+def test_hub_rows_without_spans_find_the_facts_by_their_grammar(tokenizer, tmp_path):
+    from lm2cli.inspection.inputs import BabilongSpec, babilong_input
+
+    row = babilong_rows(tokenizer, n=1)[0]
+    hub_row = {k: row[k] for k in ("input", "question", "target")}
+    (tmp_path / "qa2").mkdir()
+    (tmp_path / "qa2" / "1k.json").write_text(json.dumps([hub_row]))
+    exact = babilong_input(BabilongSpec(str(tmp_path), "qa2", "1k"), tokenizer, "x")
+    assert "matching bAbI statements (4 found)" in exact.facts_note and exact.support_mask is None
+    with_spans = tmp_path / "spans"
+    (with_spans / "qa2").mkdir(parents=True)
+    (with_spans / "qa2" / "1k.json").write_text(json.dumps([row]))
+    recorded = babilong_input(BabilongSpec(str(with_spans), "qa2", "1k"), tokenizer, "x")
+    assert exact.fact_mask == recorded.fact_mask and sum(recorded.fact_mask) > 20
+
+
+def test_babilong_prompt_is_the_fine_tuning_prompt(tokenizer):
+    """Until issue 10 moves it into data/, inspection assembles the prompt itself: it must stay the one
+    fine-tuning and eval use."""
+    from lm2cli.inspection._shared import babilong_prompt
+    from lm2cli.training.finetune import babilong_example
+
+    for row in babilong_rows(tokenizer, n=2):
+        assert babilong_prompt(tokenizer, row)[0] == babilong_example(tokenizer, row).prompt
+
+
+def test_rmt_run_shows_its_memory_tokens(cli, runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = cli("inspect-memory", runs["rmt"], "--prompt", PROMPT, "--layer", "1", "--heads", "0",
+              "--out", tmp_path / "r", "--json")
+    assert res.code == 0, res.err
+    summary = json.loads(res.out)
+    assert list(summary["layers"]) == ["1"] and summary["heads"] == 0
+    assert sum(summary["layers"]["1"]["write_split"].values()) == pytest.approx(1, abs=1e-3)
+    assert len(summary["memory_tokens"]["change"]) == summary["prompt_tokens"] // 32
+    assert {"read_L1.png", "write_L1.png", "memory.png"} <= {p.name for p in (tmp_path / "r").iterdir()}
+
+
+def test_vanilla_is_refused_in_one_line(cli, runs):
+    res = cli("inspect-memory", runs["vanilla"], "--prompt", PROMPT)
+    assert res.code == 2
+    assert res.err.splitlines() == [f"error: {runs['vanilla']}/checkpoints/step_00000010: model.arch = vanilla "
+                                    f"has no memory to inspect; inspect-memory reads lm2 and rmt runs"]
+
+
+def test_a_recipe_names_its_run(cli, runs, tmp_path, no_figures):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[output]\ndir = "{runs["lm2"]}"\n')
+    res = cli("inspect-memory", recipe, "--prompt", "Mary went", "--json", "--out", tmp_path / "o")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["checkpoint"] == str(runs["lm2"] / "checkpoints" / "step_00000010")
+    recipe.write_text(f'[output]\ndir = "{tmp_path / "none"}"\n')
+    res = cli("inspect-memory", recipe, "--prompt", "Mary went")
+    assert res.code == 2 and len(res.err.splitlines()) == 1 and "does not exist" in res.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer", "x"], "--layer x: expected a block index"),
+    (["--layer", "5"], "--layer 5: not one of this model's memory blocks (0, 1)"),
+    (["--slots", "5:2"], "--slots 5:2: expected A:B with A < B"),
+    (["--slots", "0"], "--slots 0: expected A:B"),
+    (["--slots", "0:9"], "--slots 0:9: the model has 8 slots"),
+    (["--heads", "2"], "--heads 2: the memory attention has 2 heads (0 ... 1)"),
+    (["--heads", "median"], "--heads median: expected mean, max or a head index"),
+    (["--generate", "-1"], "--generate -1: expected 0 or more"),
+    (["--babilong", "qa1:1k"], "--babilong 'qa1:1k': expected DIR_OR_HUB:TASK:LENGTH[:INDEX]"),
+    (["--babilong", "d:quiz:1k"], "task 'quiz' should be qa1 ... qa20"),
+    (["--babilong", "d:qa1:long"], "length 'long' should look like 0k, 1k"),
+    (["--babilong", "{dir}:qa2:1k:7"], "index 7 is out of range; qa2 at 1k has 3 rows (0 ... 2)"),
+    (["--babilong", "{dir}:qa9:1k"], "no qa9/1k.json"),
+    (["--file", "missing.txt"], "--file missing.txt: not found"),
+    ([], "no text given: use --prompt TEXT, --file PATH or --babilong"),
+    (["--file", "x.txt", "--babilong", "d:qa1:1k"], "give one text, not --file and --babilong"),
+])
+def test_bad_options_are_one_line_and_exit_2(cli, runs, babilong_dir, args, message):
+    args = [a.replace("{dir}", str(babilong_dir)) for a in args]
+    text = [] if any(a in args for a in ("--babilong", "--file")) or not args else ["--prompt", PROMPT]
+    res = cli("inspect-memory", runs["lm2"], *text, *args)
+    assert res.code == 2
+    assert len(res.err.splitlines()) == 1 and res.err.startswith("error: ") and message in res.err, res.err
+
+
+def test_missing_run_is_one_line(cli, tmp_path):
+    res = cli("inspect-memory", tmp_path / "nowhere", "--prompt", "Mary")
+    assert res.code == 2 and len(res.err.splitlines()) == 1 and "nowhere" in res.err
+
+
+def test_default_name_of_a_file_is_its_stem(cli, runs, tmp_path, no_figures):
+    story = tmp_path / "story.txt"
+    story.write_text(PROMPT, encoding="utf-8")
+    res = cli("inspect-memory", runs["lm2"], "--file", story, "--json")
+    assert res.code == 0, res.err
+    assert Path(json.loads(res.out)["out"]) == runs["lm2"] / "inspect" / "story"
