@@ -186,7 +186,7 @@ def generate(
 @app.command("inspect-memory")
 def inspect_memory(
     target: Annotated[Optional[Path], typer.Argument(
-        metavar="[RUN_OR_CHECKPOINT_OR_RECIPE]", show_default=False,
+        metavar="RUN_OR_CHECKPOINT_OR_RECIPE", show_default=False,
         help="Run directory, checkpoint, or recipe (its output.dir run); default: the newest checkpoint in "
              "runs/small, where recipes/small.toml trains")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text to read")] = None,

@@ -6,8 +6,9 @@ files an inspection wrote and tested on hand-made tensors.
 Fact attention ratio (per block): over the written segments, the share of write mass that lands on fact
 tokens divided by the fact tokens' share of those segments' tokens. 1 means the writes ignore whether a token
 is a fact; 3 means fact tokens get three times their share. A slot is a *fact slot* when its own ratio, over
-the segments that contain facts, is above 1; the answer position's read mass on the fact slots is compared
-with what a reader that spreads its attention evenly would give them (their count / N).
+the segments that contain facts, is at least FACT_SLOT_RATIO (a clear preference, not noise around 1); the
+answer position's read mass on the fact slots is compared with what a reader that spreads its attention
+evenly would give them (their count / N). No slot above the threshold: no answer number.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import math
 
 import torch
 from torch import Tensor
+
+
+FACT_SLOT_RATIO = 1.25
 
 
 def written_positions(write_end: Tensor, segment_len: int) -> Tensor:
@@ -95,10 +99,10 @@ def fact_attention(tensors: dict[str, Tensor], segment_len: int, fact_mask: list
     w, f = write[with_facts], is_fact[with_facts]
     slot_share = (w * f[:, None, :]).sum((0, 2)) / w.sum((0, 2)).clamp_min(1e-12)
     slot_ratio = slot_share / (f.sum() / f.numel())
-    fact_slots = (slot_ratio > 1).nonzero().flatten().tolist()
+    fact_slots = (slot_ratio >= FACT_SLOT_RATIO).nonzero().flatten().tolist()
     out = {"ratio": _round(ratio), "fact_tokens_written": int(n_fact), "tokens_written": is_fact.numel(),
            "slot_ratio": [_round(r) for r in slot_ratio], "fact_slots": fact_slots}
-    if answer_pos is not None and answer_pos < len(tensors["read"]):
+    if fact_slots and answer_pos is not None and answer_pos < len(tensors["read"]):
         read = tensors["read"][answer_pos]
         out["answer_read_on_fact_slots"] = _round(read[fact_slots].sum())
         out["answer_read_even"] = _round(read.sum() * len(fact_slots) / len(read))

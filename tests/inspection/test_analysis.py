@@ -53,9 +53,18 @@ def test_fact_attention_ratio_of_a_hand_built_case():
     assert facts["fact_tokens_written"] == 2 and facts["tokens_written"] == 8
     # over the segment with facts: slot 0 puts 0.8 on them, slot 1 0.5; their share of it is 2 / 4
     assert facts["slot_ratio"] == pytest.approx([1.6, 1.0])
-    assert facts["fact_slots"] == [0]  # strictly above 1
+    assert facts["fact_slots"] == [0]  # 1.6 is a clear preference, 1.0 none
     assert facts["answer_read_on_fact_slots"] == pytest.approx(0.7)  # the answer reads slot 0 with 0.7
     assert facts["answer_read_even"] == pytest.approx(0.5)  # one fact slot of two
+
+
+def test_no_clear_fact_slot_gives_no_answer_number():
+    rec = fed_recorder()
+    tensors = rec.traces[0].tensors()
+    tensors["write"][0, 0] = torch.tensor([0.2, 0.3, 0.3, 0.2])  # slot 0: 0.6 of the mass on half the tokens
+    facts = analysis.fact_attention(tensors, S, FACTS, ANSWER)
+    assert facts["slot_ratio"] == pytest.approx([1.2, 1.0]) and facts["fact_slots"] == []
+    assert "answer_read_on_fact_slots" not in facts
 
 
 def test_no_fact_written_gives_no_ratio():
