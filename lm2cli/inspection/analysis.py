@@ -18,7 +18,6 @@ import math
 import torch
 from torch import Tensor
 
-
 FACT_SLOT_RATIO = 1.25
 
 
@@ -124,7 +123,7 @@ def summarize(ins, top_tokens: int) -> dict:
     for layer, tensors in sorted(ins.layers.items()):
         # rmt: the memory tokens' norm and change are the model's, shared by every block
         per_segment = tensors | {k: v for k, v in ins.memory.items() if k in ("slot_norm", "slot_change")}
-        entry = {"ranking": slot_ranking(tensors, ins.n_prompt),
+        entry = {"ranking": slot_ranking(per_segment, ins.n_prompt),
                  "segments": segment_stats(per_segment, ins.segment_len, len(ins.tokens))}
         if ins.fact_mask is not None:
             entry["facts"] = fact_attention(tensors, ins.segment_len, ins.fact_mask, ins.answer_pos)

@@ -58,7 +58,7 @@ def read_heatmap(ins, layer: int):
     values = ins.layers[layer]["read"][rows][:, a:b]
     _heat(fig, ax, values, f"block {layer}: read attention ({_heads(ins)})")
     _token_axis(ax, ins, rows, axis="y")
-    _slot_axis(ax, a, b, axis="x")
+    _slot_axis(ax, ins, axis="x")
     return fig
 
 
@@ -75,7 +75,7 @@ def before_after(ins, layer: int):
     for ax, when, title in ((axes[0], "before", "memory after the text"), (axes[1], "after", after)):
         _heat(fig, ax, reread[when][:, a:b], title, vmin=float(both.min()), vmax=float(both.max()))
         _token_axis(ax, ins, rows, axis="y", labels=ax is axes[0])
-        _slot_axis(ax, a, b, axis="x")
+        _slot_axis(ax, ins, axis="x")
     text = textwrap.shorten(ins.generated_text.replace("\n", " "), 160, placeholder=" ...")
     fig.suptitle(f"block {layer}: the same tokens read the memory before / after generating ({_heads(ins)})\n"
                  f"generated: {text!r}", fontsize=9)
@@ -92,7 +92,7 @@ def write_panels(ins, layer: int):
     for ax, w in zip(axes[:, 0], chosen, strict=True):
         pos = positions[w].tolist()
         _heat(fig, ax, tensors["write"][w, a:b], f"segment {w}: tokens {pos[0]}-{pos[-1]}")
-        _slot_axis(ax, a, b, axis="y")
+        _slot_axis(ax, ins, axis="y")
         if ins.segment_len <= MAX_TOKEN_LABELS:
             _token_axis(ax, ins, pos, axis="x")
         else:
@@ -103,8 +103,6 @@ def write_panels(ins, layer: int):
 
 
 def gates(ins, layer: int, summary: dict):
-    from matplotlib.ticker import MaxNLocator
-
     segments = [s for s in summary["layers"][str(layer)]["segments"] if not s.get("open")]
     x = [s["segment"] for s in segments]
     fig, axes = _figure(nrows=3, width=7.5, height=8.0)
@@ -113,8 +111,7 @@ def gates(ins, layer: int, summary: dict):
         axes[0].plot(x, [s[f"{key}_open"] for s in segments], color=color, ls="--", marker="x",
                      label=f"{key} > 0.5")
     axes[0].set_ylim(0, 1)
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _segment_ticks(axes)
     axes[0].set_title(f"block {layer}: gates per segment", fontsize=10)
     axes[0].legend(fontsize=7, ncols=3)
     axes[1].plot(x, [s["memory_norm"] for s in segments], color="black", marker=".", label="memory norm (rms slot)")
@@ -122,14 +119,12 @@ def gates(ins, layer: int, summary: dict):
     axes[1].legend(fontsize=7)
     a, b = ins.slot_window
     _heat(fig, axes[2], ins.layers[layer]["slot_change"][:, a:b].T, "change of each slot at each write")
-    _slot_axis(axes[2], a, b, axis="y")
+    _slot_axis(axes[2], ins, axis="y")
     axes[2].set_xlabel("segment")
     return fig
 
 
 def rmt_memory(ins):
-    from matplotlib.ticker import MaxNLocator
-
     fig, axes = _figure(nrows=2, width=7.5, height=5.5)
     change = ins.memory["slot_change"]
     _heat(fig, axes[0], change.T, "change of each memory token at each write")
@@ -138,8 +133,7 @@ def rmt_memory(ins):
     axes[1].plot(ins.memory["slot_norm"].pow(2).mean(-1).sqrt(), marker=".", label="rms norm")
     axes[1].set_xlabel("segment")
     axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _segment_ticks(axes)
     return fig
 
 
@@ -180,11 +174,19 @@ def _token_axis(ax, ins, positions: list[int], axis: str, labels: bool = True) -
             tick.set_fontstyle("italic")
 
 
-def _slot_axis(ax, a: int, b: int, axis: str) -> None:
+def _slot_axis(ax, ins, axis: str) -> None:
+    a, b = ins.slot_window
     step = max(1, (b - a) // 20)
     ticks = list(range(0, b - a, step))
     (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks, [str(a + t) for t in ticks], fontsize=7)
-    (ax.set_xlabel if axis == "x" else ax.set_ylabel)("slot" if axis == "x" else "slot", fontsize=8)
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)("memory token" if ins.arch == "rmt" else "slot", fontsize=8)
+
+
+def _segment_ticks(axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:  # segments are whole numbers, even when there is only one
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _heads(ins) -> str:

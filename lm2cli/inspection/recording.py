@@ -156,8 +156,8 @@ class TraceRecorder(MemoryRecorder):
         if model.args.arch == "rmt":
             self.seed({-1: _one(state.rmt_memory)})
         else:
-            self.seed({block.layer: _one(layer_state.memory.bank)
-                       for block, layer_state in zip(model.blocks, state.layers, strict=True) if block.memory})
+            self.seed({block.layer: _one(layer.memory.bank)
+                       for block, layer in zip(model.blocks, state.layers, strict=True) if block.memory is not None})
         handles = []
         for block in model.blocks:
             if not self.records(block.layer):

@@ -52,7 +52,7 @@ def record_block(recorder, args, block, call: dict) -> None:
         return
     h, st, start = call["h"], call["st"], call["start_pos"]
     probs, _ = attention_weights(block, h, call["cos"], call["sin"], call["mask"], call["causal"], st.k, st.v)
-    probs = reduce_heads(probs[0], recorder.heads)  # (t, keys)
+    probs = reduce_heads(probs[0], recorder.heads).float().cpu()  # (t, keys): small, indexed on the CPU
     t, m, seg = h.shape[1], args.slots, args.segment_len
     n_cached = 0 if st.k is None else st.k.shape[2]
     key_pos = torch.arange(start - n_cached, start + t)
@@ -60,11 +60,11 @@ def record_block(recorder, args, block, call: dict) -> None:
     prefix, tokens, suffix = key_pos < m, (key_pos >= m) & (key_pos < m + seg), key_pos >= m + seg
     if start == m + seg:  # the write suffix: its m queries gather the segment into the next memory
         write = torch.zeros(t, seg)
-        write[:, key_pos[tokens] - m] = probs[:, tokens].cpu()
+        write[:, key_pos[tokens] - m] = probs[:, tokens]
         split = torch.stack([probs[:, part].sum(-1) for part in (prefix, tokens, suffix)], dim=-1)
         recorder.pending_writes[block.layer] = {"write": write, "write_split": split}
         return
     rows = query_pos >= m  # token queries (the first call of a segment also runs the read prefix itself)
     read = torch.zeros(int(rows.sum()), m)
-    read[:, key_pos[prefix]] = probs[rows][:, prefix].cpu()
+    read[:, key_pos[prefix]] = probs[rows][:, prefix]
     recorder.traces[block.layer].add("read", read)

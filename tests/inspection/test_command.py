@@ -13,6 +13,7 @@ from lm2cli.inspection import store
 
 from .conftest import FACTS, babilong_rows
 
+
 @pytest.fixture
 def no_figures(monkeypatch):
     """Figures are tested once; elsewhere they would only cost time."""
