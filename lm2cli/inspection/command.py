@@ -158,11 +158,11 @@ def write_outputs(ins, tokenizer, top_tokens: int, out_dir: Path) -> tuple[list[
 
     summary = analysis.summarize(ins, top_tokens)
     records = analysis.explainer_records(ins, summary, tokenizer.decode, top_tokens)
-    written = store.save(ins, summary, records, out_dir)
     if not figures.have_matplotlib():
-        return written, summary, ("figures skipped: matplotlib is not installed; `pip install 'lm2[plot]'` "
-                                  "(the plot extra) draws them; the tensors and summary are written")
-    return written + figures.draw_all(ins, summary, out_dir), summary, ""
+        return store.save(ins, summary, records, out_dir), summary, (
+            "figures skipped: matplotlib is not installed; `pip install 'lm2[plot]'` (the plot extra) draws "
+            "them; the tensors and summary are written")
+    return store.save(ins, summary, records, out_dir, lambda: figures.draw_all(ins, summary, out_dir)), summary, ""
 
 
 # --------------------------------------------------------------------------------------------- table

@@ -61,22 +61,41 @@ def flat_tensors(ins: Inspection) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save(ins: Inspection, summary: dict, records, out_dir: Path) -> list[Path]:
-    """Write the tensors, the index, the summary and the explainer records; returns the paths."""
+def save(ins: Inspection, summary: dict, records, out_dir: Path, draw=None) -> list[Path]:
+    """Write the tensors, the summary, the explainer records, the figures (`draw()` returns their paths) and,
+    last, the index listing them all; returns the paths. What an earlier inspection wrote here goes first, so
+    no stale figure survives a rerun with other blocks."""
     from safetensors.torch import save as to_bytes
 
     from lm2cli.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+    remove_previous(out_dir)
     tensors = flat_tensors(ins)
     atomic_write_bytes(out_dir / TENSORS, to_bytes(tensors, metadata={"format": FORMAT}))
+    atomic_write_json(out_dir / SUMMARY, summary)
+    atomic_write_text(out_dir / SLOTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    written = [out_dir / name for name in (TENSORS, SUMMARY, SLOTS)] + (draw() if draw is not None else [])
     index = {"format": FORMAT, "version": VERSION, **{f: getattr(ins, f) for f in FIELDS},
              "slot_window": list(ins.slot_window), "layers": sorted(ins.layers), "pieces": ins.pieces,
+             "files": [p.name for p in written],
              "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                                "meaning": MEANINGS[key.rsplit(".", 1)[-1]]} for key, t in tensors.items()}}
     atomic_write_json(out_dir / INDEX, index)
-    atomic_write_json(out_dir / SUMMARY, summary)
-    atomic_write_text(out_dir / SLOTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return [out_dir / name for name in (TENSORS, INDEX, SUMMARY, SLOTS)]
+    return [written[0], out_dir / INDEX, *written[1:]]
+
+
+def remove_previous(out_dir: Path) -> None:
+    """Delete the files an earlier inspection's index lists (only plain names inside `out_dir`)."""
+    try:
+        old = json.loads((out_dir / INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        return
+    (out_dir / INDEX).unlink(missing_ok=True)
+    for name in old.get("files", []):
+        if isinstance(name, str) and name == Path(name).name and name not in (".", ".."):
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def load(out_dir: str | Path) -> Inspection:

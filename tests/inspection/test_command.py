@@ -26,17 +26,15 @@ PROMPT = ("Mary moved to the bathroom. John went to the hallway. Mary got the fo
           "Sandra journeyed to the garden. Daniel took the apple there. Where is the football?")
 
 
-def test_figures_tensors_and_summary_are_written_and_reread(cli, runs, tmp_path):
+def test_figures_tensors_and_summary_are_written_and_reread(cli, runs, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     res = cli("inspect-memory", runs["lm2"], "--prompt", PROMPT * 2, "--generate", "40", "--top-tokens", "6",
-              "--out", out)
+              "--layer", "1", "--out", out)  # one block: figures are the slow part
     assert res.code == 0, res.err
     assert "g_in" in res.out and f"written to {out}/" in res.out
     names = {p.name for p in out.iterdir()}
-    for layer in (0, 1):
-        assert {f"read_L{layer}.png", f"write_L{layer}.png", f"gates_L{layer}.png",
-                f"before_after_L{layer}.png"} <= names
+    assert {"read_L1.png", "write_L1.png", "gates_L1.png", "before_after_L1.png"} <= names
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     ins = store.load(out)
@@ -45,16 +43,23 @@ def test_figures_tensors_and_summary_are_written_and_reread(cli, runs, tmp_path)
     assert set(index["tensors"]) == set(tensors)
     for key, meta in index["tensors"].items():
         assert list(tensors[key].shape) == meta["shape"] and meta["meaning"]
-    read = ins.layers[0]["read"]
+    read = ins.layers[1]["read"]
     assert read.shape == (len(ins.tokens), 8) and len(ins.tokens) == ins.n_prompt + 40
     assert torch.allclose(read.sum(-1), torch.ones(len(read)), atol=1e-5)
-    assert ins.reread[0]["before"].shape == (len(ins.heatmap_rows[0]), 8)
-    assert not torch.equal(ins.reread[0]["before"], ins.reread[0]["after"])  # generation wrote the memory
+    assert ins.reread[1]["before"].shape == (len(ins.heatmap_rows[1]), 8)
+    assert not torch.equal(ins.reread[1]["before"], ins.reread[1]["after"])  # generation wrote the memory
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generated_tokens"] == 40 and summary["layers"]["1"]["segments"]
     slots = [json.loads(line) for line in (out / "slots.jsonl").read_text().splitlines()]
-    assert [(r["layer"], r["slot"]) for r in slots] == [(layer, s) for layer in (0, 1) for s in range(8)]
+    assert [(r["layer"], r["slot"]) for r in slots] == [(1, s) for s in range(8)]
     assert all(len(r["top_written"]) == 6 and "[[" in r["top_written"][0]["context"] for r in slots)
+    assert sorted(index["files"]) == sorted(names - {"index.json"})
+    # a rerun into the same folder with one block leaves no figure of the other behind
+    from lm2cli.inspection import figures
+
+    monkeypatch.setattr(figures, "have_matplotlib", lambda: False)
+    assert cli("inspect-memory", runs["lm2"], "--prompt", PROMPT, "--layer", "0", "--out", out).code == 0
+    assert not list(out.glob("*.png")) and store.load(out).layers.keys() == {0}
 
 
 def test_without_matplotlib_the_tensors_and_summary_are_still_written(cli, runs, tmp_path, no_figures):
