@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from lm2cli.data.corpus import TEXT_ITEM_CHARS, BuiltinCorpus  # noqa: E402
-from lm2cli.data.generator import TASKS  # noqa: E402
 from lm2cli.data.prepare import _encode_item, _init_worker, encode_documents, ordered_map  # noqa: E402
 from lm2cli.data.shards import token_dtype  # noqa: E402
+from lm2cli.data.stories import TASKS  # noqa: E402
 from lm2cli.data.tokenizer import train_tokenizer, training_sentences  # noqa: E402
 
 

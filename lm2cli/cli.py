@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lm2cli import __version__
 from lm2cli.errors import Lm2Error, NotAvailableYet
+from lm2cli.version import __version__
 
 app = typer.Typer(
     name="lm2",
@@ -33,7 +33,10 @@ _debug = False
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file, e.g. recipes/small.toml", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="SECTION.KEY=VALUE", help="Override one recipe key (repeatable), e.g. --set train.lr=3e-4")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output directory (overrides the recipe's)")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", help="Output directory (overrides the recipe's)")]
+NoVerifyOpt = Annotated[bool, typer.Option(
+    "--no-verify-checksums",
+    help="Check checkpoint files against their manifest by size only, skipping sha256 (for very large models)")]
 PrintOpt = Annotated[bool, typer.Option("--print-recipe", help="Print the fully resolved recipe as TOML and exit")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors")]
 
@@ -54,7 +57,7 @@ def _root(
     _debug = _debug or debug
 
 
-def resolve(recipe_path: Path, sets: list[str] | None, out: Path | None, print_recipe: bool,
+def resolve(recipe_path: Path, sets: list[str] | None, out: str | None, print_recipe: bool,
             debug: bool, out_key: str = "output.dir"):
     """Load the recipe with overrides; `--out` becomes an override of the command's output key.
 
@@ -66,7 +69,10 @@ def resolve(recipe_path: Path, sets: list[str] | None, out: Path | None, print_r
     _debug = _debug or debug
     overrides = list(sets or [])
     if out is not None:
-        overrides.append(f"{out_key}={toml_value(str(out))}")
+        if not out.strip():
+            raise Lm2Error("--out is empty; name a directory (an empty path would mean the current directory), "
+                           "e.g. --out runs/my-run")
+        overrides.append(f"{out_key}={toml_value(out)}")
     recipe = load_recipe(recipe_path, overrides)
     if print_recipe:
         typer.echo(recipe.to_toml(), nl=False)
@@ -98,27 +104,29 @@ DryRunOpt = Annotated[bool, typer.Option(
 @app.command()
 def pretrain(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
              resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, dry_run: DryRunOpt = False,
-             debug: DebugOpt = False) -> None:
+             no_verify_checksums: NoVerifyOpt = False, debug: DebugOpt = False) -> None:
     """Pretrain a model on the token shards written by `lm2 tokenize`."""
     r = resolve(recipe, set_, out, print_recipe, debug)
     if r is None:
         return
     from lm2cli.training.pretrain import pretrain_command
 
-    pretrain_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run)
+    pretrain_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run,
+                     verify_checksums=not no_verify_checksums)
 
 
 @app.command()
 def finetune(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
              resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, dry_run: DryRunOpt = False,
-             debug: DebugOpt = False) -> None:
+             no_verify_checksums: NoVerifyOpt = False, debug: DebugOpt = False) -> None:
     """Fine-tune a checkpoint (or Hugging Face Llama weights) on BABILong rows or prompt/response pairs."""
     r = resolve(recipe, set_, out, print_recipe, debug)
     if r is None:
         return
     from lm2cli.training.finetune import finetune_command
 
-    finetune_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run)
+    finetune_command(r, recipe_path=recipe, resume=resume, resume_from=resume_from, dry_run=dry_run,
+                     verify_checksums=not no_verify_checksums)
 
 
 @app.command("eval")
@@ -134,9 +142,9 @@ def eval_(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_reci
 @app.command()
 def generate(
     targets: Annotated[Optional[list[str]], typer.Argument(
-        metavar="RUN_OR_CHECKPOINT", show_default=False,
-        help="Run directory or checkpoint (default: the newest checkpoint in runs/small, where "
-             "recipes/small.toml trains); a lone - reads the prompt from standard input")] = None,
+        metavar="RUN_OR_CHECKPOINT_OR_RECIPE", show_default=False,
+        help="Run directory, checkpoint, or recipe .toml (its output.dir run); default: the newest checkpoint in "
+             "runs/small, where recipes/small.toml trains. A lone - reads the prompt from standard input")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="Read the prompt from this UTF-8 file (- = standard input)")] = None,
@@ -158,8 +166,12 @@ def generate(
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object per prompt (text, token counts, stop reason, tokens/s)")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    no_verify_checksums: NoVerifyOpt = False,
     threads: Annotated[int, typer.Option(
         help="CPU threads; 0 = 1 for models under 100M parameters (fastest at batch 1), else torch's default")] = 0,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Decode with the static-shape step compiled by torch.compile (compiles first; "
+                          "also generate.compile in the recipe)")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout as tokens are produced.
@@ -174,9 +186,10 @@ def generate(
     stdin = "-" in targets
     paths = [t for t in targets if t != "-"]
     if len(paths) > 1 or targets.count("-") > 1:
-        raise Lm2Error(f"expected at most one run or checkpoint and one -, got: {' '.join(targets)}")
+        raise Lm2Error(f"expected at most one run, checkpoint or recipe and one -, got: {' '.join(targets)}")
     generate_command(Path(paths[0]) if paths else None, prompt=prompt, prompt_file=prompt_file, prompts=prompts,
-                     stdin=stdin, json_output=json_output, device=device, threads=threads,
+                     stdin=stdin, json_output=json_output, device=device, threads=threads, compile=compile,
+                     verify_checksums=not no_verify_checksums,
                      max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=repetition_penalty, repetition_window=repetition_window, stop=stop,
@@ -249,11 +262,19 @@ def babilong(
         bl.babilong_command(r, force=force)
 
 
-def report_error(err: Lm2Error) -> None:
-    for line in err.problems:
-        print(f"error: {line}", file=sys.stderr)
+MAX_PROBLEMS_SHOWN = 10  # a file with 1,000 bad rows gets the first few lines and a count, not 1,000 lines
+
+
+def report_error(err: Lm2Error, cause: BaseException | None = None) -> None:
+    problems = err.problems
+    for line in problems[:MAX_PROBLEMS_SHOWN]:
+        # an undecodable byte the user gave us (kept by Python as a lone surrogate) is shown, not re-raised
+        print(f"error: {line}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"error: ... and {len(problems) - MAX_PROBLEMS_SHOWN:,} more problems of the same kind "
+              f"({len(problems):,} in all)", file=sys.stderr)
     if _debug:
-        traceback.print_exception(err, file=sys.stderr)
+        traceback.print_exception(cause or err, file=sys.stderr)
 
 
 _OPTIONS_WITH_VALUES = {"--set", "--out", "--resume-from"}
@@ -297,7 +318,30 @@ def run(argv: list[str] | None = None) -> int:
     except Lm2Error as e:
         report_error(e)
         return e.exit_code
+    except KeyboardInterrupt as e:  # every file lm2 writes is written atomically: nothing half-written is left
+        report_error(Lm2Error("interrupted (Ctrl-C)"), e)
+        return 130
+    except BrokenPipeError:  # `lm2 ... | head`: the reader left; stop quietly like any Unix filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # the environment refused something not checked beforehand (a full disk, permissions)
+        where = f": {e.filename}" if e.filename else ""
+        report_error(Lm2Error(f"{e.strerror or e}{where}"), e)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # the memory estimate refuses what clearly cannot fit; this is
+        if not _out_of_memory(e):                # for what it could not foresee
+            raise
+        first = (str(e).strip().splitlines() or ["out of memory"])[0][:200]
+        report_error(Lm2Error(f"ran out of memory ({first}); lower the sizes of the recipe (train.batch_size, "
+                              f"train.seq_len, model.d_model, memory.slots)"), e)
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return (isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(e))
 
 
 def main() -> None:

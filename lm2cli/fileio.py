@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")  # what temp_file_for creates: .<name>.<random>.tmp
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[str]:
+    """Delete the temporary files an interrupted atomic write left in `directory` (a killed process cannot
+    clean up after itself); returns their names. Only lm2's own temp-name pattern is touched. Call it at the
+    start of a command, in a directory that command owns: a concurrent writer's temp file would go too."""
+    removed = []
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return sorted(removed)

@@ -30,12 +30,13 @@ BABILONG_LENGTHS = ["0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k"]
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        gt: float | None = None, items: list | None = None) -> Any:
+        gt: float | None = None, items: list | None = None, allow_inf: bool = False) -> Any:
     """A schema field: default, help text and valid range (min/max inclusive, gt exclusive).
 
-    `items` restricts the elements of a list field to a fixed vocabulary.
+    `items` restricts the elements of a list field to a fixed vocabulary. Floats must be finite unless
+    `allow_inf` (e.g. grad_clip, where inf means "only log the norm").
     """
-    meta = {"help": help, "min": min, "max": max, "gt": gt, "items": items}
+    meta = {"help": help, "min": min, "max": max, "gt": gt, "items": items, "allow_inf": allow_inf}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -169,7 +170,7 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to matrix weights only", min=0)
     beta1: float = opt(0.9, "AdamW beta1", min=0, max=1)
     beta2: float = opt(0.95, "AdamW beta2", min=0, max=1)
-    grad_clip: float = opt(1.0, "Clip the gradient norm to this value; inf = only log it", gt=0)
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value; inf = only log it", gt=0, allow_inf=True)
     memory_lr_mult: float = opt(1.0, "Learning-rate multiplier for memory parameters", gt=0)
     seed: int = opt(1234, "Seed of initialisation, data order and sampling")
     deterministic: bool = opt(False, "Use deterministic algorithms (slower on GPU)")
@@ -225,6 +226,8 @@ class GenerateConfig:
     repetition_window: int = opt(0, "Only the last N tokens count for the repetition penalty; 0 = all", min=0)
     stop: list[str] = opt([], "Stop when the generated text contains one of these strings")
     seed: int = opt(1234, "Sampling seed: the same seed gives the same text")
+    compile: bool = opt(False, "Decode with the static-shape step compiled by torch.compile (--compile): "
+                               "same tokens, a one-time compilation first")
 
 
 @dataclass
@@ -346,18 +349,36 @@ def _coerce(value: Any, tp: Any) -> Any:
 def _range_problem(value: Any, meta: dict) -> str | None:
     values = value if isinstance(value, list) else [value]
     for v in values:
+        if isinstance(v, str):
+            problem = text_problem(v)
+            if problem:
+                return problem
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             if meta.get("items") is not None and v not in meta["items"]:
                 return f"must be among {', '.join(meta['items'])}"
             continue
         if isinstance(v, float) and math.isnan(v):
             return "must be a number, not nan"
+        if isinstance(v, float) and math.isinf(v) and not meta.get("allow_inf"):
+            return "must be a finite number"
         if meta.get("min") is not None and v < meta["min"]:
             return f"must be >= {meta['min']}"
         if meta.get("max") is not None and v > meta["max"]:
             return f"must be <= {meta['max']}"
         if meta.get("gt") is not None and v <= meta["gt"]:
             return f"must be > {meta['gt']}"
+    return None
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be used as a path, prompt or setting (None if it can): a NUL character, or bytes that
+    are not UTF-8 (Python keeps undecodable command-line bytes as lone surrogates, which cannot be written)."""
+    if "\x00" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid UTF-8 text (an undecodable byte at character {e.start})"
     return None
 
 
@@ -516,6 +537,36 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise RecipeError([f"{where}: invalid TOML: {e}"]) from None
         values = _apply(data, where, problems)
+    return _build(values, overrides, problems, str(path) if path is not None else "recipe")
+
+
+def recipe_from_toml(text: str, where: str = "recipe") -> Recipe:
+    """Parse a resolved recipe stored as text (e.g. inside a checkpoint) with the same checks."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError([f"{where}: invalid TOML: {e}"]) from None
+    problems: list[str] = []
+    return _build(_apply(data, where, problems), None, problems, where)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | None, where: str = "--set") -> Recipe:
+    """`recipe` with `section.key=value` overrides applied, checked exactly as `load_recipe` checks `--set`
+    (types, ranges, unknown keys with "did you mean", then the cross-key checks on the result). This is how
+    `--set` reaches a recipe stored in a checkpoint."""
+    values = {sec: {key: _copy(getattr(getattr(recipe, sec), key)) for key in section_fields(cls)}
+              for sec, cls in sections().items()}
+    return _build(values, overrides, [], where)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value  # the new recipe shares no list with the old
+
+
+def _build(values: dict[str, dict[str, Any]], overrides: list[str] | None, problems: list[str],
+           where: str) -> Recipe:
+    """The one way a Recipe is made: checked `values` plus `overrides`, then the cross-key checks. Raises
+    RecipeError with every problem (those already in `problems` first)."""
     for text in overrides or []:
         try:
             section, key, value = parse_override(text)
@@ -527,26 +578,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise RecipeError(problems)
     recipe = Recipe(**{sec: cls(**values.get(sec, {})) for sec, cls in sections().items()})
-    problems = [f"{path if path is not None else 'recipe'}: {p}" for p in _cross_checks(recipe)]
+    problems = [f"{where}: {p}" for p in _cross_checks(recipe)]
     if problems:
         raise RecipeError(problems)
-    return recipe
-
-
-def recipe_from_toml(text: str, where: str = "recipe") -> Recipe:
-    """Parse a resolved recipe stored as text (e.g. inside a checkpoint) with the same checks."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError([f"{where}: invalid TOML: {e}"]) from None
-    problems: list[str] = []
-    values = _apply(data, where, problems)
-    if problems:
-        raise RecipeError(problems)
-    recipe = Recipe(**{sec: cls(**values.get(sec, {})) for sec, cls in sections().items()})
-    cross = [f"{where}: {p}" for p in _cross_checks(recipe)]
-    if cross:
-        raise RecipeError(cross)
     return recipe
 
 
@@ -581,7 +615,7 @@ def toml_value(v: Any) -> str:
 
 def dump_toml(recipe: Recipe) -> str:
     """The fully resolved recipe as TOML, each key preceded by its help text."""
-    from lm2cli import __version__
+    from lm2cli.version import __version__
 
     lines = [f"# Resolved lm2 recipe (lm2 {__version__}). Every key is shown with its effective value."]
     for sec_name, cls in sections().items():

@@ -1,4 +1,15 @@
-"""Shared fixtures: run the CLI in-process (fast) or as a real subprocess (signals, exit codes)."""
+"""Suite-wide settings and shared fixtures.
+
+* One compute thread for the whole suite (and its subprocesses): on 2 shared CPU cores, more threads than free
+  cores make every parallel op wait at OpenMP barriers for descheduled threads (the model tests took 107 s
+  instead of ~30 s with torch's default).
+* Hypothesis: the `ci` profile (loaded when CI is set, or with HYPOTHESIS_PROFILE=ci) is derandomized, so a CI
+  run draws the same examples every time; locally the default profile keeps exploring.
+* Reference data under `shared/` (real bAbI, books) is optional: tests/data/conftest.py finds it through
+  LM2_SHARED_DIR (default: `shared/` beside the checkout); tests that need it skip with the path they looked
+  at (listed by -ra), and the report header says which directory was used.
+* Fixtures that run the CLI in-process (fast) or as a real subprocess (signals, exit codes).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +20,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses the tests start
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def pytest_report_header(config):
+    root = Path(os.environ.get("LM2_SHARED_DIR") or REPO.parent / "shared")  # as tests/data/conftest.py
+    return f"lm2 reference data: {root} ({'found' if root.is_dir() else 'missing: tests that need it skip'}); " \
+           f"hypothesis profile {HYPOTHESIS_PROFILE}; torch threads {torch.get_num_threads()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on a machine without a CUDA GPU (torch is imported only if there are any)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+        for item in marked:
+            item.add_marker(skip)
 
 
 @dataclass

@@ -66,6 +66,14 @@ def test_debug_shows_traceback(cli, tmp_path):
     assert res.code == 2 and "Traceback" in res.err
 
 
+@pytest.mark.parametrize("value, traceback", [("1", True), ("", False)])
+def test_lm2_debug_variable_shows_traceback(cli, tmp_path, monkeypatch, value, traceback):
+    monkeypatch.setenv("LM2_DEBUG", value)
+    res = cli("pretrain", tmp_path / "missing.toml")
+    assert res.code == 2 and res.err.startswith("error: ") and "missing.toml" in res.err
+    assert ("Traceback" in res.err) == traceback
+
+
 def test_real_process_exit_code_and_stderr(lm2_proc, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[modle]\narch = 'lm2'\n")

@@ -149,6 +149,40 @@ def test_random_recipes_load_or_fail_cleanly(tmp_path, text):
 @given(key=any_key, value=st.text(string.printable.replace("\n", "").replace("\r", ""), max_size=12))
 def test_random_overrides_load_or_fail_cleanly(key, value):
     try:
-        load_recipe(None, [f"{key}={value}"])
+        r = load_recipe(None, [f"{key}={value}"])
     except RecipeError as e:
         assert e.problems and all(p and "\n" not in p for p in e.problems)
+    else:  # the override set that key and nothing else, to a value that reads back the same
+        default = load_recipe(None)
+        for other in all_keys():
+            if other != key:
+                assert value_of(r, other) == value_of(default, other), other
+        assert load_recipe(None, [f"{key}={toml_value(value_of(r, key))}"]) == r
+
+
+def value_of(recipe, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def test_overrides_apply_to_any_recipe_with_the_same_checks(tmp_path):
+    """`apply_overrides` is `--set` on a recipe already loaded (e.g. a checkpoint's): the result equals loading
+    the file with the same overrides, the input is untouched, and bad overrides fail as `load_recipe` fails."""
+    from lm2cli.recipe import apply_overrides
+
+    path = write(tmp_path, "[train]\nlr = 0.01\n[memory]\nlayers = [0, 1]\n[model]\nn_layers = 3\n")
+    base = load_recipe(path)
+    sets = ["train.lr=3e-4", "model.arch=rmt", "finetune.stages=[1, 2]"]
+    applied = apply_overrides(base, sets)
+    assert applied == load_recipe(path, sets)
+    assert base.train.lr == 0.01 and base.model.arch == "lm2" and base == load_recipe(path)
+    assert apply_overrides(base, []) == base
+    applied.memory.layers.append(2)  # the result shares no list with its input
+    assert base.memory.layers == [0, 1]
+    for bad in (["train.lr=fast"], ["trian.lr=1"], ["x"], ["train.steps=0"]):
+        with pytest.raises(RecipeError) as e:
+            apply_overrides(base, bad)
+        assert e.value.problems == [p.replace(f"{path}: ", "") for p in problems_of(path, bad)]
+    with pytest.raises(RecipeError) as e:  # the cross-key checks run on the result, naming where it came from
+        apply_overrides(base, ["model.n_heads=3"], where="runs/x/recipe.toml --set")
+    assert e.value.problems[0] == "runs/x/recipe.toml --set: model.n_heads = 3 must divide model.d_model = 256"

@@ -11,25 +11,12 @@ Public entry points (see docs/internals.md and docs/data.md):
 
 from __future__ import annotations
 
+from lm2cli.lazy import lazy_exports
+
 __all__ = ["Tokenizer", "TokenShards", "tokenize_command", "babilong_command", "load_babilong"]
 
-
-def __getattr__(name: str):
-    # Lazy, so `import lm2cli.data` stays cheap (no sentencepiece/datasets import until needed).
-    if name == "Tokenizer":
-        from lm2cli.data.tokenizer import Tokenizer
-
-        return Tokenizer
-    if name == "TokenShards":
-        from lm2cli.data.shards import TokenShards
-
-        return TokenShards
-    if name == "tokenize_command":
-        from lm2cli.data.prepare import tokenize_command
-
-        return tokenize_command
-    if name in ("babilong_command", "load_babilong"):
-        from lm2cli.data import babilong
-
-        return getattr(babilong, name)
-    raise AttributeError(f"module 'lm2cli.data' has no attribute {name!r}")
+# Lazy, so `import lm2cli.data` stays cheap (no sentencepiece/datasets import until needed).
+__getattr__ = lazy_exports(__name__, {"Tokenizer": "lm2cli.data.tokenizer", "TokenShards": "lm2cli.data.shards",
+                                      "tokenize_command": "lm2cli.data.prepare",
+                                      "babilong_command": "lm2cli.data.babilong",
+                                      "load_babilong": "lm2cli.data.babilong"})

@@ -142,7 +142,7 @@ def babilong_tokenizer(recipe):
 def sample_stream(facts: str, task: str, split: str, seed: int) -> Iterator:
     """bAbI samples of one task in a seeded random order: synthetic stories (endless) or a bAbI file."""
     from lm2cli.data.babi import find_babi_file, read_babi_file, samples_of
-    from lm2cli.data.generator import generate_stories
+    from lm2cli.data.stories import generate_stories
 
     rng = random.Random(f"lm2-babilong/{seed}/{task}/{split}/samples")
     if facts == "synthetic":
@@ -180,7 +180,7 @@ class SamplePool:
 def facts_description(facts: str, tasks: list[str], split: str) -> tuple[str, dict]:
     from lm2cli.data.babi import find_babi_file
     from lm2cli.data.fingerprint import files_signature
-    from lm2cli.data.generator import GENERATOR_VERSION
+    from lm2cli.data.stories import GENERATOR_VERSION
 
     if facts == "synthetic":
         return "synthetic", {"generator_version": GENERATOR_VERSION}
@@ -216,9 +216,10 @@ def babilong_command(recipe, force: bool = False) -> Path:
     from lm2cli import __version__
     from lm2cli.data.haystack import MIN_SENTENCE_TOKENS, SentenceSampler, haystack_for
     from lm2cli.fileio import atomic_write_json, atomic_write_text
+    from lm2cli.outdir import BABILONG, check_output_dir
 
     b = recipe.babilong
-    out_dir = Path(b.dir)
+    out_dir = check_output_dir(b.dir, "babilong.dir", BABILONG)
     lengths = {name: length_tokens(name) for name in b.lengths}
     for name, n in lengths.items():
         if n and n - b.margin <= 0:
@@ -233,6 +234,11 @@ def babilong_command(recipe, force: bool = False) -> Path:
         print(f"{out_dir}: up to date (fingerprint {fingerprint[:12]}); nothing to do (--force rebuilds)")
         return out_dir
     _remove_previous_build(out_dir)
+    # Marks the directory as lm2's (and lists what this build will write) from the first moment, so a killed
+    # build is recognised, and cleaned up, by the next one.
+    planned = [f"{task}/{name}.json" for task in b.tasks for name in lengths]
+    atomic_write_json(out_dir / "meta.json", {"format": "babilong", "lm2_version": __version__, "complete": False,
+                                              "files": planned})
 
     rows_written: dict[str, dict[str, int]] = {}
     dropped: dict[str, dict[str, dict[str, int]]] = {}
@@ -297,22 +303,35 @@ def _remove_previous_build(out_dir: Path) -> None:
         old_files = json.loads(meta_path.read_text(encoding="utf-8")).get("files", [])
     except (OSError, ValueError):
         old_files = []
-    meta_path.unlink()
+    from lm2cli.fileio import remove_stale_temp_files
+
     for rel in old_files:
-        (out_dir / rel).unlink(missing_ok=True)
+        if isinstance(rel, str) and re.fullmatch(r"qa\d+/\w+\.json", rel):  # never a path outside the set
+            (out_dir / rel).unlink(missing_ok=True)
+            remove_stale_temp_files((out_dir / rel).parent)
+    meta_path.unlink()
 
 
 def write_babi_text(recipe, out_dir: Path, train_questions: int = TRAIN_REFERENCE_QUESTIONS,
                     test_questions: int = TEST_REFERENCE_QUESTIONS) -> list[Path]:
     """Generated stories for babilong.tasks as bAbI v1.2 files (train and test), like en-10k."""
+    from lm2cli import __version__
     from lm2cli.data.babi import file_name, write_babi_file
-    from lm2cli.data.generator import generate_stories
+    from lm2cli.data.stories import generate_stories
+    from lm2cli.fileio import atomic_write_json, remove_stale_temp_files
+    from lm2cli.outdir import BABI_TEXT, check_output_dir
 
     b = recipe.babilong
+    out_dir = check_output_dir(out_dir, "--babi-text", BABI_TEXT)
+    remove_stale_temp_files(out_dir)
+    names = [file_name(task, split) for task in b.tasks for split in ("train", "test")]
+    meta = {"format": "lm2-babi-text", "lm2_version": __version__, "seed": b.seed, "tasks": list(b.tasks),
+            "questions": {"train": train_questions, "test": test_questions}, "files": names}
+    atomic_write_json(out_dir / "meta.json", meta)  # first: the directory is recognisably lm2's from the start
     written = []
     for task in b.tasks:
         for split, n in (("train", train_questions), ("test", test_questions)):
-            path = Path(out_dir) / file_name(task, split)
+            path = out_dir / file_name(task, split)
             write_babi_file(path, generate_stories(task, split, b.seed, n_questions=n))
             written.append(path)
             print(f"{path}: {n} questions")
@@ -365,14 +384,13 @@ def _validated(rows, where: str, keep_extra: bool = False) -> list[dict]:
 
 
 def _load_from_hub(name: str, length: str, task: str) -> list:
-    from lm2cli.data.corpus import _first_line, _quiet_datasets, is_network_error
+    from lm2cli.data.corpus import _first_line, is_network_error, load_dataset
 
-    datasets = _quiet_datasets()
     offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     problems = []
     for config, split in ((length, task), (task, length)):  # current hub order, then the older one
         try:
-            dataset = datasets.load_dataset(name, config)
+            dataset = load_dataset(name, config)
         except Exception as e:
             if is_network_error(e) or offline:
                 raise Lm2Error(f"BABILong source '{name}': the Hugging Face hub cannot be reached "

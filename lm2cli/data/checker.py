@@ -1,6 +1,6 @@
 """An independent answer checker for bAbI stories: it reads only the text and re-derives every answer.
 
-It shares no code or state with the generator (lm2cli.data.generator): it parses each statement with a
+It shares no code or state with the generator (lm2cli.data.stories): it parses each statement with a
 regular expression and keeps its own reader-side model of the world. The generator calls it on every story it
 emits, and a test runs it over the real bAbI files (when present) to check the checker itself.
 """

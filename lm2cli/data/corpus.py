@@ -43,7 +43,7 @@ class BuiltinCorpus:
     def document(self, index: int) -> str:
         from lm2cli.data.babi import render_plain
         from lm2cli.data.filler import filler_document
-        from lm2cli.data.generator import generate_story
+        from lm2cli.data.stories import generate_story
 
         if self.filler and index < 3 * self.n_filler:
             group, pos = divmod(index, 3)
@@ -107,17 +107,27 @@ def materialize(item: tuple) -> list[str]:
 
 def _quiet_datasets():
     """Import `datasets` with its progress bars and the hub client's retry chatter off: lm2 reports one line."""
+    import logging
+
     import datasets
 
-    datasets.utils.logging.set_verbosity_error()
+    # Above CRITICAL: datasets logs read failures at ERROR level ("Failed to load JSON from file ..."), which would
+    # print ahead of our own one-line message about the same failure.
+    datasets.utils.logging.set_verbosity(logging.CRITICAL + 1)
     datasets.utils.logging.disable_progress_bar()
     try:
         from huggingface_hub.utils import logging as hub_logging
 
-        hub_logging.set_verbosity_error()
+        hub_logging.set_verbosity(logging.CRITICAL + 1)
     except ImportError:  # pragma: no cover - datasets always brings huggingface_hub
         pass
     return datasets
+
+
+def load_dataset(*args, **kwargs):
+    """`datasets.load_dataset` that never runs a dataset's own Python loading script: datasets 2.x ran
+    hub scripts by default, so a hub name or a directory holding a script would choose what code runs."""
+    return _quiet_datasets().load_dataset(*args, trust_remote_code=False, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -155,9 +165,8 @@ class FileCorpus:
 
     def _text_documents(self, path: Path) -> Iterator[str]:
         errors = "ignore" if self.on_decode_error == "skip" else "strict"
-        datasets = _quiet_datasets()
         sample_by = {"file": "document", "paragraph": "paragraph", "line": "line"}[self.text_unit]
-        ds = datasets.load_dataset("text", data_files=[str(path)], split="train", streaming=True,
+        ds = load_dataset("text", data_files=[str(path)], split="train", streaming=True,
                                    sample_by=sample_by, encoding_errors=errors)
         for row in ds:
             text = row["text"].strip("\n")
@@ -165,9 +174,8 @@ class FileCorpus:
                 yield text
 
     def _record_documents(self, path: Path, builder: str) -> Iterator[str]:
-        datasets = _quiet_datasets()
         try:
-            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+            ds = load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
             for n, row in enumerate(ds):
                 yield from _text_of(row, self.text_field, f"{path} record {n + 1}")
         except Lm2Error:
@@ -251,9 +259,8 @@ def is_network_error(e: BaseException) -> bool:
 
 def load_hub_dataset(name: str, *args, key: str, alternative: str = "", **kwargs):
     """`datasets.load_dataset(name, ...)` with its failures turned into one line naming `key`."""
-    datasets = _quiet_datasets()
     try:
-        return datasets.load_dataset(name, *args, **kwargs)
+        return load_dataset(name, *args, **kwargs)
     except Exception as e:
         reason = _first_line(e)
         if is_network_error(e):

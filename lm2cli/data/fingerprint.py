@@ -67,7 +67,7 @@ def fingerprint_inputs(recipe) -> dict[str, Any]:
         inputs["tokenizer"].update({k: tok[k] for k in _TOKENIZER_TRAINING_KEYS})
     if data["source"] == "builtin":
         from lm2cli.data.filler import FILLER_VERSION
-        from lm2cli.data.generator import GENERATOR_VERSION
+        from lm2cli.data.stories import GENERATOR_VERSION
 
         inputs["sources"] = {"generator_version": GENERATOR_VERSION, "filler_version": FILLER_VERSION}
     elif data["source"] == "files":

@@ -78,6 +78,23 @@ class BuiltinHaystack:
                 "seed": self.seed}
 
 
+def text_file_problem(path: Path, probe: int = 1 << 16) -> str | None:
+    """Why the start of `path` is not UTF-8 text (a NUL byte, an undecodable byte), or None. Chunks are cut at
+    random offsets and decoded leniently, so a binary file would otherwise become garbage haystack silently."""
+    import codecs
+
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < probe)
+    except UnicodeDecodeError as e:
+        return f"byte {e.start} is not UTF-8"
+    return None
+
+
 @dataclass
 class FileHaystack:
     """Plain-text books: a random book, then a random offset in it."""
@@ -87,6 +104,11 @@ class FileHaystack:
 
     def __post_init__(self):
         self.sizes = [p.stat().st_size for p in self.files]
+        for path in self.files:
+            problem = text_file_problem(path)
+            if problem:
+                raise Lm2Error(f"babilong.haystack: {path} is not plain text ({problem}); haystack books must be "
+                               f"UTF-8 text files")
 
     def chunk(self, rng: random.Random, n_chars: int) -> str:
         k = rng.randrange(len(self.files))

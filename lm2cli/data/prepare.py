@@ -265,9 +265,13 @@ def tokenize_command(recipe, force: bool = False) -> Path:
     from lm2cli.data.corpus import corpus_for
     from lm2cli.data.fingerprint import describe_changes, fingerprint_inputs, fingerprint_of
     from lm2cli.data.shards import TokenShards, build_meta
-    from lm2cli.fileio import atomic_write_json, atomic_write_text
+    from lm2cli.fileio import atomic_write_json, atomic_write_text, remove_stale_temp_files
+    from lm2cli.outdir import DATA, check_output_dir
 
-    out_dir = Path(recipe.data.dir)
+    out_dir = check_output_dir(recipe.data.dir, "data.dir", DATA)
+    leftovers = remove_stale_temp_files(out_dir)
+    if leftovers:
+        _echo(f"{out_dir}: removed {len(leftovers)} temporary file(s) an interrupted run left: {', '.join(leftovers)}")
     inputs = fingerprint_inputs(recipe)
     fingerprint = fingerprint_of(inputs)
     if not force and up_to_date(out_dir, fingerprint):
@@ -295,12 +299,13 @@ def tokenize_command(recipe, force: bool = False) -> Path:
     stats["seconds"] = round(time.time() - started, 2)
     stats["workers"] = workers
 
-    # Commit. The old meta.json goes first, so until the new one lands the directory never looks complete.
+    # Commit. The old meta.json goes first, so until the new one lands the directory never looks complete; the
+    # resolved recipe next, so that at every moment of the commit the directory is recognisably lm2's.
     meta_path.unlink(missing_ok=True)
+    atomic_write_text(out_dir / "recipe.toml", recipe.to_toml())
     for w in writers.values():
         w.commit()
     tokenizer.save(out_dir / "tokenizer.model")
-    atomic_write_text(out_dir / "recipe.toml", recipe.to_toml())
     meta = build_meta(tokenizer, writers, inputs, corpus.describe(), stats)
     atomic_write_json(meta_path, meta)
     tr, va = writers["train"], writers["val"]

@@ -109,6 +109,28 @@ def build_meta(tokenizer, writers: dict[str, ShardWriter], inputs: dict[str, Any
     }
 
 
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a meta.json that claims to be lm2's, or None. Only these values are used to open the
+    binaries, so a hand-edited file can choose neither the dtype numpy maps (only uint16/uint32) nor sizes that
+    do not add up."""
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= 1 << 32:
+        return f"vocab_size = {json.dumps(vocab)[:40]} is not a vocabulary size"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype = {json.dumps(meta.get('dtype'))[:40]}, expected \"uint16\" or \"uint32\""
+    if np.dtype(meta["dtype"]).itemsize < token_dtype(vocab).itemsize:
+        return f"dtype {meta['dtype']} cannot hold the ids of a {vocab}-piece vocabulary"
+    splits = meta.get("splits")
+    for split in SPLITS:
+        info = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), int) and not isinstance(info[k], bool)
+                                                 and info[k] >= 0 for k in ("tokens", "documents")):
+            return f"splits.{split} must hold non-negative integer \"tokens\" and \"documents\""
+    if not isinstance(meta.get("tokenizer_sha256"), str):
+        return "tokenizer_sha256 is missing"
+    return None
+
+
 class TokenShards:
     """Read-only view of the shards in a data directory (what `lm2 tokenize` wrote).
 
@@ -128,9 +150,12 @@ class TokenShards:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise Lm2Error(f"{meta_path}: unreadable ({e}); rebuild with `lm2 tokenize RECIPE --force`") from None
-        if self.meta.get("format") != FORMAT_NAME:
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT_NAME:
             raise Lm2Error(f"{meta_path}: not an lm2 token-shard directory; run `lm2 tokenize RECIPE` first")
-        self.vocab_size: int = int(self.meta["vocab_size"])
+        problem = meta_problem(self.meta)
+        if problem:
+            raise Lm2Error(f"{meta_path}: {problem}; rebuild with `lm2 tokenize RECIPE --force`")
+        self.vocab_size: int = self.meta["vocab_size"]
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self._cache: dict[str, np.ndarray] = {}
 
@@ -154,8 +179,18 @@ class TokenShards:
         return self._open(split, "bin", self.dtype, self.num_tokens(split))
 
     def doc_offsets(self, split: str) -> np.ndarray:
-        """Token offsets of the documents: document i is split(split)[offsets[i]:offsets[i+1]]."""
-        return self._open(split, "idx", INDEX_DTYPE, self.num_documents(split) + 1)
+        """Token offsets of the documents: document i is split(split)[offsets[i]:offsets[i+1]] (checked once:
+        they start at 0, never decrease and end at the split's token count)."""
+        key = f"{split}.idx"
+        fresh = key not in self._cache
+        offsets = self._open(split, "idx", INDEX_DTYPE, self.num_documents(split) + 1)
+        if fresh and (int(offsets[0]) != 0 or int(offsets[-1]) != self.num_tokens(split)
+                      or bool((np.diff(offsets.astype(np.int64)) < 0).any())):
+            del self._cache[key]
+            raise Lm2Error(f"{self.dir / key} is corrupt (document offsets must run from 0 to "
+                           f"{self.num_tokens(split):,} without decreasing); rebuild with "
+                           f"`lm2 tokenize RECIPE --force`")
+        return offsets
 
     def document(self, split: str, i: int) -> np.ndarray:
         offsets = self.doc_offsets(split)
@@ -169,7 +204,20 @@ class TokenShards:
         if tok.sha256 != self.meta["tokenizer_sha256"]:
             raise Lm2Error(f"{self.dir / 'tokenizer.model'} does not match meta.json (checksum differs); "
                            f"rebuild with `lm2 tokenize RECIPE --force`")
+        if tok.vocab_size != self.vocab_size:
+            raise Lm2Error(f"{self.dir / 'meta.json'}: vocab_size = {self.vocab_size} but tokenizer.model has "
+                           f"{tok.vocab_size} pieces; rebuild with `lm2 tokenize RECIPE --force`")
         return tok
+
+    def check_ids(self, split: str, rows: np.ndarray, starts: np.ndarray) -> None:
+        """Refuse token ids at or above the vocabulary in `rows` (windows of `split` starting at `starts`): an
+        id the embedding has no row for, from a damaged or mismatched shard."""
+        too_big = rows >= self.vocab_size
+        if too_big.any():
+            r, c = (int(i) for i in np.argwhere(too_big)[0])
+            raise Lm2Error(f"{self.dir / (split + '.bin')}: token id {int(rows[r, c])} at token {int(starts[r]) + c:,} "
+                           f"is not below the vocabulary size {self.vocab_size} of meta.json; the shard is damaged or "
+                           f"was written with another tokenizer; rebuild with `lm2 tokenize RECIPE --force`")
 
     def _split_meta(self, split: str) -> dict[str, Any]:
         if split not in SPLITS:

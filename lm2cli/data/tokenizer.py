@@ -189,6 +189,23 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         return self.sp.piece_to_id(piece)
 
+    def token_byte_lengths(self):
+        """UTF-8 bytes each token id contributes to decoded text (an int64 numpy array over the vocabulary):
+        control pieces (BOS, EOS, PAD) 0, byte-fallback pieces 1, others the length of the piece with
+        SentencePiece's "▁" read as one space.
+
+        Summed over a text's tokens this is the byte length of the decoded text (SentencePiece drops the leading
+        space of a decoded sequence; we count it), so bits per byte compare across tokenizers.
+        """
+        import numpy as np
+
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_control(i):
+                continue
+            lengths[i] = 1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return lengths
+
     def __len__(self) -> int:
         return self.vocab_size
 

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from lm2cli.errors import Lm2Error
-from lm2cli.recipe import GenerateConfig, OutputConfig, check_value, section_fields
+from lm2cli.recipe import GenerateConfig, check_value, section_fields, text_problem
 
-# `lm2 pretrain recipes/small.toml && lm2 generate --prompt ...` must just work: with no run given we use
-# the default output directory of the schema, which is the one recipes/small.toml writes to.
-DEFAULT_RUN = OutputConfig().dir
-SAMPLING_KEYS = [*section_fields(GenerateConfig), "greedy"]
+# [generate] keys that are not per-prompt sampling settings (no JSONL row may set them)
+RUN_KEYS = ("compile",)
+SAMPLING_KEYS = [*(k for k in section_fields(GenerateConfig) if k not in RUN_KEYS), "greedy"]
 
 
 @dataclass
@@ -103,6 +102,10 @@ def read_prompt_rows(path: Path) -> list[PromptJob]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             problems.append(f'{where}: expected an object with a "prompt" string, e.g. {{"prompt": "Mary went"}}')
             continue
+        bad = text_problem(row["prompt"])
+        if bad or ("id" in row and text_problem(json.dumps(row["id"], ensure_ascii=False))):
+            problems.append(f"{where}: the prompt {bad}" if bad else f"{where}: the id is not valid UTF-8 text")
+            continue
         overrides = {k: v for k, v in row.items() if k not in ("prompt", "id")}
         unknown = [k for k in overrides if k not in SAMPLING_KEYS]
         for key in unknown:
@@ -133,30 +136,30 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts: Path | N
         raise Lm2Error(f"{which}: use --prompt TEXT, --prompt-file PATH, --prompts FILE.jsonl or - to read "
                        f"standard input")
     if prompt is not None:
-        return [PromptJob(prompt, "--prompt")]
-    if prompts is not None:
-        return read_prompt_rows(prompts)
-    if prompt_file is not None and str(prompt_file) != "-":
-        return [PromptJob(_strip_final_newline(_read_text(prompt_file, "prompt file")), str(prompt_file))]
+        jobs = [PromptJob(prompt, "--prompt")]
+    elif prompts is not None:
+        jobs = read_prompt_rows(prompts)
+    elif prompt_file is not None and str(prompt_file) != "-":
+        jobs = [PromptJob(_strip_final_newline(_read_text(prompt_file, "prompt file")), str(prompt_file))]
+    else:
+        jobs = [PromptJob(_strip_final_newline(_read_stdin()), "standard input")]
+    problems = [f"{job.where}: the prompt {bad}" for job in jobs if (bad := text_problem(job.text))]
+    if problems:
+        raise Lm2Error(problems[0], problems=problems)
+    return jobs
+
+
+def _read_stdin() -> str:
     if sys.stdin.isatty():
         print("lm2 generate: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
-    return [PromptJob(_strip_final_newline(sys.stdin.read()), "standard input")]
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Lm2Error(f"standard input: not UTF-8 text (byte offset {e.start}); prompts must be UTF-8") from None
 
 
 # ----------------------------------------------------------------------------------- model and device
-
-
-def resolve_run(run: Path | None) -> Path:
-    if run is None:
-        if not Path(DEFAULT_RUN).exists():
-            raise Lm2Error(f"no run given and the default run directory {DEFAULT_RUN}/ does not exist here; "
-                           f"train one first with `lm2 pretrain recipes/small.toml`, or pass a run or checkpoint "
-                           f"directory")
-        return Path(DEFAULT_RUN)
-    if not run.exists():
-        raise Lm2Error(f"checkpoint not found: {run} (expected a run directory or one of its "
-                       f"checkpoints/step_* directories)")
-    return run
 
 
 def pick_device(name: str):
@@ -193,24 +196,6 @@ def cpu_threads(requested: int, n_params: int) -> tuple[int, str]:
     return torch.get_num_threads(), "torch default"
 
 
-def model_vocab_size(model) -> int:
-    """Rows of the token embedding: the ids the model can read and the logits it produces."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            return module.num_embeddings
-    raise TypeError("model has no token embedding")  # a bug, not a user error
-
-
-def check_tokenizer_fits(model, tokenizer, where: Path) -> None:
-    vocab = model_vocab_size(model)
-    if vocab != tokenizer.vocab_size:
-        raise Lm2Error(f"{where}: the tokenizer has {tokenizer.vocab_size} pieces but the model was built for "
-                       f"{vocab}; the checkpoint's tokenizer.model does not belong to its weights (re-save the "
-                       f"checkpoint with the tokenizer it was trained with)")
-
-
 # ----------------------------------------------------------------------------------------- the command
 
 
@@ -221,21 +206,25 @@ def _write(text: str) -> None:
 
 def generate_command(run: Path | None, *, prompt: str | None = None, prompt_file: Path | None = None,
                      prompts: Path | None = None, stdin: bool = False, json_output: bool = False,
-                     device: str = "auto", threads: int = 0, **sampling: Any) -> None:
-    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line)."""
+                     device: str = "auto", threads: int = 0, compile: bool = False, verify_checksums: bool = True,
+                     **sampling: Any) -> None:
+    """The whole `lm2 generate`; `sampling` holds the sampling flags (None = not given on the command line).
+    `compile`: decode with the compiled static-shape step (also on when the recipe's generate.compile is)."""
     import torch
 
     previous_threads = torch.get_num_threads()
     try:
-        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling)
+        _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, compile, sampling,
+                  verify_checksums)
     finally:
         torch.set_num_threads(previous_threads)  # the thread count is process-wide; leave it as we found it
 
 
-def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, sampling) -> None:
+def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, threads, compile, sampling,
+              verify_checksums=True) -> None:
     import torch
 
-    from lm2cli.checkpoint import find_checkpoint, load_for_inference
+    from lm2cli.checkpoint import load_for_inference, resolve_target
     from lm2cli.generation.generator import Generator
     from lm2cli.generation.sampling import SamplingParams
 
@@ -249,10 +238,10 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
         raise Lm2Error(problems[0], problems=problems)
     jobs = read_prompts(prompt, prompt_file, prompts, stdin)
     torch_device = pick_device(device)
-    checkpoint = find_checkpoint(resolve_run(run))
-    model, tokenizer, recipe = load_for_inference(checkpoint)
-    check_tokenizer_fits(model, tokenizer, checkpoint)
-    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device)
+    checkpoint = resolve_target(run).checkpoint
+    model, tokenizer, recipe = load_for_inference(checkpoint, device=torch_device, verify_checksums=verify_checksums)
+    compile = compile or recipe.generate.compile
+    generator = Generator(model.to(torch_device), tokenizer, recipe, torch_device, compile=compile)
 
     defaults = SamplingParams.from_recipe(recipe.generate).with_overrides(**flags)
     planned = plan_prompts(generator, jobs, defaults)
@@ -263,21 +252,43 @@ def _generate(run, prompt, prompt_file, prompts, stdin, json_output, device, thr
         n_threads, why = cpu_threads(threads, n_params)
         torch.set_num_threads(n_threads)
         where += f", {n_threads} thread{'s' if n_threads > 1 else ''} ({why})"
-    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}",
+    how = ", compiled static-shape decoding (compiling first)" if compile else ""
+    print(f"lm2 generate: {checkpoint} ({recipe.model.arch}, {n_params / 1e6:.2f}M parameters) on {where}{how}",
           file=sys.stderr)
     generator.warm_up()
     try:
-        for job, ids, params in planned:
-            if json_output:
-                result = generator.generate(ids, params)
-                row = ({"id": job.id} if job.id is not None else {}) | result.summary()
-                _write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
-                generator.generate(ids, params, on_text=_write)
-                _write("\n")
+        for n, (job, ids, params) in enumerate(planned, start=1):
+            pieces: list[str] = []
+            try:
+                if json_output:
+                    result = generator.generate(ids, params, on_text=pieces.append)
+                    _write(json.dumps(_with_id(job, result.summary()), ensure_ascii=False) + "\n")
+                else:
+                    generator.generate(ids, params, on_text=_write)
+                    _write("\n")
+            except KeyboardInterrupt:
+                # Ctrl-C: finish the line, so a script reading JSON lines still gets the text so far.
+                if json_output:
+                    partial = {"text": "".join(pieces), "prompt_tokens": len(ids), "new_tokens": None,
+                               "stop_reason": "interrupted"}
+                    _write(json.dumps(_with_id(job, partial), ensure_ascii=False) + "\n")
+                else:
+                    _write("\n")
+                raise GenerationInterrupted(f"interrupted (Ctrl-C) during prompt {n} of {len(planned)} "
+                                            f"({job.where}); its text so far was printed") from None
     except BrokenPipeError:
         # `lm2 generate ... | head -n 3`: the reader left; stop quietly like any Unix filter.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _with_id(job: PromptJob, row: dict) -> dict:
+    return ({"id": job.id} if job.id is not None else {}) | row
+
+
+class GenerationInterrupted(Lm2Error):
+    """Ctrl-C while generating: the partial output is printed; exit code 130 like any interrupted command."""
+
+    exit_code = 130
 
 
 def plan_prompts(generator, jobs: list[PromptJob], defaults) -> list[tuple[PromptJob, list[int], Any]]:

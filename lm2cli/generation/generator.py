@@ -13,6 +13,7 @@ and memory grow linearly with the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,9 +69,13 @@ def prefill_chunk_len(segment_len: int, target: int = PREFILL_CHUNK_TOKENS) -> i
 
 class Generator:
     """Continue prompts with a loaded model and tokenizer. One prompt at a time: padding a batch of prompts
-    to a common length would shift positions and write padding into the memory."""
+    to a common length would shift positions and write padding into the memory.
 
-    def __init__(self, model, tokenizer, recipe, device: torch.device | str | None = None):
+    `compile=True` decodes with the static-shape step (lm2cli.model.static) compiled by torch.compile: the
+    same tokens as the eager path, after a one-time compilation in `warm_up` (CUDA graphs on a GPU).
+    """
+
+    def __init__(self, model, tokenizer, recipe, device: torch.device | str | None = None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -78,6 +83,12 @@ class Generator:
         self.chunk_len = prefill_chunk_len(recipe.memory.segment_len)
         # bf16 autocast on GPU as in training; exact fp32 on CPU.
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.static = None
+        self.warm = False
+        if compile:
+            from lm2cli.model.static import StaticDecoder, compile_options
+
+            self.static = StaticDecoder(model, batch_size=1, compile=True, **compile_options(self.device))
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -104,19 +115,45 @@ class Generator:
 
     # ---------------------------------------------------------------------------------------- the loop
 
-    def _forward(self, ids: torch.Tensor, state):
+    def _autocast(self):
         if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, ids: torch.Tensor, state):
+        with self._autocast():
             return self.model(ids, state)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.model(ids, state)
+
+    def _decoding(self):
+        if self.static is None or not self.warm:
+            return contextlib.nullcontext()
+        return self.static.warmed_up()
+
+    def _decode(self, token: torch.Tensor, state):
+        """Logits (1, V) after one more token, and the state (the static decoder keeps its own)."""
+        if self.static is None:
+            logits, state = self._forward(token, state)
+            return logits[:, -1].float(), state
+        with self._autocast():
+            return self.static.decode(token).float(), state
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One throwaway prefill and decode step: the first calls pay for lazy initialisation (kernels,
-        allocator), which would otherwise show up in the first prompt's tokens/s."""
+        """Throwaway decoding: the first calls pay for lazy initialisation (kernels, allocator) and, with
+        `compile`, for compiling the step and the segment boundary, which would otherwise show up in the
+        first prompt's tokens/s (or halfway through it)."""
         bos = self.tokenizer.bos_id
         _, state = self.prefill([bos] * 2)
-        self._forward(torch.tensor([[bos]], device=self.device), state)
+        steps = 1
+        if self.static is not None:
+            self.static.load(state)
+            steps = self.recipe.memory.segment_len + 1  # through one memory write / RMT segment boundary
+            if self.recipe.attention.window == 0 and self.recipe.model.arch != "rmt":
+                steps = min(steps, self.recipe.model.max_seq_len - 3)
+        token = torch.tensor([[bos]], device=self.device)
+        for _ in range(steps):
+            _, state = self._decode(token, state)
+        self.warm = True
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]):
@@ -153,27 +190,29 @@ class Generator:
 
         t0 = self._now()
         logits, state = self.prefill(prompt_ids)
+        if self.static is not None:
+            self.static.load(state)
         t1 = self._now()
         new_ids: list[int] = []
         stop_reason = "length"
-        for step in range(params.max_new_tokens):
-            if step < params.min_new_tokens:
-                logits[:, eos] = float("-inf")
-            scores = process_logits(logits, context[:, :n_context], params)
-            token = int(choose_next(scores, params, rng)[0])
-            new_ids.append(token)
-            context[0, n_context] = token
-            n_context += 1
-            if token == eos:
-                stop_reason = "eos"
-                break
-            emit(stopper.feed(detok.push(token)))
-            if stopper.stopped:
-                stop_reason = "stop"
-                break
-            if step + 1 < params.max_new_tokens:  # the last token needs no forward pass
-                step_logits, state = self._forward(context[:, n_context - 1:n_context], state)
-                logits = step_logits[:, -1].float()
+        with self._decoding():  # compiled: after warm_up, skip Dynamo's guard checks
+            for step in range(params.max_new_tokens):
+                if step < params.min_new_tokens:
+                    logits[:, eos] = float("-inf")
+                scores = process_logits(logits, context[:, :n_context], params)
+                token = int(choose_next(scores, params, rng)[0])
+                new_ids.append(token)
+                context[0, n_context] = token
+                n_context += 1
+                if token == eos:
+                    stop_reason = "eos"
+                    break
+                emit(stopper.feed(detok.push(token)))
+                if stopper.stopped:
+                    stop_reason = "stop"
+                    break
+                if step + 1 < params.max_new_tokens:  # the last token needs no forward pass
+                    logits, state = self._decode(context[:, n_context - 1:n_context], state)
         if stop_reason != "stop":
             emit(stopper.feed(detok.flush()))  # e.g. an unfinished multi-byte character
             if stopper.stopped:

@@ -59,12 +59,15 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the k largest logits per row (ties broken by index, so never more than k)."""
+    """Keep exactly the k largest logits per row; among logits tied with the k-th largest the lowest ids are
+    kept (torch.topk alone picks arbitrary ones among ties)."""
     if k <= 0 or k >= logits.size(-1):
         return logits
-    _, keep = torch.topk(logits, k, dim=-1)
-    mask = torch.ones_like(logits, dtype=torch.bool).scatter(-1, keep, False)
-    return logits.masked_fill(mask, float("-inf"))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    above, tied = logits > kth, logits == kth
+    room = k - above.sum(dim=-1, keepdim=True)  # tied places left after the strictly larger logits
+    keep = above | (tied & (tied.cumsum(dim=-1) <= room))
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:

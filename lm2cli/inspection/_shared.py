@@ -10,25 +10,16 @@ from pathlib import Path
 # renamed. When it lands: replace `resolve_checkpoint` with the shared resolver, build `babilong_prompt`'s
 # ids with `babilong_example`, and point `babi_vocabulary` at the renamed module; nothing else in
 # lm2cli/inspection needs to change. Inspection never imports lm2cli.training.
-from lm2cli.checkpoint import find_checkpoint, load_for_inference
-from lm2cli.errors import Lm2Error
+from lm2cli.checkpoint import load_for_inference
 
 __all__ = ["resolve_checkpoint", "load_for_inference", "babilong_context", "babilong_prompt", "babi_vocabulary"]
 
 
 def resolve_checkpoint(target: Path | None) -> Path:
     """The checkpoint that RUN_OR_CHECKPOINT_OR_RECIPE names (issue 10: the shared resolver replaces this)."""
-    from lm2cli.generation.command import resolve_run
+    from lm2cli.checkpoint import resolve_target
 
-    if target is not None and target.suffix == ".toml":
-        from lm2cli.recipe import load_recipe
-
-        run = Path(load_recipe(target).output.dir)
-        if not run.exists():
-            raise Lm2Error(f"{target}: its run directory {run} (output.dir) does not exist; train it first with "
-                           f"`lm2 pretrain {target}`, or pass a run or checkpoint directory")
-        return find_checkpoint(run)
-    return find_checkpoint(resolve_run(target))
+    return resolve_target(target).checkpoint
 
 
 def babilong_context(row: dict) -> str:
@@ -47,6 +38,6 @@ def babilong_prompt(tokenizer, row: dict) -> tuple[list[int], list[tuple[int, in
 
 def babi_vocabulary() -> tuple[set[str], set[str]]:
     """(names, nouns) of bAbI statements, from the story generator (issue 10 renames its module)."""
-    from lm2cli.data.generator import ACTORS, ACTORS_QA5, ACTORS_QA10, OBJECTS, PLACES, ROOMS
+    from lm2cli.data.stories import ACTORS, ACTORS_QA5, ACTORS_QA10, OBJECTS, PLACES, ROOMS
 
     return set(ACTORS + ACTORS_QA5 + ACTORS_QA10), set(ROOMS + PLACES + OBJECTS)

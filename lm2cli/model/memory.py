@@ -42,10 +42,6 @@ class MemoryState:
     keys: Tensor | None = None  # (B, h, N, dh)
     values: Tensor | None = None
 
-    def detach(self) -> MemoryState:
-        return MemoryState(self.bank.detach(), tuple(q.detach() for q in self.pending_queries),
-                           tuple(c.detach() for c in self.pending_contents), self.pending_len)
-
 
 class LM2Memory(nn.Module):
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
@@ -85,15 +81,18 @@ class LM2Memory(nn.Module):
     def _with_keys(self, state: MemoryState) -> MemoryState:
         if state.keys is not None and not torch.is_grad_enabled():
             return state
-        bank = state.bank
+        keys, values = self.bank_keys_values(state.bank)
+        return MemoryState(state.bank, state.pending_queries, state.pending_contents, state.pending_len, keys, values)
+
+    def bank_keys_values(self, bank: Tensor) -> tuple[Tensor, Tensor]:
+        """The read keys (pre-scaled by 1/√dh) and values (B, h, N, dh) of a bank (B, N, d_m)."""
         shared = bank.stride(0) == 0  # the initial bank is one tensor broadcast over the batch: project it once
         source = bank[:1] if shared else bank
         kv = self._split_heads(self.kv_proj.forward(source.to(self.kv_proj.weight.dtype)))
         if shared:
             kv = kv.expand(bank.shape[0], -1, -1, -1)
         keys, values = kv.chunk(2, dim=-1)
-        return MemoryState(bank, state.pending_queries, state.pending_contents, state.pending_len,
-                           keys * self.scale, values)
+        return keys * self.scale, values
 
     def _split_heads(self, t: Tensor) -> Tensor:
         """(B, L, h·c) -> (B, h, L, c)."""
@@ -172,25 +171,34 @@ class LM2Memory(nn.Module):
 
     def _decode_one(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         """The generic path specialised to one token inside a segment (token-by-token decoding): the same
-        arithmetic with a third of the kernel launches and Python steps. With a single token, (B, 1, h·c)
-        reshapes to (B, h, 1, c) without a transpose."""
+        arithmetic with a third of the kernel launches and Python steps."""
+        q, content, out = self.read_one(x, state.keys, state.values)
+        return out, MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
+                                state.pending_len + 1, state.keys, state.values)
+
+    def read_one(self, x: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One token x (B, 1, d) reads the bank (its keys and values): (query (B, h, 1, dh), write content
+        (B, h, 1, d_m/h), gated output (B, 1, d)). With a single token, (B, 1, h·c) reshapes to (B, h, 1, c)
+        without a transpose. Shared by eager decoding and the static-shape decode step."""
         b = x.shape[0]
         q, content = self.qu_proj.forward(x).split([self.d_model, self.slot_dim], dim=-1)
         q = q.reshape(b, self.heads, 1, self.head_dim)
         content = content.reshape(b, self.heads, 1, self.slot_dim // self.heads)
-        read = F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0).reshape(b, 1, self.d_model)
-        out = torch.sigmoid(self.out_gate.forward(read)).mul_(read)
-        return out, MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
-                                state.pending_len + 1, state.keys, state.values)
+        read = F.scaled_dot_product_attention(q, keys, values, scale=1.0).reshape(b, 1, self.d_model)
+        return q, content, torch.sigmoid(self.out_gate.forward(read)).mul_(read)
+
+    def updated_bank(self, scores: Tensor, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The write of one segment: (new bank, write attention, g_in, g_f) from the segment's read scores
+        (B, h, S, N), its write contents (B, h, S, d_m/h) and the bank before it (B, N, d_m, float32)."""
+        probs_w = scores.softmax(dim=-2).transpose(-1, -2)  # (B, h, N, S): each slot attends over the tokens
+        update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
+        gates = torch.sigmoid(self.in_forget_gate.forward(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
+        g_in, g_forget = gates.chunk(2, dim=-1)
+        return g_in * torch.tanh(update) + g_forget * bank, probs_w, g_in, g_forget
 
     def _write(self, scores: Tensor, content: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
                end_pos: int) -> MemoryState:
-        probs_w = scores.softmax(dim=-2).transpose(-1, -2)  # (B, h, N, S): each slot attends over the tokens
-        update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
-        bank = state.bank
-        gates = torch.sigmoid(self.in_forget_gate.forward(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
-        g_in, g_forget = gates.chunk(2, dim=-1)
-        new_bank = g_in * torch.tanh(update) + g_forget * bank
+        new_bank, probs_w, g_in, g_forget = self.updated_bank(scores, content, state.bank)
         if detach:
             new_bank = new_bank.detach()
         if recorder is not None:

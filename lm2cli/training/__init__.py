@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from lm2cli.lazy import lazy_exports
+
 # Set before torch loads its OpenMP runtime (training imports torch only after this package): idle compute
 # threads sleep instead of spinning. On a CPU shared with other jobs, spinning threads steal the cores that
 # the threads they wait for need, and a step became 2-5x slower (docs/performance.md, Training). Results do
@@ -21,15 +23,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["pretrain_command", "finetune_command"]
 
-
-def __getattr__(name: str):
-    # Lazy: importing the CLI must not import torch.
-    if name == "pretrain_command":
-        from lm2cli.training.pretrain import pretrain_command
-
-        return pretrain_command
-    if name == "finetune_command":
-        from lm2cli.training.finetune import finetune_command
-
-        return finetune_command
-    raise AttributeError(f"module 'lm2cli.training' has no attribute {name!r}")
+# Lazy: importing the CLI must not import torch.
+__getattr__ = lazy_exports(__name__, {"pretrain_command": "lm2cli.training.pretrain",
+                                      "finetune_command": "lm2cli.training.finetune"})

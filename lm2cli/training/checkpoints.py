@@ -10,7 +10,8 @@ holds what exact resume needs:
     optimizer.safetensors   AdamW moments and step counts, keyed `state/<param index or name>/<name>`; the
                             group layout is in the safetensors metadata (JSON)
     rng.safetensors         torch CPU (and CUDA) generator states per rank, as uint8 tensors
-    memory_state.safetensors  the carried memory (memory.carry = true only), with its structure as JSON
+    memory_state.safetensors  the carried memory (memory.carry = true only): named tensors and a small JSON
+                            description, decoded and checked against the model by lm2cli.checkpoint
 
 Nothing is ever unpickled: tensors come from safetensors and everything else from JSON.
 `latest` and `best` are small text files naming a checkpoint directory; rotation keeps the newest
@@ -19,9 +20,8 @@ Nothing is ever unpickled: tensors come from safetensors and everything else fro
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
+import math
 import os
 import random
 import re
@@ -32,81 +32,43 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from lm2cli import checkpoint as layout
+from lm2cli.checkpoint import MEMORY_FILE, STATE_FILE, CorruptCheckpoint
 from lm2cli.errors import Lm2Error
-from lm2cli.fileio import atomic_write_json, atomic_write_text, sha256_file
+from lm2cli.fileio import atomic_write_json, atomic_write_text, remove_stale_temp_files
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-MEMORY_FILE = "memory_state.safetensors"
-STATE_FORMAT = "lm2-trainer-state"
-STATE_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(name: str) -> int | None:
-    m = _STEP_DIR.match(name)
-    return int(m.group(1)) if m else None
+RESUME_FROM = "resume from it with --resume-from {path}"
 
 
 # ------------------------------------------------------------------------------------------ pointers
-
-
-def read_pointer(root: Path, pointer: str) -> str | None:
-    """Checkpoint name stored in `root/pointer`, or None if the file or the directory it names is missing."""
-    path = root / pointer
-    if not path.is_file():
-        return None
-    name = path.read_text(encoding="utf-8").strip()
-    return name if step_of(name) is not None and (root / name).is_dir() else None
 
 
 def write_pointer(root: Path, pointer: str, name: str) -> None:
     atomic_write_text(root / pointer, name + "\n")
 
 
-def list_checkpoints(root: Path) -> list[str]:
-    """Complete checkpoint directories (no `.tmp`), oldest first."""
-    if not root.is_dir():
-        return []
-    names = [p.name for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None]
-    return sorted(names, key=step_of)
-
-
-def newest_checkpoint(root: Path) -> str | None:
-    """The `latest` pointer if valid, else the highest-step directory (the pointer is written after the rename,
-    so a crash in between leaves a complete directory newer than the pointer)."""
-    names = list_checkpoints(root)
-    pointed = read_pointer(root, "latest")
-    if names and (pointed is None or step_of(names[-1]) > step_of(pointed)):
-        return names[-1]
-    return pointed
-
-
 def remove_stale_tmp(root: Path) -> list[str]:
-    """Delete `*.tmp` directories left by a run killed while saving; they are never valid checkpoints."""
+    """Delete what a run killed while saving leaves behind: `step_*.tmp` directories (never valid checkpoints)
+    and half-written pointer files (`.latest.*.tmp`), which rotation would otherwise have to step around."""
     removed = []
     if root.is_dir():
         for p in root.iterdir():
             if p.is_dir() and p.name.endswith(".tmp"):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
-    return removed
+        removed += remove_stale_temp_files(root)
+    return sorted(removed)
 
 
 def rotate(root: Path, keep_last: int, protected: set[str]) -> list[str]:
     """Delete all but the newest `keep_last` checkpoints and those in `protected`; return what was deleted."""
-    names = list_checkpoints(root)
+    names = layout.list_checkpoints(root)
     keep = set(names[-keep_last:]) | protected
-    pointed = {read_pointer(root, p.name) for p in root.iterdir() if p.is_file()}
+    pointed = {layout.read_pointer(root, p.name) for p in root.iterdir() if layout.is_pointer_name(p.name)}
     deleted = []
     for name in names:
         if name not in keep and name not in pointed:
@@ -133,16 +95,18 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], None], trainer_state: dict,
                     optimizer_state: dict | None, rng_tensors: dict[str, torch.Tensor],
-                    memory_state: Any = None) -> Path:
+                    memory_state: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
     """Write checkpoint `step` atomically and point `latest` at it. Returns the final directory.
+
+    `memory_state`: the carried memory as (tensors, description), from `lm2cli.checkpoint.encode_carried_memory`.
 
     If a complete checkpoint of the same step already exists (e.g. an interrupt right after a periodic
     save), it is kept as is: the state at a given step is the same by construction.
     """
-    name = checkpoint_name(step)
+    name = layout.checkpoint_name(step)
     final = root / name
     if final.is_dir():
-        write_pointer(root, "latest", name)
+        write_pointer(root, layout.LATEST, name)
         return final
     tmp = root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,22 +117,16 @@ def save_checkpoint(root: Path, step: int, write_model_files: Callable[[Path], N
         save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"lm2": json.dumps(meta)})
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / RNG_FILE)
     if memory_state is not None:
-        tensors, skeleton = flatten_tree(memory_state)
-        save_file(tensors, tmp / MEMORY_FILE, metadata={"lm2": json.dumps(skeleton)})
-    state = dict(trainer_state, format=STATE_FORMAT, version=STATE_VERSION, manifest=_manifest(tmp))
-    atomic_write_json(tmp / STATE_FILE, state)
+        tensors, description = memory_state
+        save_file(tensors, tmp / MEMORY_FILE, metadata={"lm2": json.dumps(description)})
+    layout.write_state_file(tmp, trainer_state)
     for f in tmp.iterdir():  # the rename must not become visible before the data is on disk
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, final)
     _fsync_dir(root)
-    write_pointer(root, "latest", name)
+    write_pointer(root, layout.LATEST, name)
     return final
-
-
-def _manifest(directory: Path) -> dict[str, dict]:
-    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in sorted(directory.iterdir()) if f.is_file() and f.name != STATE_FILE}
 
 
 def update_trainer_state(ckpt: Path, **changes) -> dict:
@@ -182,55 +140,96 @@ def update_trainer_state(ckpt: Path, **changes) -> dict:
 # ------------------------------------------------------------------------------------------- loading
 
 
-class CorruptCheckpoint(Lm2Error):
-    pass
-
-
 def _corrupt(ckpt: Path, what: str) -> CorruptCheckpoint:
-    root = ckpt.parent
-    older = [n for n in list_checkpoints(root) if step_of(n) < (step_of(ckpt.name) or 0)]
-    hint = (f"; the previous checkpoint is {root / older[-1]} (resume from it with --resume-from "
-            f"{root / older[-1]})" if older else "; no older checkpoint exists in that directory")
-    return CorruptCheckpoint(f"checkpoint {ckpt} is corrupt or truncated ({what}){hint}")
+    return layout.corrupt(ckpt, what, RESUME_FROM)
 
 
-def read_trainer_state(ckpt: Path, verify: bool = True) -> dict:
-    """trainer_state.json of `ckpt`, after checking every file against the manifest."""
-    path = ckpt / STATE_FILE
-    if not path.is_file():
-        raise _corrupt(ckpt, f"{STATE_FILE} is missing; it is not a training checkpoint")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(ckpt, f"{STATE_FILE}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise _corrupt(ckpt, f"{STATE_FILE} is not an lm2 trainer state")
-    if state.get("version") != STATE_VERSION:
-        raise Lm2Error(f"checkpoint {ckpt}: trainer state version {state.get('version')} is not supported by "
-                       f"this lm2 (expects {STATE_VERSION})")
+def read_trainer_state(ckpt: Path, verify: bool = True, checksums: bool = True) -> dict:
+    """trainer_state.json of `ckpt`, after checking every file against the manifest (sizes always, sha256
+    unless `checksums` is False) and the state against its schema."""
     if verify:
-        for fname, info in state.get("manifest", {}).items():
-            f = ckpt / fname
-            if not f.is_file():
-                raise _corrupt(ckpt, f"{fname} is missing")
-            if f.stat().st_size != info["bytes"]:
-                raise _corrupt(ckpt, f"{fname} has {f.stat().st_size} bytes, expected {info['bytes']}")
-            if sha256_file(f) != info["sha256"]:
-                raise _corrupt(ckpt, f"{fname} does not match its recorded sha256")
+        state = layout.verify_checkpoint(ckpt, checksums, needed=(*layout.INFERENCE_FILES, OPTIMIZER_FILE, RNG_FILE),
+                                  use_previous=RESUME_FROM)
+    else:
+        state = layout.read_state_file(ckpt, RESUME_FROM)
+    problem = trainer_state_problem(state)
+    if problem:
+        raise _corrupt(ckpt, f"{STATE_FILE}: {problem}")
+    if verify and state["memory_carried"] and MEMORY_FILE not in state["manifest"]:
+        raise _corrupt(ckpt, f"{MEMORY_FILE} is not in the manifest of {STATE_FILE}")
     return state
+
+
+def _is_int(x: Any, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_MT_KEY_HEX = 624 * 8  # a Mersenne Twister state: 624 32-bit words, as hex
+
+
+def _rng_problem(info: Any) -> str | None:
+    if not isinstance(info, dict) or not isinstance(info.get("python"), dict) or not isinstance(info.get("numpy"),
+                                                                                              dict):
+        return "expected {\"python\": {...}, \"numpy\": {...}}"
+    py, nps = info["python"], info["numpy"]
+    for where, d in (("python", py), ("numpy", nps)):
+        key = d.get("key")
+        if not isinstance(key, str) or len(key) != _MT_KEY_HEX or not re.fullmatch(r"[0-9a-f]*", key):
+            return f"{where}.key must be {_MT_KEY_HEX} hex digits"
+        if not _is_int(d.get("pos")) or d["pos"] > 624:
+            return f"{where}.pos must be an integer from 0 to 624"
+    if not _is_int(py.get("version")) or not (py.get("gauss") is None or _is_number(py["gauss"])):
+        return "python.version must be an integer and python.gauss a number or null"
+    if nps.get("name") != "MT19937" or nps.get("has_gauss") not in (0, 1) or not _is_number(nps.get("gauss")):
+        return "numpy must be an MT19937 state with has_gauss 0 or 1 and a numeric gauss"
+    return None
+
+
+def trainer_state_problem(state: dict) -> str | None:
+    """What is wrong with a trainer_state.json (already known to be an lm2 trainer state), or None.
+
+    Every value restore() uses is checked here, so a hand-edited file gives one line, never a KeyError."""
+    if state.get("command") not in ("pretrain", "finetune"):
+        return f"command = {json.dumps(state.get('command'))[:40]}, expected \"pretrain\" or \"finetune\""
+    for key, low in (("step", 0), ("rows_done", 0), ("stage", 0), ("world_size", 1)):
+        if not _is_int(state.get(key), low):
+            return f"{key} = {json.dumps(state.get(key))[:40]}, expected an integer >= {low}"
+    for key in ("eval_pending", "memory_carried"):
+        if not isinstance(state.get(key), bool):
+            return f"{key} = {json.dumps(state.get(key))[:40]}, expected true or false"
+    if not _is_number(state.get("train_seconds", 0.0)) or state.get("train_seconds", 0.0) < 0:
+        return "train_seconds must be a number >= 0"
+    for key in ("tokenizer_sha256", "data_fingerprint"):
+        if state.get(key) is not None and not isinstance(state[key], str):
+            return f"{key} must be a string"
+    best = state.get("best") or {}
+    if not isinstance(best, dict):
+        return "best must be an object {pointer: {val_loss, checkpoint}}"
+    for pointer, entry in best.items():
+        if (not layout.is_pointer_name(pointer) or not isinstance(entry, dict) or not _is_number(entry.get("val_loss"))
+                or not isinstance(entry.get("checkpoint"), str) or layout.step_of(entry["checkpoint"]) is None):
+            return f"best.{pointer[:40]} must be {{\"val_loss\": <number>, \"checkpoint\": \"step_XXXXXXXX\"}}"
+    rng = state.get("rng")
+    if not isinstance(rng, dict):
+        return "rng must be an object with one entry per process"
+    for rank in range(state["world_size"]):
+        problem = _rng_problem(rng.get(f"rank{rank}"))
+        if problem:
+            return f"rng.rank{rank}: {problem}"
+    return None
 
 
 def load_safetensors(ckpt: Path, fname: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and lm2 metadata (JSON) of one safetensors file of a checkpoint, with corruption as Lm2Error."""
-    from safetensors import safe_open
-
-    path = ckpt / fname
+    tensors, raw = layout.read_safetensors(ckpt / fname, lambda what: _corrupt(ckpt, f"{fname}: {what}"))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lm2", "{}"))
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as e:
-        raise _corrupt(ckpt, f"{fname}: {str(e).splitlines()[0][:160]}") from None
+        return tensors, json.loads(raw or "{}")
+    except (ValueError, RecursionError):
+        raise _corrupt(ckpt, f"{fname}: its metadata is not JSON") from None
 
 
 # ------------------------------------------------------------------------------------- optimizer state
@@ -255,15 +254,42 @@ def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"groups": groups, "scalars": scalars, "keys": keys}
 
 
+ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter (max_exp_avg_sq with amsgrad)
+_PARAM_KEY = re.compile(r"^[A-Za-z0-9_.]{1,300}$")
+
+
+def _optimizer_meta_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict) or meta.get("keys", "index") not in ("index", "name"):
+        return "its metadata is not an lm2 optimizer description"
+    groups = meta.get("groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("name"), str)
+                                               and isinstance(g.get("params"), list) for g in groups):
+        return "its metadata lacks the parameter groups ([{\"name\", \"params\"}, ...])"
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in scalars.values()):
+        return "its scalars are not numbers"
+    return None
+
+
 def read_optimizer_state(ckpt: Path) -> tuple[dict[Any, dict[str, Any]], dict]:
-    """(per-parameter state, metadata) of a checkpoint's optimizer.safetensors."""
+    """(per-parameter state, metadata) of a checkpoint's optimizer.safetensors, every name and value checked."""
     tensors, meta = load_safetensors(ckpt, OPTIMIZER_FILE)
+    problem = _optimizer_meta_problem(meta)
+    if problem:
+        raise _corrupt(ckpt, f"{OPTIMIZER_FILE}: {problem}")
     by_index = meta.get("keys", "index") == "index"
     state: dict[Any, dict[str, Any]] = {}
-    items = [(k.split("/", 2)[1:], v) for k, v in tensors.items()]
-    items += [(k.rsplit("/", 1), v) for k, v in meta.get("scalars", {}).items()]
-    for (key, name), value in items:
-        state.setdefault(int(key) if by_index else key, {})[name] = value
+    items = [(k.split("/"), v) for k, v in tensors.items()]
+    items += [(["state", *k.rsplit("/", 1)], v) for k, v in meta.get("scalars", {}).items()]
+    for parts, value in items:
+        ok = (len(parts) == 3 and parts[0] == "state" and parts[2] in ADAM_STATE | {"max_exp_avg_sq"}
+              and (parts[1].isdigit() if by_index else bool(_PARAM_KEY.match(parts[1]))))
+        if not ok:
+            raise _corrupt(ckpt, f"{OPTIMIZER_FILE}: unexpected entry {'/'.join(parts)[:80]!r}")
+        if torch.is_tensor(value) and (not value.is_floating_point() or not bool(torch.isfinite(value).all())):
+            raise _corrupt(ckpt, f"{OPTIMIZER_FILE}: {'/'.join(parts)} is not a finite floating-point tensor")
+        state.setdefault(int(parts[1]) if by_index else parts[1], {})[parts[2]] = value
     return state, meta
 
 
@@ -299,10 +325,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path, names: li
     for idx, st in state.items():
         if not isinstance(idx, int) or not 0 <= idx < len(params):
             raise _corrupt(ckpt, f"optimizer state for an unknown parameter {idx!r}")
+        if not ADAM_STATE <= set(st):
+            raise _corrupt(ckpt, f"optimizer state of parameter {idx} lacks {', '.join(sorted(ADAM_STATE - set(st)))}")
         for name, value in st.items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[idx].shape:
+            want = () if name == "step" else tuple(params[idx].shape)
+            if torch.is_tensor(value) and tuple(value.shape) != want:
                 raise _corrupt(ckpt, f"optimizer tensor {name} of parameter {idx} has shape "
-                                     f"{tuple(value.shape)}, the parameter {tuple(params[idx].shape)}")
+                                     f"{tuple(value.shape)}, the parameter {want}")
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
@@ -332,68 +361,36 @@ def capture_rng(rank: int) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, info
 
 
-def restore_rng(rank: int, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    torch.set_rng_state(tensors[f"rank{rank}.torch_cpu"])
+def restore_rng(rank: int, tensors: dict[str, torch.Tensor], info: dict, ckpt: Path | None = None) -> None:
+    """Set this process's RNGs from a checkpoint's rng.safetensors tensors and trainer-state `info` (already
+    checked against the schema); a tensor that is not a generator state is refused, naming `ckpt`."""
+
+    def bad(what: str) -> Lm2Error:
+        return _corrupt(ckpt, f"{RNG_FILE}: {what}") if ckpt is not None else Lm2Error(f"{RNG_FILE}: {what}")
+
+    cpu = tensors.get(f"rank{rank}.torch_cpu")
+    want = torch.get_rng_state()
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != want.shape:
+        raise bad(f"rank{rank}.torch_cpu is not a torch generator state ({want.numel()} bytes)")
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith(f"rank{rank}.cuda")]
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+        cuda = cuda[: torch.cuda.device_count()]
+        want_cuda = torch.cuda.get_rng_state(0)
+        if any(c.dtype != torch.uint8 or c.shape != want_cuda.shape for c in cuda):
+            raise bad(f"rank{rank}.cuda* are not CUDA generator states")
+    try:
+        torch.set_rng_state(cpu)
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        _restore_python_numpy(info)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise bad(f"a generator state was refused ({str(e)[:100]})") from None
+
+
+def _restore_python_numpy(info: dict) -> None:
     py = info["python"]
     key = np.frombuffer(bytes.fromhex(py["key"]), "<u4").tolist()
     random.setstate((py["version"], (*key, py["pos"]), py["gauss"]))
     n = info["numpy"]
     np.random.set_state((n["name"], np.frombuffer(bytes.fromhex(n["key"]), "<u4").astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))
-
-
-# ------------------------------------------------------------------------------ tensor trees (no pickle)
-
-
-def flatten_tree(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested structure of tensors (dicts, lists, tuples, lm2 dataclasses, None, numbers) into
-    named tensors and a JSON skeleton that `unflatten_tree` turns back into the same structure."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(x: Any) -> Any:
-        if torch.is_tensor(x):
-            key = f"t{len(tensors)}"
-            tensors[key] = x.detach().to("cpu").contiguous().clone()
-            return {"tensor": key}
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return {"value": x}
-        if isinstance(x, (list, tuple)):
-            return {"list" if isinstance(x, list) else "tuple": [walk(v) for v in x]}
-        if isinstance(x, dict):
-            return {"dict": {str(k): walk(v) for k, v in x.items()}}
-        if dataclasses.is_dataclass(x) and type(x).__module__.startswith("lm2cli."):
-            cls = type(x)
-            return {"dataclass": f"{cls.__module__}:{cls.__qualname__}",
-                    "fields": {f.name: walk(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-        raise TypeError(f"cannot store {type(x).__name__} in a checkpoint")
-
-    return tensors, walk(tree)
-
-
-def unflatten_tree(tensors: dict[str, torch.Tensor], skeleton: Any, device: Any = None) -> Any:
-    def build(node: dict) -> Any:
-        if "tensor" in node:
-            return tensors[node["tensor"]].to(device) if device is not None else tensors[node["tensor"]]
-        if "value" in node:
-            return node["value"]
-        if "list" in node:
-            return [build(v) for v in node["list"]]
-        if "tuple" in node:
-            return tuple(build(v) for v in node["tuple"])
-        if "dict" in node:
-            return {k: build(v) for k, v in node["dict"].items()}
-        if "dataclass" in node:
-            module, qualname = node["dataclass"].split(":")
-            if not module.startswith("lm2cli."):  # only our own state classes, never arbitrary code
-                raise ValueError(f"refusing to build {node['dataclass']}")
-            cls: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                cls = getattr(cls, part)
-            return cls(**{k: build(v) for k, v in node["fields"].items()})
-        raise ValueError(f"bad tree node {node}")
-
-    return build(skeleton)
-

@@ -4,7 +4,7 @@ Starting weights (`finetune.init_from`): an lm2 checkpoint or run directory (wei
 missing from it start fresh), a Hugging Face Llama directory (converted by lm2cli.model.convert; its
 tokenizer.model is used), or nothing (random weights and the tokenizer of `data.dir`).
 
-Rows:
+Rows (assembled by lm2cli.data.examples, as `lm2 eval` assembles them):
   babilong  BOS + encode(input.strip() + " " + question.strip()) + ANSWER + encode(target.strip()) + EOS
             (babilong.md §5.3); loss on the target tokens and EOS only.
   jsonl     {"prompt", "response"} per line: BOS + encode(prompt) + encode(response) + EOS; loss on the
@@ -21,113 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lm2cli.checkpoint import TOKENIZER_FILE
+from lm2cli.data.examples import Example, load_examples
 from lm2cli.errors import Lm2Error
-from lm2cli.training import checkpoints as ck
+from lm2cli.scoring import IGNORE
 from lm2cli.training.cursor import RowOrder, spread_indices
-from lm2cli.training.loop import IGNORE, Batch, Session, Stage, load_model_weights, train_stage, validate
+from lm2cli.training.driver import run_stages
 from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
-from lm2cli.training.session import (
-    begin_logging,
-    dry_run_report,
-    end_logging,
-    info,
-    new_optimizer,
-    open_session,
-    plan_run,
-    summarize,
-    warn,
-    with_vocab,
-)
+from lm2cli.training.session import dry_run_report, info, open_session, plan_run, warn, with_vocab
+from lm2cli.training.types import Batch, Stage
 
 HELD_OUT_SHARE = 0.1  # share of `finetune.data` held out for validation when finetune.val_data is empty
-
-
-# ---------------------------------------------------------------------------------------- row assembly
-
-
-@dataclass
-class Example:
-    prompt: list[int]  # tokens that get no loss, BOS (and the answer separator) included
-    answer: list[int]  # tokens that get loss, EOS included
-    text_answer: str = ""
-
-    def __len__(self) -> int:
-        return len(self.prompt) + len(self.answer)
-
-
-def babilong_example(tokenizer, row: dict) -> Example:
-    """One BABILong row as babilong.md §5.3 assembles it (the same assembly `lm2 eval` uses for finetune-em)."""
-    context = row["input"].strip() + " " + row["question"].strip()
-    prompt = [tokenizer.bos_id] + tokenizer.encode(context) + [tokenizer.answer_id]
-    target = str(row["target"]).strip()
-    return Example(prompt, tokenizer.encode(target) + [tokenizer.eos_id], target)
-
-
-def jsonl_example(tokenizer, row: dict) -> Example:
-    prompt = [tokenizer.bos_id] + tokenizer.encode(row["prompt"])
-    return Example(prompt, tokenizer.encode(row["response"]) + [tokenizer.eos_id], row["response"])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise Lm2Error(f"finetune data not found: {path} (format = \"jsonl\" expects a .jsonl file)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Lm2Error(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("response"), str):
-                raise Lm2Error(f"{path}:{n}: expected an object with string fields \"prompt\" and \"response\"")
-            rows.append(row)
-    if not rows:
-        raise Lm2Error(f"{path}: no rows")
-    return rows
-
-
-def babilong_lengths(source: str, tasks: list[str], recipe) -> list[str]:
-    """Lengths present for the tasks: the files of a local directory, else the recipe's babilong.lengths."""
-    root = Path(source)
-    if root.is_dir():
-        found = sorted({p.stem for t in tasks for d in (root / t, root / "data" / t) for p in d.glob("*.json")},
-                       key=lambda s: (len(s), s))
-        if not found:
-            raise Lm2Error(f"{root}: no BABILong files for {', '.join(tasks)} (expected {root}/qa1/0k.json ...); "
-                           f"build them with `lm2 babilong RECIPE --set babilong.split=train`")
-        return found
-    if "/" in source and not root.exists():
-        return list(recipe.babilong.lengths)  # a hub dataset name
-    raise Lm2Error(f"finetune data not found: {root} (format = \"babilong\" expects a directory qaN/<length>.json "
-                   f"or a hub dataset name)")
-
-
-def read_babilong(source: str, tasks: list[str], recipe) -> list[dict]:
-    from lm2cli.data.babilong import load_babilong
-
-    rows = []
-    for task in tasks:
-        for length in babilong_lengths(source, [task], recipe):
-            rows.extend(dict(r, task=task, length=length) for r in load_babilong(source, length, task))
-    if not rows:
-        raise Lm2Error(f"{source}: no BABILong rows for tasks {', '.join(tasks)}")
-    return rows
-
-
-def load_examples(recipe, tokenizer, source: str) -> list[Example]:
-    f = recipe.finetune
-    if f.format == "jsonl":
-        return [jsonl_example(tokenizer, r) for r in read_jsonl(Path(source))]
-    return [babilong_example(tokenizer, r) for r in read_babilong(source, list(f.tasks), recipe)]
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -222,14 +131,14 @@ def stage_budgets(recipe) -> list[int]:
 # -------------------------------------------------------------------------------------- starting weights
 
 
-def resolve_start(recipe, rt):
+def resolve_start(recipe, rt, verify_checksums: bool = True):
     """(recipe, tokenizer, weights loader) for finetune.init_from; the loader fills a built model."""
     from lm2cli.data.tokenizer import Tokenizer
 
     src = recipe.finetune.init_from
     answer = recipe.tokenizer.answer_token
     if not src:
-        tok_path = Path(recipe.data.dir) / "tokenizer.model"
+        tok_path = Path(recipe.data.dir) / TOKENIZER_FILE
         if not tok_path.is_file():
             raise Lm2Error(f"finetune.init_from is empty and {tok_path} does not exist: set finetune.init_from to "
                            f"a checkpoint, or run `lm2 tokenize RECIPE` to make a tokenizer")
@@ -240,14 +149,15 @@ def resolve_start(recipe, rt):
         raise Lm2Error(f"finetune.init_from = \"{src}\": no such file or directory")
     if (path / "config.json").is_file():
         return _start_from_hf(recipe, rt, path, answer)
-    return _start_from_lm2(recipe, rt, path)
+    return _start_from_lm2(recipe, rt, path, verify_checksums)
 
 
-def _start_from_lm2(recipe, rt, path: Path):
-    from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of
+def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
+    from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of, read_weights, verify_checkpoint
     from lm2cli.training.session import compare_recipes
 
     ckpt = find_checkpoint(path, "best")
+    verify_checkpoint(ckpt, checksums=verify_checksums)
     saved = load_recipe_of(ckpt)
     tokenizer = load_tokenizer_of(ckpt)
     recipe = with_vocab(recipe, tokenizer.vocab_size)
@@ -260,13 +170,7 @@ def _start_from_lm2(recipe, rt, path: Path):
             warn(rt, w)
 
     def load(model) -> None:
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(ckpt / "model.safetensors"))
-        except Exception as e:
-            raise Lm2Error(f"{ckpt / 'model.safetensors'}: corrupt or truncated weights file ({e})") from None
-        load_partial(model, state, str(ckpt), rt)
+        load_partial(model, read_weights(ckpt), str(ckpt), rt)
 
     info(rt, f"starting from {ckpt} (weights only)")
     return recipe, tokenizer, load
@@ -299,14 +203,19 @@ def _start_from_hf(recipe, rt, path: Path, answer_token: str):
                        f"{recipe.model.vocab_size}")
 
     def load(model) -> None:  # the weights are read only when a fresh run needs them (not on --resume)
+        from lm2cli.checkpoint import refuse_non_finite
+
         hf_cfg, hf_state = read_hf_llama_dir(path)
-        load_partial(model, llama_from_hf(hf_state, hf_cfg), str(path), rt)
+        state = llama_from_hf(hf_state, hf_cfg)
+        refuse_non_finite(state, str(path))
+        load_partial(model, state, str(path), rt)
 
     return recipe, tokenizer, load
 
 
 def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
-    """Load `state` into `model`; parameters it lacks may only be memory ones (they keep their fresh init).
+    """Load `state` (finite, see lm2cli.checkpoint.read_weights) into `model`; parameters it lacks may only be
+    memory ones (they keep their fresh init).
 
     Tied weights (embedding = output projection) are stored once; any name of a shared tensor counts.
     """
@@ -337,21 +246,23 @@ def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
 
 
 def finetune_command(recipe, recipe_path: Path | None = None, resume: bool = False,
-                     resume_from: Path | None = None, dry_run: bool = False) -> None:
+                     resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
     rt = setup_runtime(recipe.train)
     try:
-        _finetune(recipe, rt, resume, resume_from, dry_run)
+        _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums)
     finally:
         shutdown(rt)
 
 
-def _finetune(recipe, rt, resume, resume_from, dry_run) -> None:
+def _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums=True) -> None:
     from lm2cli.model import build_model
+    from lm2cli.resources import check_training_fits
 
     info(rt, rt.reason)
-    plan = plan_run(recipe, "finetune", resume, resume_from, rt, dry_run)
-    recipe, tokenizer, load_start = resolve_start(recipe, rt)
+    plan = plan_run(recipe, "finetune", resume, resume_from, rt, dry_run, verify_checksums)
+    recipe, tokenizer, load_start = resolve_start(recipe, rt, verify_checksums)
     recipe = with_vocab(recipe, tokenizer.vocab_size)
+    check_training_fits(recipe, tokenizer.vocab_size, rt)
     train_rows, val_rows, val_note = split_examples(recipe, tokenizer)
     info(rt, f"finetune data: {len(train_rows):,} training rows from {recipe.finetune.data}; {val_note}")
     budgets = stage_budgets(recipe)
@@ -373,22 +284,7 @@ def _finetune(recipe, rt, resume, resume_from, dry_run) -> None:
     if dry_run:
         dry_run_report(s, data_for(stages[s.stage]), stages[s.stage])
         return
-    begin_logging(s, recipe.to_toml(), stages[-1].end_step, resumed=plan.resume_from is not None)
-    try:
-        pending = bool(plan.state and plan.state.get("eval_pending"))
-        for stage in stages[s.stage:]:
-            data = data_for(stage)
-            if pending:
-                validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
-                pending = False
-            if s.step >= stage.end_step:
-                continue  # finished before the interruption: go on to the next stage
-            if s.step == stage.start_step and stage.index > 0:
-                start_next_stage(s, stage)
-            train_stage(s, data, stage)
-            summarize(s, stage)
-    finally:
-        end_logging(s)
+    run_stages(s, plan, stages, data_for)
 
 
 def make_stages(recipe, budgets: list[int]) -> list[Stage]:
@@ -397,19 +293,5 @@ def make_stages(recipe, budgets: list[int]) -> list[Stage]:
     for i in range(n):
         label = f"[stage {i + 1}/{n}, {recipe.finetune.stages[i]} segments] " if n > 1 else ""
         pointers = ("best", f"best_stage_{i + 1}")  # per stage, so a finished run can gain stages later
-        out.append(Stage(index=i, count=n, start_step=i * steps, steps=steps, label=label, best_pointers=pointers))
+        out.append(Stage(index=i, start_step=i * steps, steps=steps, label=label, best_pointers=pointers))
     return out
-
-
-def start_next_stage(s: Session, stage: Stage) -> None:
-    """Begin curriculum stage `stage` from the best checkpoint of the previous one, with a fresh optimizer."""
-    previous = s.best.get(f"best_stage_{stage.index}")
-    if previous is None:
-        raise Lm2Error(f"{stage.label}the previous stage has no validated checkpoint to start from")
-    ckpt = s.ckpt_root / previous["checkpoint"]
-    s.rt.barrier()
-    load_model_weights(s, ckpt)
-    s.optimizer = new_optimizer(s.model, s.recipe, s.rt, announce=False)
-    s.stage, s.rows_done, s.carry = stage.index, 0, None
-    s.best.pop("best", None)  # `best` tracks the current stage
-    s.say(f"{stage.label}starting from {ckpt} (val loss {previous['val_loss']:.4f})")

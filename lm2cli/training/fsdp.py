@@ -55,10 +55,11 @@ def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
 
 def load_model_file(model: nn.Module, path: Path) -> None:
     """Load a full model.safetensors into the sharded model (every rank reads the file)."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full = load_file(str(path))
+    from lm2cli.checkpoint import read_weights
+
+    full = read_weights(path)
     own = model.state_dict()
     for name in own:  # tied weights are stored once: fill the other name from the same tensor
         if name not in full and name == "lm_head.weight" and "tok_emb.weight" in full:

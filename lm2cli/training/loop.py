@@ -5,10 +5,8 @@ Read it top to bottom: `train_stage` runs optimizer steps; each step sets the le
 across all processes, so any split into micro-batches and ranks gives the same update), clips, steps AdamW,
 logs, and then, at the step boundaries the recipe asks for, saves and evaluates — always in that order, so a
 crash in evaluation never costs training. A signal stops the run after the current step and a save; a
-non-finite loss stops it before the optimizer step, leaving every checkpoint as it was.
-
-The data side is duck-typed: pretraining windows and fine-tuning rows both provide `batch(first_row, n)`
-(a `Batch` of rows by global row number) and `val_batches(rank, world)` (fixed validation batches).
+non-finite loss stops it before the optimizer step, leaving every checkpoint as it was. What it works on
+(`Batch`, `Stage`, `Session`) is in types.py; the stages of a run are driven by driver.py.
 """
 
 from __future__ import annotations
@@ -16,88 +14,26 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from lm2cli import checkpoint as layout
 from lm2cli.errors import Lm2Error
+from lm2cli.scoring import IGNORE, Scores, loss_sum, score_batches
 from lm2cli.training import checkpoints as ck
 from lm2cli.training.cursor import rows_for
-from lm2cli.training.metrics import Console, LossEMA, MetricsLog
+from lm2cli.training.metrics import LossEMA
 from lm2cli.training.optim import lr_at, set_lr
-from lm2cli.training.runtime import Runtime, StopRequest, TrainingInterrupted
+from lm2cli.training.runtime import TrainingInterrupted
+from lm2cli.training.types import Batch, Session, Stage
 
-IGNORE = -100  # target id that carries no loss (context, padding)
-
-
-@dataclass
-class Batch:
-    inputs: Tensor  # (B, T) int64
-    targets: Tensor  # (B, T) int64, IGNORE where there is no loss
-    n_tokens: int  # real (non-padding) input tokens, for throughput
-    n_bytes: float = 0.0  # UTF-8 bytes of the target tokens (bits per byte); 0 = not measured
-    answers: bool = False  # each row's targets are one answer (+ EOS): report exact match
-
-
-@dataclass
-class Stage:
-    """A stretch of optimizer steps with its own schedule: all of pretraining, or one curriculum stage."""
-
-    index: int  # 0-based
-    count: int  # number of stages
-    start_step: int  # global step count when the stage begins
-    steps: int
-    label: str = ""  # prefix of console lines, e.g. "[stage 2/3, 2 segments] "
-    best_pointers: tuple[str, ...] = ("best",)  # pointer files naming the best checkpoint of this stage
-
-    @property
-    def end_step(self) -> int:
-        return self.start_step + self.steps
-
-
-@dataclass
-class Session:
-    """Everything the loop touches, built by pretrain.py / finetune.py."""
-
-    command: str  # "pretrain" | "finetune"
-    recipe: Any  # resolved Recipe (model.vocab_size filled in)
-    rt: Runtime
-    model: torch.nn.Module  # the plain module: saved, evaluated
-    train_model: torch.nn.Module  # what the step runs: compiled and/or DDP-wrapped `model`
-    optimizer: torch.optim.Optimizer
-    tokenizer: Any
-    run_dir: Path
-    console: Console
-    metrics: MetricsLog | None  # rank 0 only
-    stop: StopRequest
-    resume_hint: str  # the command that resumes this run
-    step: int = 0  # optimizer steps done (global, across stages)
-    rows_done: int = 0  # data cursor: rows consumed by this stage so far (see cursor.RowOrder)
-    stage: int = 0
-    best: dict[str, dict] = field(default_factory=dict)  # pointer name -> {"val_loss", "checkpoint"}
-    carry: Any = None  # memory carried across steps (memory.carry = true)
-    train_seconds: float = 0.0  # wall time spent in training steps, across resumes
-    fsdp: bool = False  # `model` is sharded in place (train.distributed = "fsdp" under torchrun)
-    extra_state: dict = field(default_factory=dict)  # command-specific values stored in trainer_state.json
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.run_dir / ck.CHECKPOINTS
-
-    def say(self, text: str) -> None:
-        self.console.say(text)
+__all__ = ["IGNORE", "Batch", "Session", "Stage", "loss_sum", "train_stage", "evaluate", "validate", "save"]
 
 
 # ------------------------------------------------------------------------------------------- losses
-
-
-def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Summed token cross-entropy over positions with a target (float32 logits from the model)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def forward_loss(s: Session, batch: Batch, model: torch.nn.Module, state: Any = None) -> tuple[Tensor, Tensor, Any]:
@@ -159,7 +95,8 @@ def train_stage(s: Session, data, stage: Stage) -> None:
             t_log = time.perf_counter()  # saving and evaluating are not training throughput
         if stop:
             raise TrainingInterrupted(
-                f"stopped by {s.stop.name} after step {s.step}; saved {s.ckpt_root / ck.checkpoint_name(s.step)}. "
+                f"stopped by {s.stop.name} after step {s.step}; saved "
+                f"{s.ckpt_root / layout.checkpoint_name(s.step)}. "
                 f"Resume with: {s.resume_hint}", s.stop.signum)
 
 
@@ -192,6 +129,7 @@ def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
+    s.steps_this_run += 1
     s.rows_done += tcfg.batch_size * tcfg.grad_accum * rt.world
     rt.sync()
     return step_loss, norm, n_tokens
@@ -200,7 +138,7 @@ def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
 def log_step(s: Session, data, stage: Stage, loss: float, smooth: float, lr: float, grad_norm: float,
              n_tokens: int, tok_s: float) -> None:
     peak = s.rt.peak_flops()
-    mfu = s.extra_state["flops_per_token"] * tok_s / (peak * s.rt.world) if peak else None
+    mfu = s.flops_per_token * tok_s / (peak * s.rt.world) if peak else None
     s.console.step(s.step, smooth, lr, tok_s, mfu, stage.label)
     if s.metrics is not None:
         s.metrics.write({"kind": "train", "step": s.step, "stage": stage.index + 1, "loss": loss, "lr": lr,
@@ -238,60 +176,57 @@ def stop_requested(s: Session) -> bool:
 
 def non_finite(s: Session, step: int, loss: float, grad_norm: float) -> NonFiniteLoss:
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-    last = ck.newest_checkpoint(s.ckpt_root)
+    last = layout.newest_checkpoint(s.ckpt_root)
     kept = (f"the last good checkpoint {s.ckpt_root / last} is intact (resume with: {s.resume_hint})" if last
             else "no checkpoint had been saved yet")
     return NonFiniteLoss(f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
-                         f"Lower train.lr (now {s.recipe.train.lr}) or train.grad_clip, or check the data")
+                         f"{likely_cause(s)}")
+
+
+def likely_cause(s: Session) -> str:
+    """Where to look: an update gone wrong (the learning rate) only if this run has updated the weights."""
+    bad = next((n for n, p in s.model.named_parameters()
+                if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    lr = f"lower train.lr (now {s.recipe.train.lr}) or train.grad_clip"
+    if s.steps_this_run == 0:
+        if s.step > 0:
+            start = "the checkpoint this run resumed"
+        elif s.command == "finetune" and s.recipe.finetune.init_from:
+            start = f"the starting weights (finetune.init_from = {s.recipe.finetune.init_from})"
+        else:
+            start = f"the initialisation (model.init_std = {s.recipe.model.init_std})"
+        state = f"the weights are already non-finite ({bad})" if bad else "the untouched weights already give it"
+        return (f"This happened before any update of this run, so it is not the learning rate: {state}; check "
+                f"{start}, the model settings (model.norm_eps, model.rope_theta) and the data")
+    if bad:
+        return f"The weights became non-finite ({bad}) in an update: {lr}"
+    return f"{lr[0].upper()}{lr[1:]}, or check the data"
 
 
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def evaluate(s: Session, data) -> dict[str, float]:
-    """Loss, perplexity, bits per byte (and exact match for answer rows) on the fixed validation batches.
+    """Loss, perplexity, bits per byte (and exact match for answer rows) on the fixed validation batches, scored
+    by lm2cli.scoring with the loss the training steps minimise.
 
-    Each rank evaluates its share of the batches; sums are all-reduced, so every rank returns the same numbers.
-    Exact match is teacher-forced: a row counts when the argmax at every answer position (and EOS) is the
-    target token, which is exactly when greedy decoding would reproduce the answer and stop.
+    Each rank scores its share of the batches; the sums are all-reduced, so every rank returns the same numbers.
     """
     model = s.model  # never the DDP/compile wrapper; under FSDP the sharded module itself
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, targets, bytes, correct rows, answer rows
-    has_answers = False
     batches = list(data.val_batches(s.rt.rank, s.rt.world))
-    n_calls = len(batches)
+    scores = score_batches(model, batches, s.rt.device, s.rt.autocast, loss=loss_sum)
     if s.fsdp:  # every rank must run the same number of forwards (each gathers the shards collectively)
-        n_calls = int(s.rt.all_reduce(torch.tensor([float(n_calls)]), op=torch.distributed.ReduceOp.MAX).item())
-    for i in range(n_calls):
-        if i >= len(batches):  # padding call on a rank with fewer batches: run it, count nothing
-            forward_loss(s, to_device(next(iter(data.val_batches(0, 1))), s.rt.device), model)
-            continue
-        batch = to_device(batches[i], s.rt.device)
-        loss, logits, _ = forward_loss(s, batch, model)
-        mask = batch.targets != IGNORE
-        sums[0] += float(loss)
-        sums[1] += int(mask.sum())
-        sums[2] += batch.n_bytes
-        if batch.answers:
-            has_answers = True
-            hit = (logits.argmax(-1) == batch.targets) | ~mask
-            rows = mask.any(dim=1)
-            sums[3] += int((hit.all(dim=1) & rows).sum())
-            sums[4] += int(rows.sum())
-    model.train(was_training)
-    sums = s.rt.all_reduce(sums.to(s.rt.device)).cpu()
-    flag = s.rt.all_reduce(torch.tensor([float(has_answers)], device=s.rt.device)).item()
-    if sums[1] == 0:
+        most = int(s.rt.all_reduce(torch.tensor([float(len(batches))]), op=torch.distributed.ReduceOp.MAX).item())
+        padding = [next(iter(data.val_batches(0, 1)))] * (most - len(batches))
+        score_batches(model, padding, s.rt.device, s.rt.autocast, loss=loss_sum)  # run, count nothing
+    total = Scores.from_tensor(s.rt.all_reduce(scores.to_tensor(s.rt.device)).cpu())
+    if total.targets == 0:
         raise Lm2Error("validation found no target tokens; check the validation data")
-    loss = float(sums[0] / sums[1])
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
-    if sums[2] > 0:
-        out["val_bpb"] = float(sums[0] / (math.log(2) * sums[2]))
-    if flag and sums[4] > 0:
-        out["val_em"] = float(sums[3] / sums[4])
+    out = {"val_loss": total.loss, "val_ppl": total.perplexity}
+    if total.bits_per_byte is not None:
+        out["val_bpb"] = total.bits_per_byte
+    if total.exact_match is not None:
+        out["val_em"] = total.exact_match
     return out
 
 
@@ -344,7 +279,7 @@ def log_eval(s: Session, stage: Stage, result: dict[str, float], ckpt: Path | No
 
 
 def trainer_state(s: Session, stage: Stage, eval_pending: bool, rng_info: dict) -> dict:
-    from lm2cli import __version__
+    from lm2cli.version import __version__
 
     tcfg = s.recipe.train
     return {
@@ -363,7 +298,7 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
     `eval_pending`: a validation is due at this step and follows the save; its result is added to the
     checkpoint's trainer_state.json afterwards, and a run resumed before that happened validates first.
     """
-    from lm2cli.checkpoint import save_model_files
+    from lm2cli.checkpoint import encode_carried_memory, save_model_files
 
     rng_tensors, rng_info = ck.capture_rng(s.rt.rank)
     gathered = s.rt.gather_objects((rng_tensors, rng_info, s.carry))
@@ -374,11 +309,13 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
         optimizer_state = fsdp.gathered_optimizer_state(s.model, s.optimizer)
     else:
         model, optimizer_state = s.model, (s.optimizer.state_dict() if s.rt.is_main else None)
-    path = s.ckpt_root / ck.checkpoint_name(s.step)
+    path = s.ckpt_root / layout.checkpoint_name(s.step)
     if s.rt.is_main:
         all_tensors = {k: v for t, _, _ in gathered for k, v in t.items()}
         infos = {f"rank{i}": info for i, (_, info, _) in enumerate(gathered)}
-        carried = [c for _, _, c in gathered] if s.carry is not None else None
+        carried = None
+        if s.carry is not None:
+            carried = encode_carried_memory(s.model, [c for _, _, c in gathered], s.recipe.train.batch_size)
         state = trainer_state(s, stage, eval_pending, infos)
         path = ck.save_checkpoint(s.ckpt_root, s.step, lambda d: save_model_files(d, model, s.recipe, s.tokenizer),
                                   state, optimizer_state, all_tensors, carried)
@@ -391,9 +328,13 @@ def save(s: Session, stage: Stage, eval_pending: bool) -> Path:
 def load_model_weights(s: Session, ckpt: Path) -> None:
     """Weights of checkpoint `ckpt` into the session's model (sharded or not)."""
     if s.fsdp:
+        from lm2cli.checkpoint import MODEL_FILE, check_weight_shapes
+        from lm2cli.resources import meta_model
         from lm2cli.training.fsdp import load_model_file
 
-        load_model_file(s.model, ckpt / "model.safetensors")
+        # names and shapes against an unsharded twin on the meta device, as load_weights does without FSDP
+        check_weight_shapes(meta_model(s.recipe, s.model.args.vocab_size), ckpt / MODEL_FILE)
+        load_model_file(s.model, ckpt / MODEL_FILE)
     else:
         from lm2cli.checkpoint import load_weights
 

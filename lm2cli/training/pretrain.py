@@ -14,28 +14,10 @@ import torch
 
 from lm2cli.errors import Lm2Error
 from lm2cli.training.cursor import RowOrder, plan_windows, spread_indices
-from lm2cli.training.loop import Batch, Stage
+from lm2cli.training.driver import run_stages
 from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
-from lm2cli.training.session import dry_run_report, info, open_session, plan_run, run_stage, warn, with_vocab
-
-
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id contributes to decoded text: control pieces (BOS, EOS, PAD) 0, byte-fallback
-    pieces 1, others the length of the piece with SentencePiece's "▁" read as one space.
-
-    Summed over the validation targets this is the byte length of the decoded validation text (SentencePiece
-    drops the leading space of a decoded sequence; we count it), so bits per byte compare across tokenizers.
-    """
-    sp = tokenizer.sp
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for i in range(tokenizer.vocab_size):
-        if sp.is_control(i):
-            continue
-        if sp.is_byte(i):
-            lengths[i] = 1
-        else:
-            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return lengths
+from lm2cli.training.session import dry_run_report, info, open_session, plan_run, warn, with_vocab
+from lm2cli.training.types import Batch, Stage
 
 
 class PretrainData:
@@ -44,6 +26,7 @@ class PretrainData:
     def __init__(self, shards, recipe, tokenizer, world: int = 1):
         t = recipe.train
         self.batch_size, self.seq_len = t.batch_size, t.seq_len
+        self.shards = shards
         self.train_tokens = shards.split("train")
         offsets = np.asarray(shards.doc_offsets("train"), dtype=np.int64)
         self.plan = plan_windows(len(self.train_tokens), offsets[:-1], t.seq_len)
@@ -60,7 +43,7 @@ class PretrainData:
         # eval_batches counts global batches (batch_size x processes), so every world size sees the same rows
         wanted = t.eval_batches * t.batch_size * world
         self.val_starts = val_plan.starts[spread_indices(len(val_plan), wanted)]
-        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.byte_lengths = tokenizer.token_byte_lengths()
 
     def describe(self) -> list[str]:
         lines = [f"train: {len(self.train_tokens):,} tokens; {self.plan.describe()}",
@@ -82,19 +65,22 @@ class PretrainData:
     def epoch_at(self, rows_done: int) -> float:
         return rows_done / len(self.plan)
 
-    def _rows(self, tokens: np.ndarray, starts: np.ndarray) -> torch.Tensor:
+    def _rows(self, split: str, starts: np.ndarray) -> torch.Tensor:
         L = self.seq_len + 1
-        return torch.from_numpy(np.stack([np.asarray(tokens[s:s + L], dtype=np.int64) for s in starts]))
+        tokens = self.train_tokens if split == "train" else self.val_tokens
+        rows = np.stack([np.asarray(tokens[s:s + L], dtype=np.int64) for s in starts])
+        self.shards.check_ids(split, rows, starts)  # cheap per batch; a full scan at open would cost minutes
+        return torch.from_numpy(rows)
 
     def batch(self, first_row: int, count: int) -> Batch:
-        rows = self._rows(self.train_tokens, self.plan.starts[self.order.rows(first_row, count)])
+        rows = self._rows("train", self.plan.starts[self.order.rows(first_row, count)])
         return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), n_tokens=count * self.seq_len)
 
     def val_batches(self, rank: int, world: int):
         starts = self.val_starts
         n_batches = (len(starts) + self.batch_size - 1) // self.batch_size
         for b in range(rank, n_batches, world):
-            rows = self._rows(self.val_tokens, starts[b * self.batch_size:(b + 1) * self.batch_size])
+            rows = self._rows("val", starts[b * self.batch_size:(b + 1) * self.batch_size])
             targets = rows[:, 1:].contiguous()
             yield Batch(rows[:, :-1].contiguous(), targets, n_tokens=targets.numel(),
                         n_bytes=float(self.byte_lengths[targets.numpy()].sum()))
@@ -111,35 +97,36 @@ def check_lengths(recipe, rt) -> None:
 
 
 def pretrain_command(recipe, recipe_path: Path | None = None, resume: bool = False,
-                     resume_from: Path | None = None, dry_run: bool = False) -> None:
+                     resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
     rt = setup_runtime(recipe.train)
     try:
-        _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run)
+        _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_checksums)
     finally:
         shutdown(rt)
 
 
-def _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run) -> None:
+def _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_checksums=True) -> None:
     from lm2cli.data.shards import TokenShards
     from lm2cli.model import build_model
+    from lm2cli.resources import check_training_fits
 
     info(rt, rt.reason)
+    plan = plan_run(recipe, "pretrain", resume, resume_from, rt, dry_run, verify_checksums)
     shards = TokenShards.for_recipe(recipe)
     tokenizer = shards.tokenizer()
     recipe = with_vocab(recipe, tokenizer.vocab_size)
     check_lengths(recipe, rt)
+    check_training_fits(recipe, tokenizer.vocab_size, rt)
     data = PretrainData(shards, recipe, tokenizer, rt.world)
     for line in data.describe():
         info(rt, line)
-    plan = plan_run(recipe, "pretrain", resume, resume_from, rt, dry_run)
     set_determinism(recipe.train.deterministic, rt.device)
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank and every run
     model = build_model(recipe, tokenizer.vocab_size)
     s = open_session("pretrain", recipe, rt, tokenizer, model, plan,
                      extra_state={"data_fingerprint": shards.meta.get("fingerprint")})
-    stage = Stage(index=0, count=1, start_step=0, steps=recipe.train.steps)
+    stage = Stage(index=0, start_step=0, steps=recipe.train.steps)
     if dry_run:
         dry_run_report(s, data, stage)
         return
-    run_stage(s, data, stage, resumed=plan.resume_from is not None, eval_pending=bool(
-        plan.state and plan.state.get("eval_pending")))
+    run_stages(s, plan, [stage], lambda stage: data)

@@ -5,7 +5,6 @@ model on its device, the optimizer, torch.compile / DDP wrapping, and restoring 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -15,23 +14,18 @@ from typing import Any
 
 import torch
 
+from lm2cli import checkpoint as layout
+from lm2cli.checkpoint import RECIPE_FILE, find_checkpoint
 from lm2cli.errors import Lm2Error
 from lm2cli.fileio import atomic_write_text
 from lm2cli.recipe import Recipe, section_fields, sections, toml_value
+from lm2cli.scoring import IGNORE
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.loop import (
-    IGNORE,
-    Session,
-    Stage,
-    forward_loss,
-    load_model_weights,
-    to_device,
-    train_stage,
-    validate,
-)
+from lm2cli.training.loop import forward_loss, load_model_weights, to_device
 from lm2cli.training.metrics import Console, MetricsLog, fmt_duration, truncate_after
 from lm2cli.training.optim import build_optimizer
 from lm2cli.training.runtime import Runtime, StopRequest
+from lm2cli.training.types import Session, Stage
 
 # Keys that decide parameter shapes: a checkpoint built with other values cannot be loaded.
 SHAPE_KEYS = {
@@ -63,7 +57,7 @@ def with_vocab(recipe: Recipe, vocab_size: int) -> Recipe:
 
 def resume_hint(command: str, run_dir: Path) -> str:
     """The command that resumes this run: the run's own resolved recipe carries every override and --out."""
-    return " ".join(shlex.quote(a) for a in ["lm2", command, str(run_dir / "recipe.toml"), "--resume"])
+    return " ".join(shlex.quote(a) for a in ["lm2", command, str(run_dir / RECIPE_FILE), "--resume"])
 
 
 # -------------------------------------------------------------------------------------- run directory
@@ -77,43 +71,32 @@ class RunPlan:
 
 
 def plan_run(recipe: Recipe, command: str, resume: bool, resume_from: Path | None, rt: Runtime,
-             dry_run: bool = False) -> RunPlan:
-    """Decide between a fresh start and resuming, refusing to start fresh over existing checkpoints."""
-    run_dir = Path(recipe.output.dir)
-    root = run_dir / ck.CHECKPOINTS
+             dry_run: bool = False, checksums: bool = True) -> RunPlan:
+    """Decide between a fresh start and resuming, refusing to start fresh over existing checkpoints. The
+    checkpoint to resume is verified against its manifest (sha256 too unless `checksums` is False)."""
+    from lm2cli.outdir import RUN, check_output_dir
+
+    run_dir = check_output_dir(recipe.output.dir, "output.dir", RUN, probe=not dry_run)
+    root = run_dir / layout.CHECKPOINTS
     if resume_from is not None:
-        ckpt = locate_checkpoint(Path(resume_from))
+        ckpt = find_checkpoint(resume_from, given_as="--resume-from")
     elif resume:
-        name = ck.newest_checkpoint(root)
+        name = layout.newest_checkpoint(root)
         if name is None:
             info(rt, f"--resume: no checkpoint in {root} yet; starting a fresh run")
             return RunPlan(run_dir, None, None)
         ckpt = root / name
     else:
-        existing = ck.list_checkpoints(root)
+        existing = layout.list_checkpoints(root)
         if existing and not dry_run:
             raise Lm2Error(f"{run_dir} already has checkpoints (newest: {existing[-1]}); continue it with "
                            f"`lm2 {command} RECIPE --resume`, or start a new run elsewhere with --out DIR")
         return RunPlan(run_dir, None, None)
-    state = ck.read_trainer_state(ckpt)
+    state = ck.read_trainer_state(ckpt, checksums=checksums)
     if state.get("command") != command:
         raise Lm2Error(f"checkpoint {ckpt} was written by `lm2 {state.get('command')}`, not `lm2 {command}`; "
                        f"to start {command} from its weights use finetune.init_from = \"{ckpt}\"")
     return RunPlan(run_dir, ckpt, state)
-
-
-def locate_checkpoint(path: Path) -> Path:
-    """A checkpoint directory from a path that is one, or a run directory (its newest checkpoint)."""
-    if not path.exists():
-        raise Lm2Error(f"--resume-from {path}: no such file or directory")
-    if (path / ck.STATE_FILE).is_file() or (path / "model.safetensors").is_file():
-        return path
-    for root in (path / ck.CHECKPOINTS, path):
-        name = ck.newest_checkpoint(root)
-        if name is not None:
-            return root / name
-    raise Lm2Error(f"--resume-from {path}: not a checkpoint directory and no checkpoints inside it "
-                   f"(expected checkpoints/step_XXXXXXXX/ with {ck.STATE_FILE})")
 
 
 def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
@@ -121,12 +104,14 @@ def prepare_run_dir(s: Session, recipe_text: str, resumed: bool) -> None:
     of them on a fresh start: they can only come from an earlier attempt that never saved a checkpoint)."""
     if not s.rt.is_main:
         return
+    from lm2cli.fileio import remove_stale_temp_files
+
     s.run_dir.mkdir(parents=True, exist_ok=True)
     s.ckpt_root.mkdir(exist_ok=True)
-    stale = ck.remove_stale_tmp(s.ckpt_root)
-    if stale:
-        s.say(f"removed unfinished checkpoint directories from an interrupted save: {', '.join(stale)}")
-    atomic_write_text(s.run_dir / "recipe.toml", recipe_text)
+    stale = ck.remove_stale_tmp(s.ckpt_root) + remove_stale_temp_files(s.run_dir)
+    if stale:  # the console is not up yet: print directly
+        info(s.rt, f"removed what an interrupted save left behind: {', '.join(stale)}")
+    atomic_write_text(s.run_dir / RECIPE_FILE, recipe_text)
     if resumed:
         truncate_after(s.run_dir, s.step, s.stage + 1)
     else:
@@ -174,12 +159,13 @@ def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp:
     """The module the training step calls: optionally compiled, DDP-wrapped under torchrun (FSDP shards the
     model in place before the optimizer is built, see open_session).
 
-    The plain `model` stays what is saved and evaluated: a compiled wrapper's state dict has `_orig_mod.`
-    prefixes and DDP's has `module.` (both broke resume and sampling in other toolkits).
+    The plain `model` stays what is saved and evaluated: DDP's state dict has `module.` prefixes (which broke
+    resume and sampling in other toolkits). Compilation is block by block and kept inside the model
+    (`compile_blocks`): no `_orig_mod.` prefixes, one compilation for every block, validation stays eager.
     """
     train_model = model
     if recipe.train.compile:
-        train_model = torch.compile(train_model)
+        model.compile_blocks()
     if rt.distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -224,9 +210,8 @@ def open_session(command: str, recipe: Recipe, rt: Runtime, tokenizer, model: to
     optimizer = new_optimizer(model, recipe, rt)
     s = Session(command=command, recipe=recipe, rt=rt, model=model, train_model=model, optimizer=optimizer,
                 tokenizer=tokenizer, run_dir=plan.run_dir, console=Console(False, 1, 0, command), metrics=None,
-                stop=StopRequest(), resume_hint=resume_hint(command, plan.run_dir),
+                stop=StopRequest(), resume_hint=resume_hint(command, plan.run_dir), flops_per_token=flops,
                 extra_state=dict(extra_state or {}), fsdp=fsdp)
-    s.extra_state["flops_per_token"] = flops
     if plan.resume_from is not None:
         restore(s, plan.resume_from, plan.state)
     s.train_model = wrap_for_training(model, recipe, rt, fsdp)
@@ -280,62 +265,42 @@ def restore(s: Session, ckpt: Path, state: dict) -> None:
     s.train_seconds = float(state.get("train_seconds", 0.0))
     if state.get("world_size") == s.rt.world:
         tensors, _ = ck.load_safetensors(ckpt, ck.RNG_FILE)
-        ck.restore_rng(s.rt.rank, tensors, state["rng"][f"rank{s.rt.rank}"])
+        ck.restore_rng(s.rt.rank, tensors, state["rng"][f"rank{s.rt.rank}"], ckpt)
     else:
         warn(s.rt, f"checkpoint {ckpt} was written by {state.get('world_size')} processes, this run has "
                    f"{s.rt.world}: random-number states start fresh (data order is unaffected)")
     if state.get("memory_carried") and s.recipe.memory.carry:
-        tensors, skeleton = ck.load_safetensors(ckpt, ck.MEMORY_FILE)
-        per_rank = ck.unflatten_tree(tensors, skeleton, s.rt.device)
-        if len(per_rank) == s.rt.world:
-            s.carry = per_rank[s.rt.rank]
-        else:
-            warn(s.rt, "the carried memory was saved by a different number of processes; it starts fresh")
+        restore_carried_memory(s, ckpt)
     info(s.rt, f"resumed from {ckpt} (step {s.step}, {s.rows_done:,} rows into the data)")
 
 
-def pending_eval(state: dict | None) -> bool:
-    return bool(state and state.get("eval_pending"))
+def restore_carried_memory(s: Session, ckpt: Path) -> None:
+    """The memory this process carried into its next batch (memory.carry = true), checked against the model.
+
+    A vanilla model carries nothing but the start of a new sequence, which is what no state means too.
+    """
+    from lm2cli.checkpoint import read_carried_memory
+
+    carried = read_carried_memory(ckpt, s.model)
+    if s.model.args.arch == "vanilla":
+        return
+    if carried.ranks != s.rt.world:
+        warn(s.rt, f"the carried memory was saved by {carried.ranks} processes, this run has {s.rt.world}; it "
+                   f"starts fresh")
+    elif carried.batch_size != s.recipe.train.batch_size:
+        warn(s.rt, f"the carried memory holds {carried.batch_size} rows per process, train.batch_size is now "
+                   f"{s.recipe.train.batch_size}; it starts fresh")
+    else:
+        s.carry = carried.state_for(s.model, s.rt.rank, s.rt.device)
 
 
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
-
-
-# ------------------------------------------------------------------------------------- running a stage
-
-
-def run_stage(s: Session, data, stage: Stage, resumed: bool, eval_pending: bool) -> None:
-    """Pretraining's whole run (one stage): logging set up, a validation left pending by an interrupted run,
-    the steps, and a closing summary."""
-    begin_logging(s, s.recipe.to_toml(), stage.end_step, resumed)
-    try:
-        if eval_pending:
-            validate(s, stage, data, s.ckpt_root / ck.checkpoint_name(s.step))
-        if s.step >= stage.end_step:
-            s.say(f"nothing to train: the checkpoint is at step {s.step} and train.steps = {stage.steps}; "
-                  f"raise train.steps to continue")
-            return
-        train_stage(s, data, stage)
-        summarize(s, stage)
-    finally:
-        end_logging(s)
-
-
-def summarize(s: Session, stage: Stage) -> None:
-    best = s.best.get(stage.best_pointers[0])
-    first = s.extra_state.get("start_val_loss")
-    last = s.extra_state.get("last_val_loss")
-    parts = [f"step {s.step} after {fmt_duration(s.train_seconds)} of training"]
-    if first is not None and last is not None:
-        parts.append(f"val loss {first:.4f} -> {last:.4f}")
-    if best:
-        parts.append(f"best {best['val_loss']:.4f} at {s.ckpt_root / best['checkpoint']}")
-    s.say(f"{stage.label}done: " + "; ".join(parts))
+# --------------------------------------------------------------------------------------------- dry run
 
 
 def dry_run_report(s: Session, data, stage: Stage) -> None:
     """Derived sizes, a memory estimate and one timed forward/backward pass; writes nothing."""
+    from lm2cli.resources import check_training_fits, fmt_bytes
+
     r, t, rt = s.recipe, s.recipe.train, s.rt
     rows_per_step = t.batch_size * t.grad_accum * rt.world
     row_tokens = data.row_tokens
@@ -352,9 +317,8 @@ def dry_run_report(s: Session, data, stage: Stage) -> None:
     info(rt, f"run: {stage.steps} steps x {up_to}{tokens_per_step:,} = {up_to}{stage.steps * tokens_per_step:,} tokens"
              f"{epochs}; "
              f"warm-up {t.warmup_steps} steps, lr {t.lr:g} -> {t.min_lr:g} (cosine)")
-    n_params = sum(p.numel() for p in s.model.parameters())
-    info(rt, f"memory estimate: weights + gradients + AdamW moments = 16 bytes x {n_params:,} = "
-             f"{16 * n_params / 2**20:,.1f} MiB, plus activations")
+    est = check_training_fits(r, s.model.args.vocab_size, rt)
+    info(rt, f"memory estimate (a lower bound, per process): {fmt_bytes(est.total)} = {est.describe()}")
     batch = to_device(data.batch(s.rows_done, t.batch_size), rt.device)
     timings = []
     for _ in range(2):  # the first pass pays for allocation and lazy initialisation

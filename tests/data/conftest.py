@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -10,16 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def shared_dir(name: str) -> Path:
-    """`../shared/<name>` next to the checkout, or next to one of its parents (worktrees live deeper).
+def shared_dir(*parts: str) -> Path:
+    """Reference data under LM2_SHARED_DIR, else `shared/` beside the checkout (where CI and the worktrees
+    have it). For optional checks only: tests that use it skip when it is absent (see `needs_shared`)."""
+    return Path(os.environ.get("LM2_SHARED_DIR") or REPO.parent / "shared").joinpath(*parts)
 
-    Reference data for optional checks only: tests that use it skip when it is absent.
-    """
-    for parent in REPO.parents:
-        candidate = parent / "shared" / name
-        if candidate.is_dir():
-            return candidate
-    return REPO.parent / "shared" / name
+
+def needs_shared(*parts: str):
+    """Skip unless the reference data exists; the reason names the path looked at and the variable."""
+    path = shared_dir(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"reference data {path} not found (set LM2_SHARED_DIR)")
+
+
 
 NAMES = ["Anna", "Bruno", "Chloe", "Dmitri", "Elena", "Farid"]
 VERBS = ["walked", "looked", "smiled", "waited", "spoke", "laughed", "wrote", "read"]

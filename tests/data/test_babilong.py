@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from lm2cli.data.babilong import build_row, inject_facts, length_tokens, load_ba
 from lm2cli.data.haystack import BuiltinHaystack, SentenceSampler, split_sentences
 from lm2cli.errors import Lm2Error
 
-from .conftest import shared_dir
+from .conftest import needs_shared, shared_dir
 from .test_prepare import write_recipe
 
 FACTS = ["Mary moved to the bathroom.", "John went to the hallway.", "Mary got the football there.",
@@ -45,6 +46,59 @@ def test_window_keeps_facts_inside_and_too_narrow_window_fails():
     assert all(50 <= p <= 60 for p in positions)
     with pytest.raises(Lm2Error, match="fact_window .* leaves no place"):
         inject_facts(facts, [[7], [7]], random.Random(2), window=(0.6, 0.9))
+
+
+def rebuild(fact_ids, sentences, positions):
+    """The token sequence a row's recorded positions describe: fact j just before haystack sentence
+    positions[j] (at the end when it equals the number of sentences)."""
+    tokens = []
+    for i in range(len(sentences) + 1):
+        tokens += [t for j, p in enumerate(positions) if p == i for t in fact_ids[j]]
+        if i < len(sentences):
+            tokens += sentences[i]
+    return tokens
+
+
+def test_facts_are_inserted_before_the_recorded_sentence():
+    facts = [[100 + i, 200 + i] for i in range(5)]
+    sentences = [[1000 + i] * 3 for i in range(12)]
+    for seed in range(20):
+        tokens, positions = inject_facts(facts, sentences, random.Random(seed))
+        assert tokens == rebuild(facts, sentences, positions)
+
+
+def test_fact_positions_spread_over_the_window_and_vary_between_rows():
+    facts = [[100 + i] for i in range(4)]
+    sentences = [[7] for _ in range(100)]
+    drawn = [inject_facts(facts, sentences, random.Random(seed), window=(0.2, 0.6))[1] for seed in range(50)]
+    everything = [p for positions in drawn for p in positions]
+    assert 20 <= min(everything) <= 24 and 56 <= max(everything) <= 60  # the whole window is used
+    assert len({tuple(p) for p in drawn}) > 40  # rows differ
+    assert sum(len(set(p)) > 1 for p in drawn) > 40  # the facts of a row are spread, not stacked in one gap
+
+
+class RecordingSampler:
+    def __init__(self, sampler):
+        self.sampler, self.last = sampler, None
+
+    def sample(self, n_tokens):
+        self.last = self.sampler.sample(n_tokens)
+        return self.last
+
+
+def test_a_row_is_its_haystack_with_the_facts_where_it_records_them(small_tokenizer):
+    sampler = RecordingSampler(make_sampler(small_tokenizer))
+    fact_ids = small_tokenizer.encode_batch(FACTS)
+    seen = set()
+    for k in range(5):
+        row, _ = build_row(sample(), 1000, 300, small_tokenizer, sampler, random.Random(k), window=(0.25, 0.75))
+        n = row["n_sentences"]
+        assert n == len(sampler.last) > 10
+        assert all(math.ceil(0.25 * n) <= p <= math.floor(0.75 * n) for p in row["fact_positions"])
+        rebuilt = rebuild(fact_ids, sampler.last, row["fact_positions"])
+        assert small_tokenizer.decode(rebuilt).strip() == row["input"]
+        seen.add(tuple(row["fact_positions"]))
+    assert len(seen) == 5
 
 
 def make_sampler(tok, seed=0, side="test"):
@@ -111,11 +165,30 @@ def test_command_writes_the_hub_layout_and_meta(cli, tmp_path, small_tokenizer):
     assert meta["tokenizer"]["sha256"] == small_tokenizer.sha256 and meta["tokenizer"]["vocab_size"] == 400
     assert meta["lengths"] == {"0k": 0, "1k": 1000, "2k": 2000} and meta["margin"] == 300
     assert meta["max_n_facts"] == "budget//8" and meta["whitespace"] == "collapsed"
+    assert meta["length_unit"] == "tokens" and meta["generator"] == "lm2 bAbI-world generator"
+    assert meta["fact_window"] == [0.0, 1.0] and meta["samples_per_length"] == 6
+    documented = {"format", "lm2_version", "split", "generator", "facts_source", "haystack", "length_unit",
+                  "tokenizer", "margin", "lengths", "samples_per_length", "seed", "max_n_facts",
+                  "min_sentence_tokens", "max_sentence_tokens", "fact_window", "whitespace", "sentence_splitter",
+                  "mean_chars", "rows", "dropped", "files", "fingerprint"}  # docs/data.md
+    assert documented <= set(meta) and meta["seed"] == 1234
+    assert "not the official BABILong release" in meta["note"]
     assert meta["mean_chars"]["2k"] > meta["mean_chars"]["1k"] > meta["mean_chars"]["0k"]
     assert load_babilong(out, "1k", "qa2") == [{k: r[k] for k in ("input", "question", "target")}
                                               for r in json.loads((out / "qa2" / "1k.json").read_text())]
     res = cli("babilong", recipe)
     assert res.code == 0 and "up to date" in res.out
+
+
+def test_command_places_facts_within_the_fact_window(cli, tmp_path, small_tokenizer):
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["2k"], samples=8,
+                             fact_window=[0.0, 0.25])
+    assert cli("babilong", recipe).code == 0
+    rows = json.loads((tmp_path / "bl" / "qa1" / "2k.json").read_text())
+    shares = [p / r["n_sentences"] for r in rows for p in r["fact_positions"]]
+    assert all(0.0 <= x <= 0.25 for x in shares)
+    assert min(shares) < 0.1 and max(shares) > 0.15  # spread over the window, from its start
+    assert json.loads((tmp_path / "bl" / "meta.json").read_text())["fact_window"] == [0.0, 0.25]
 
 
 def test_identical_seeds_identical_files_and_train_differs_from_test(cli, tmp_path, small_tokenizer):
@@ -144,7 +217,7 @@ def test_reading_real_format_facts_from_a_directory(cli, tmp_path, small_tokeniz
     res = cli("babilong", recipe, "--set", f"babilong.facts='{tmp_path / 'babi'}'")
     assert res.code == 0, res.err
     meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
-    assert meta["facts_source"].startswith("babi-v1.2:")
+    assert meta["facts_source"].startswith("babi-v1.2:") and meta["generator"] == "bAbI v1.2 files"
     res = cli("babilong", recipe, "--set", f"babilong.facts='{tmp_path / 'nowhere'}'")
     assert res.code == 2 and "expected \"synthetic\" or a bAbI v1.2 directory" in res.err
 
@@ -178,7 +251,7 @@ def test_bad_babilong_input_is_one_line(cli, tmp_path, small_tokenizer, sets, me
 SHARED_BOOKS = shared_dir("books")
 
 
-@pytest.mark.skipif(not SHARED_BOOKS.is_dir(), reason="../shared/books is not available")
+@needs_shared("books", "persuasion.txt")
 def test_real_books_as_haystack(small_tokenizer):
     from lm2cli.data.haystack import haystack_for
 

@@ -184,10 +184,10 @@ def test_undecodable_bytes_fail_with_file_and_offset_or_are_skipped(cli, tmp_pat
     (["notes.md"], "unsupported type"),
     (["nothing/*.txt"], "matches no"),
 ])
-def test_bad_file_arguments_are_one_line(cli, tmp_path, files, message):
+def test_bad_file_arguments_are_one_line(cli, tmp_path, monkeypatch, files, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "notes.md").write_text("# hi")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     recipe_path = write_recipe(tmp_path, data={"source": "files", "files": files})
     res = cli("tokenize", recipe_path)
     assert res.code == 2 and message in res.err and res.err.count("\n") == 1 and "Traceback" not in res.err
@@ -277,7 +277,7 @@ def test_hub_source_with_a_monkeypatched_load_dataset(cli, tmp_path, monkeypatch
     assert res.code == 0, res.err
     name, config, kwargs = calls[0]
     assert (name, config) == ("someone/corpus", "en")
-    assert kwargs == {"split": "train", "streaming": True, "revision": "abc123"}
+    assert kwargs == {"split": "train", "streaming": True, "revision": "abc123", "trust_remote_code": False}
     meta = TokenShards(tmp_path / "data").meta
     assert meta["stats"]["documents"] == 40 and meta["source"]["revision"] == "abc123"
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ def save_run(run_dir: Path, tokenizer, overrides=()) -> Path:
     model = model_core.build_model(recipe, vocab_size=tokenizer.vocab_size)
     ckpt = run_dir / "checkpoints" / "step_00000020"
     checkpoint_mod.save_model_files(ckpt, model, recipe, tokenizer)
+    checkpoint_mod.write_state_file(ckpt, {"step": 20})  # the manifest every reader verifies
     (run_dir / "checkpoints" / "latest").write_text("step_00000020\n")
     return run_dir
 
@@ -67,15 +71,45 @@ def test_stop_string_from_the_command_line(cli, run_dir):
 
 def test_batch_of_prompts_with_row_overrides(cli, run_dir, tmp_path):
     rows = tmp_path / "prompts.jsonl"
-    rows.write_text('{"prompt": "Mary went", "id": "a"}\n\n'
+    rows.write_text('{"prompt": "Mary went", "id": "a", "min_new_tokens": 12}\n\n'
                     '{"prompt": "John", "max_new_tokens": 3, "min_new_tokens": 3, "greedy": true, "id": 7}\n'
-                    '{"prompt": "Ça coûte", "stop": "e", "temperature": 1.5}\n', encoding="utf-8")
+                    '{"prompt": "Ça coûte", "stop": "e", "temperature": 1.5, "min_new_tokens": 40, '
+                    '"max_new_tokens": 40}\n', encoding="utf-8")
     res = cli("generate", run_dir, "--prompts", rows, "--json", "--max-new-tokens", "12")
     assert res.code == 0, res.err
     out = [json.loads(line) for line in res.out.splitlines()]
     assert [o.get("id") for o in out] == ["a", 7, None]
-    assert out[0]["new_tokens"] <= 12 and out[1]["new_tokens"] == 3
+    assert [o["new_tokens"] for o in out[:2]] == [12, 3]
+    assert [o["stop_reason"] for o in out] == ["length", "length", "stop"]  # 40 tokens of 400 pieces hit an "e"
     assert "e" not in out[2]["text"]
+    plain = cli("generate", run_dir, "--prompts", rows, "--max-new-tokens", "12")
+    assert plain.code == 0 and plain.out == "".join(o["text"] + "\n" for o in out)
+
+
+def test_each_prompt_of_a_batch_is_generated_as_if_alone(cli, run_dir, tmp_path):
+    """A fresh state (and its own seeded generator) per prompt: a prompt's text does not depend on the prompts
+    before it in the file."""
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt": "Sandra journeyed to the garden"}\n{"prompt": "Mary"}\n{"prompt": "Mary"}\n')
+    sampling = ["--temperature", "1.0", "--max-new-tokens", "40", "--min-new-tokens", "40", "--seed", "5", "--json"]
+    batch = cli("generate", run_dir, "--prompts", rows, *sampling)
+    alone = cli("generate", run_dir, "--prompt", "Mary", *sampling)
+    assert batch.code == alone.code == 0, batch.err
+    texts = [json.loads(line)["text"] for line in batch.out.splitlines()]
+    assert texts[1] == texts[2] == json.loads(alone.out)["text"] != texts[0]
+
+
+def test_a_reader_that_leaves_early_stops_generation_quietly(run_dir):
+    """`lm2 generate ... | head -c 5`: the reader closes the pipe; lm2 stops without a BrokenPipe traceback."""
+    env = dict(os.environ, PYTHONPATH=str(TINY.parents[1]))  # this checkout, as the lm2_proc fixture does
+    proc = subprocess.Popen([sys.executable, "-m", "lm2cli", "generate", str(run_dir), "--prompt", "Mary",
+                             "--max-new-tokens", "2000", "--min-new-tokens", "2000", "--temperature", "1.0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(proc.stdout.read(5)) == 5
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
 
 
 def test_prompt_file_and_stdin(cli, run_dir, tmp_path, lm2_proc):
@@ -163,6 +197,7 @@ def test_bad_jsonl_rows_are_all_reported(cli, run_dir, tmp_path):
                     '{"text": "no prompt key"}\n')
     res = cli("generate", run_dir, "--prompts", rows)
     assert res.code == 2 and "Traceback" not in res.err
+    assert res.out == ""  # every row is checked before anything is generated
     lines = res.err.strip().splitlines()
     assert len(lines) == 4
     assert "line 2: invalid JSON" in lines[0]
@@ -175,7 +210,9 @@ def test_bad_jsonl_rows_are_all_reported(cli, run_dir, tmp_path):
 def test_empty_prompt_in_a_batch_is_named_by_line(cli, run_dir, tmp_path):
     rows = tmp_path / "p.jsonl"
     rows.write_text('{"prompt": "fine"}\n{"prompt": ""}\n')
-    one_line_error(cli("generate", run_dir, "--prompts", rows), "p.jsonl line 2", "empty")
+    res = cli("generate", run_dir, "--prompts", rows)
+    one_line_error(res, "p.jsonl line 2", "empty")
+    assert res.out == ""  # the good first row was not generated before the bad one was found
 
 
 class RecordingStdout:
@@ -220,3 +257,16 @@ def test_small_models_decode_on_one_thread_and_the_setting_is_restored(cli, run_
     res = cli("generate", run_dir, "--prompt", "Mary", "--max-new-tokens", "3", "--threads", "2")
     assert res.code == 0 and "2 threads (--threads)" in res.err
     assert torch.get_num_threads() == before
+
+
+def test_a_recipe_names_its_run_so_pretrain_and_generate_chain(cli, run_dir, tmp_path):
+    """`lm2 pretrain R && lm2 generate R`: a .toml argument means the run in that recipe's output.dir."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY.read_text().replace('dir = "runs/tiny"', f'dir = "{run_dir}"'))
+    args = ["--prompt", "Mary went", "--max-new-tokens", "8", "--greedy", "--json"]
+    by_recipe, by_run = cli("generate", recipe, *args), cli("generate", run_dir, *args)
+    assert by_recipe.code == 0, by_recipe.err
+    assert json.loads(by_recipe.out)["text"] == json.loads(by_run.out)["text"]
+    assert str(run_dir / "checkpoints" / "step_00000020") in by_recipe.err
+    recipe.write_text(f'[output]\ndir = "{tmp_path / "untrained"}"\n')
+    one_line_error(cli("generate", recipe, "--prompt", "x"), "output.dir", f"lm2 pretrain {recipe}")

@@ -143,3 +143,43 @@ def test_params_from_recipe_and_overrides():
     assert params.with_overrides(greedy=True, top_k=None).greedy
     assert params.with_overrides(greedy=True).top_k == 7
     assert params.with_overrides(stop=["x"]).stop == ("x",)
+
+
+def test_temperature_comes_before_top_p():
+    """At T = 2 the distribution is flatter, so the nucleus is larger: softmax([3, 2, 1, 0] / 2) is
+    [0.455, 0.276, 0.167, 0.102], and p = 0.5 keeps the first two tokens (the mass above the third is 0.731).
+    Filtering the raw logits first would keep only token 0 (its probability alone is 0.644)."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    params = SamplingParams(temperature=2.0, top_p=0.5)
+    processed = process_logits(logits, torch.empty(1, 0, dtype=torch.long), params)
+    assert torch.isfinite(processed).tolist() == [[True, True, False, False]]
+    probs = torch.softmax(processed, -1)[0]
+    e = torch.exp(torch.tensor([1.5, 1.0]))
+    assert probs.tolist() == pytest.approx([(e[0] / e.sum()).item(), (e[1] / e.sum()).item(), 0.0, 0.0], abs=1e-6)
+
+
+def test_temperature_scales_the_logits_kept_by_top_k():
+    logits = torch.tensor([[4.0, 1.0, 3.0, 0.0, 2.0]])
+    params = SamplingParams(temperature=0.5, top_k=2)
+    processed = process_logits(logits, torch.empty(1, 0, dtype=torch.long), params)
+    assert processed[0, [0, 2]].tolist() == [8.0, 6.0] and torch.isinf(processed[0, [1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("logits, k, kept", [
+    ([0.0] * 10, 3, [0, 1, 2]),
+    ([0.0, 5.0, 0.0, 5.0, 0.0, 5.0], 2, [1, 3]),
+    ([1.0] + [0.0] * 36, 3, [0, 1, 2]),
+    ([2.0, 1.0, 2.0, 1.0, 1.0, 3.0], 4, [0, 1, 2, 5]),
+])
+def test_top_k_breaks_ties_by_the_lower_id(logits, k, kept):
+    """docs/generation.md: exactly K tokens, ties broken by id (the lower id is kept)."""
+    out = apply_top_k(torch.tensor([logits]), k)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == kept
+    assert out[0, kept].tolist() == [logits[i] for i in kept]
+
+
+def test_repetition_penalty_divides_small_positive_logits_too():
+    """A seen token with a logit in (0, 1] is divided as well (made less likely), zero stays zero."""
+    logits = torch.tensor([[0.5, 1.0, 0.0, -0.5, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 2, 3]]), 2.0)
+    assert out.tolist() == [[0.25, 0.5, 0.0, -1.0, 0.5]]

@@ -42,11 +42,12 @@ def tiny_model(tokenizer, arch: str = "lm2", *overrides: str):
 
 def save_run(run_dir: Path, tokenizer, arch: str = "lm2", *overrides: str) -> Path:
     """A run directory with one checkpoint of a freshly initialised tiny model, as training leaves it."""
-    from lm2cli.checkpoint import save_model_files
+    from lm2cli.checkpoint import save_model_files, write_state_file
 
     model = tiny_model(tokenizer, arch, *overrides)
     ckpt = run_dir / "checkpoints" / "step_00000010"
     save_model_files(ckpt, model, tiny_recipe(arch, *overrides), tokenizer)
+    write_state_file(ckpt, {"step": 10})  # the manifest (sizes, sha256) every reader verifies
     (run_dir / "checkpoints" / "latest").write_text("step_00000010\n")
     return run_dir
 

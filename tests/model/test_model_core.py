@@ -35,6 +35,8 @@ def test_future_tokens_never_change_past_logits(arch, window):
             changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
             out, _ = model(changed)
             assert (out[:, :t + 1] - base[:, :t + 1]).abs().max() <= 1e-6, f"position <= {t} saw the future"
+        for t in (2, 3):  # short inputs without a cache take a different mask path
+            assert (model(x[:, :t])[0][:, 0] - base[:, 0]).abs().max() <= 1e-6
         # and the test can fail: changing a token does change later logits
         changed = x.clone()
         changed[:, 3] = (changed[:, 3] + 1) % VOCAB
@@ -63,6 +65,13 @@ def test_window_bounds_the_kv_cache():
     assert all(ls.k.shape[2] == 5 for ls in state.layers)  # W - 1 keys: enough for the next token
 
 
+def test_memory_heads_must_divide_both_widths():
+    from lm2cli.model.memory import LM2Memory
+
+    with pytest.raises(ValueError, match="memory heads must divide d_model and slot_dim"):
+        LM2Memory(8, 4, 6, 4, 8, "identity", 0.0, 1.0)
+
+
 def test_memory_layers_subset_and_params():
     model = tiny("lm2", 0, "memory.layers=[1]")
     assert [b.memory is not None for b in model.blocks] == [False, True, False]
@@ -81,13 +90,14 @@ def test_every_memory_parameter_gets_a_gradient(arch):
     logits.float().logsumexp(-1).mean().backward()
     memory_params = [(n, p) for n, p in model.named_parameters() if model.is_memory_param(n)]
     assert memory_params
+    assert any(n.endswith("bank0") for n, _ in memory_params) == (arch == "lm2")  # the learned initial bank
     for name, p in memory_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
 
-def _grad_of_first_segment(model, bptt):
+def _grad_of_segment(model, bptt, segment):
     emb = model.tok_emb
-    x = torch.randint(0, VOCAB, (1, 32))
+    x = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
     captured = {}
 
     def keep(_module, _inp, out):
@@ -97,15 +107,23 @@ def _grad_of_first_segment(model, bptt):
     handle = emb.register_forward_hook(keep)
     logits, _ = model(x, bptt=bptt)
     handle.remove()
-    logits[:, -1].sum().backward()  # last token: window 4 keeps segment 0 out of its attention
-    return captured["emb"].grad[:, :8].abs().sum().item()
+    logits[:, -1].sum().backward()  # last token: window 4 keeps earlier segments out of its attention
+    return captured["emb"].grad[:, 8 * segment:8 * segment + 8].abs().sum().item()
 
 
-def test_truncated_bptt_really_stops_gradients():
-    model = tiny("lm2", 4)
+def _grad_of_first_segment(model, bptt):
+    return _grad_of_segment(model, bptt, 0)
+
+
+@pytest.mark.parametrize("arch", ["lm2", "rmt"])
+def test_truncated_bptt_really_stops_gradients(arch):
+    model = tiny(arch, 4)
     assert _grad_of_first_segment(model, bptt=0) > 0  # gradient reaches segment 0 only through memory
     model.zero_grad()
     assert _grad_of_first_segment(model, bptt=2) == 0
+    if arch == "lm2":  # (RMT's write suffix sees only the last W - 1 tokens of its segment)
+        model.zero_grad()
+        assert _grad_of_segment(model, bptt=2, segment=2) > 0  # the last two writes keep their history
 
 
 def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
@@ -124,6 +142,39 @@ def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
     assert [w.end_pos for w in writes] == [8, 16]
     assert writes[0].attention.shape == (2, 2, 5, 8) and writes[0].bank.shape == (2, 5, 12)
     assert torch.allclose(writes[0].attention.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_chunks_that_complete_a_segment_as_long_as_the_bank_has_slots():
+    """A piece that completes a segment begun in an earlier call, as many tokens long as there are slots."""
+    model = tiny("lm2", 0, "memory.slots=2").eval()
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        full, _ = model(x)
+        state, outs = None, []
+        for a, b in ((0, 6), (6, 8), (8, 14), (14, 24)):
+            logits, state = model(x[:, a:b], state)
+            outs.append(logits)
+    assert (torch.cat(outs, dim=1) - full).abs().max() <= 1e-4
+
+
+def test_recording_across_chunked_calls_equals_one_recorded_call():
+    """One recorder over several calls (as generation makes them) gives the same per-token views as one call."""
+    model = tiny("lm2", 0).eval()
+    x = torch.randint(0, VOCAB, (2, 21))
+    whole, pieces = MemoryRecorder(), MemoryRecorder()
+    with torch.no_grad():
+        model(x, recorder=whole)
+        state = None
+        for a, b in ((0, 5), (5, 6), (6, 17), (17, 21)):
+            _, state = model(x[:, a:b], state, recorder=pieces)
+    for layer in (0, 2):
+        assert pieces.read_attention(layer).shape == (2, 2, 21, 5)
+        assert torch.allclose(pieces.read_attention(layer), whole.read_attention(layer), atol=1e-6)
+        assert pieces.output_gate(layer).shape == (2, 21, 32)
+        assert torch.allclose(pieces.output_gate(layer), whole.output_gate(layer), atol=1e-6)
+        assert [w.end_pos for w in pieces.writes[layer]] == [w.end_pos for w in whole.writes[layer]] == [8, 16]
+        for a, b in zip(pieces.writes[layer], whole.writes[layer], strict=True):
+            assert torch.allclose(a.bank, b.bank, atol=1e-6)
 
 
 def test_identity_initial_memory_and_carry():
@@ -169,3 +220,51 @@ def test_dropping_the_state_changes_no_logit_or_gradient(arch):
     (kept_logits, kept_grads, kept_state), (logits, grads, state) = results
     assert state is None and kept_state is not None
     assert torch.allclose(kept_logits, logits, atol=1e-6) and torch.allclose(kept_grads, grads, atol=1e-6)
+
+
+def test_memory_bank_stays_float32_under_bf16_autocast():
+    """docs/architecture.md: the bank is a recurrence over many segments and is kept in float32 under bf16."""
+    model = tiny("lm2", 0).eval()
+    x = torch.randint(0, VOCAB, (2, 33))  # 4 writes
+    with torch.no_grad():
+        _, exact = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, state = model(x)
+            _, state = model(x[:, :5], state)  # a continuation reads and writes the float32 bank too
+    banks = [ls.memory.bank for ls in state.layers]
+    assert all(b.dtype == torch.float32 for b in banks) and logits.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, low = model(x)
+    for a, b in zip(low.layers, exact.layers, strict=True):
+        assert a.memory.bank.dtype == torch.float32
+        assert 0 < (a.memory.bank - b.memory.bank).abs().max() < 0.05  # bf16 activations, float32 recurrence
+
+
+def test_flops_estimate_follows_its_definition():
+    """docs/architecture.md §5: 6 x matmul parameters per token, plus attention over the context (half of it on
+    average under the causal mask, at most W keys with a window), plus the memory read and write. Checked
+    through properties of the estimate rather than its formula."""
+    d, layers = 32, 3
+    vanilla = tiny("vanilla")
+    n = vanilla.param_report()["total"]
+    f = vanilla.flops_per_token
+    assert f(0) == 6 * n  # no context: the parameters alone (the tied embedding counted once, as the head)
+    assert f(100) - f(0) == pytest.approx(6 * layers * d * 100)  # scores and weighted sum: 2 x 2 x d per key x 3
+    untied = tiny("vanilla", 0, "model.tie_embeddings=false")
+    assert untied.param_report()["total"] == n + VOCAB * d and untied.flops_per_token(64) == f(64)  # lookup is free
+    assert vanilla.param_report()["embedding"] == VOCAB * d and untied.param_report()["embedding"] == 2 * VOCAB * d
+    windowed = tiny("vanilla", 6).flops_per_token
+    assert windowed(6) == windowed(1000) == f(12)  # W keys at most, every key (no causal halving)
+    lm2 = tiny("lm2")
+    extra = lm2.flops_per_token(64) - f(64) - 6 * lm2.param_report()["memory"]  # memory work beyond its weights
+    one_layer = tiny("lm2", 0, "memory.layers=[1]")
+    extra_one = one_layer.flops_per_token(64) - f(64) - 6 * one_layer.param_report()["memory"]
+    assert extra > 0 and extra == pytest.approx(layers * extra_one)
+    per_slot = [tiny("lm2", 0, f"memory.slots={n}").flops_per_token(64) for n in (2, 4, 6)]
+    assert per_slot[2] - per_slot[1] == pytest.approx(per_slot[1] - per_slot[0])  # reads and writes grow with N
+    assert per_slot[1] > per_slot[0]
+    longer_segments = tiny("lm2", 0, "memory.segment_len=16")
+    assert longer_segments.flops_per_token(64) < lm2.flops_per_token(64)  # per-segment work amortised over S
+    rmt = tiny("rmt")
+    assert rmt.flops_per_token(64) == pytest.approx(
+        (6 * (rmt.param_report()["total"] - 5 * d) + 6 * layers * d * 64) * (1 + 2 * 5 / 8))

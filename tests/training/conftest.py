@@ -1,15 +1,16 @@
-"""Fixtures for the training tests: the tiny recipe's corpus tokenized once per session, tiny-recipe overrides, a
-single compute thread (2 shared CPU cores: with more threads than free cores, OpenMP barriers make every op
-wait for descheduled threads, and a 0.03 s step becomes seconds)."""
+"""Fixtures for the training tests: the tiny recipe's corpus tokenized once per session and tiny-recipe
+overrides (the single compute thread is set for the whole suite in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "tiny.toml"
@@ -42,15 +43,6 @@ def corpus(n: int, seed: int) -> list[str]:
     return [story(rng) for _ in range(n)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
-    yield
-    torch.set_num_threads(before)
-
-
 def build_shards(out_dir: Path, recipe, train_docs: list[str], val_docs: list[str], tok=None):
     """Train a tokenizer (unless given) and write shards as `lm2 tokenize` does, with the data module's own
     writers."""
@@ -80,11 +72,28 @@ def build_shards(out_dir: Path, recipe, train_docs: list[str], val_docs: list[st
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """`lm2 tokenize recipes/tiny.toml` (built-in corpus) with a 400-piece vocabulary."""
+    """`lm2 tokenize recipes/tiny.toml` (built-in corpus) with a 400-piece vocabulary.
+
+    With LM2_TEST_DATA_CACHE=DIR the result is kept in DIR and reused by later sessions: the mutation-testing
+    command sets it, since it starts one pytest session per mutant and `lm2 tokenize` is not among the mutated
+    modules. Never set it while changing the data pipeline.
+    """
     from lm2cli.cli import run
 
+    cache = os.environ.get("LM2_TEST_DATA_CACHE")
+    if cache and (Path(cache) / "data-tiny" / "meta.json").is_file():
+        return Path(cache) / "data-tiny"
     out = tmp_path_factory.mktemp("data-tiny")
     assert run(["tokenize", str(TINY), "--set", "tokenizer.vocab_size=400", "--out", str(out)]) == 0
+    if cache:  # publish atomically: parallel sessions may race, and a partial directory must never be used
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=cache))
+        shutil.copytree(out, staged / "data-tiny")
+        try:
+            os.rename(staged / "data-tiny", Path(cache) / "data-tiny")
+        except OSError:
+            pass  # another session published it first
+        shutil.rmtree(staged, ignore_errors=True)
     return out
 
 

@@ -1,10 +1,10 @@
-"""Checkpoint directories: atomic save, pickle-free optimizer/RNG/memory state, rotation, corruption."""
+"""Checkpoint directories: atomic save, pickle-free optimizer/RNG state, rotation, corruption (the carried
+memory: test_hostile_memory_state.py)."""
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from lm2cli import checkpoint as layout
 from lm2cli.errors import Lm2Error
 from lm2cli.training import checkpoints as ck
 
@@ -34,11 +35,23 @@ def run_steps(model, opt, n, seed=0):
     return losses
 
 
+def model_files(model):
+    """What save_model_files writes, for a model that is not an lm2 LanguageModel."""
+
+    def write(d):
+        save_model(model, str(d / "model.safetensors"))
+        (d / "recipe.toml").write_text("# Resolved lm2 recipe (test)\n")
+        (d / "tokenizer.model").write_bytes(b"test")
+
+    return write
+
+
 def save(root, step, model, opt=None, state=None, memory=None):
     tensors, info = ck.capture_rng(0)
-    return ck.save_checkpoint(root, step, lambda d: save_model(model, str(d / "model.safetensors")),
-                              dict(state or {"step": step}, rng={"rank0": info}), opt and opt.state_dict(), tensors,
-                              memory)
+    opt = opt or torch.optim.AdamW(model.parameters())
+    full = {"command": "pretrain", "step": step, "rows_done": 0, "stage": 0, "world_size": 1, "eval_pending": False,
+            "memory_carried": False, "best": {}, "rng": {"rank0": info}, **(state or {})}
+    return ck.save_checkpoint(root, step, model_files(model), full, opt.state_dict(), tensors, memory)
 
 
 def test_optimizer_state_round_trip_continues_identically(tmp_path):
@@ -69,6 +82,38 @@ def test_optimizer_layout_mismatch_is_an_error(tmp_path):
         ck.load_optimizer_state(torch.optim.AdamW(other.parameters()), ckpt)
 
 
+def test_optimizer_tensor_of_the_wrong_shape_is_reported(tmp_path):
+    """Same groups and parameter counts, different shapes: the moments must not be loaded silently."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, 1)
+    ckpt = save(tmp_path, 1, model, opt)
+    wider = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+    with pytest.raises(Lm2Error, match=r"optimizer tensor exp_avg\w* of parameter 0 has shape \(8, 6\), "
+                                       r"the parameter \(9, 6\)"):
+        ck.load_optimizer_state(torch.optim.AdamW(wider.parameters()), ckpt)
+
+
+def test_name_keyed_optimizer_state_reads_back_by_name(tmp_path):
+    """FSDP checkpoints key the optimizer state by parameter name; reading gives back names, not positions."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run_steps(model, opt, 1)
+    sd = opt.state_dict()
+    names = ck.optimizer_param_names(model, opt)
+    by_name = dict(sd, state=ck.rekey(sd["state"], names, by_name=True))
+    tensors, meta = ck.flatten_optimizer_state(by_name)
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / ck.OPTIMIZER_FILE, metadata={"lm2": json.dumps(meta)})
+    state, _ = ck.read_optimizer_state(tmp_path)
+    assert sorted(state) == sorted(names) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert torch.equal(state["0.weight"]["exp_avg"], sd["state"][0]["exp_avg"])
+    opt2 = torch.optim.AdamW(tiny_model().parameters(), lr=1e-2)
+    ck.load_optimizer_state(opt2, tmp_path, names)  # name-keyed state into a plain optimizer
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
 def test_rng_states_round_trip():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1)
@@ -80,41 +125,14 @@ def test_rng_states_round_trip():
     assert (random.random(), random.gauss(0, 1), np.random.rand(), float(torch.rand(()))) == before
 
 
-@dataclass
-class FakeState:  # stands in for the model's state dataclasses; flatten_tree accepts only lm2cli classes
-    bank: torch.Tensor
-    pending: torch.Tensor | None
-
-
-def test_tensor_trees_round_trip_without_pickle():
-    from lm2cli.training.loop import Batch  # any lm2cli dataclass holding tensors (like the model's state)
-
-    tree = {"rows": [Batch(torch.ones(2, 3), torch.zeros(2, 3), 6, 1.5, True), None], "pos": 7,
-            "t": (torch.arange(3), "x")}
-    tensors, skeleton = ck.flatten_tree(tree)
-    json.dumps(skeleton)
-    back = ck.unflatten_tree(tensors, skeleton)
-    batch = back["rows"][0]
-    assert isinstance(batch, Batch) and torch.equal(batch.inputs, torch.ones(2, 3))
-    assert (batch.n_tokens, batch.n_bytes, batch.answers) == (6, 1.5, True)
-    assert back["rows"][1] is None and back["pos"] == 7
-    assert isinstance(back["t"], tuple) and torch.equal(back["t"][0], torch.arange(3)) and back["t"][1] == "x"
-
-
-def test_foreign_classes_are_refused():
-    with pytest.raises(TypeError):
-        ck.flatten_tree(FakeState(torch.ones(1), None))  # defined in the tests, not in lm2cli
-    with pytest.raises(ValueError, match="refusing"):
-        ck.unflatten_tree({}, {"dataclass": "os:system", "fields": {}})
-
-
 def test_save_is_atomic_and_points_latest(tmp_path):
     model = tiny_model()
     path = save(tmp_path, 5, model)
     assert path.name == "step_00000005" and not (tmp_path / "step_00000005.tmp").exists()
-    assert ck.read_pointer(tmp_path, "latest") == "step_00000005"
+    assert layout.read_pointer(tmp_path, "latest") == "step_00000005"
     state = ck.read_trainer_state(path)
-    assert state["step"] == 5 and set(state["manifest"]) == {"model.safetensors", "rng.safetensors"}
+    assert state["step"] == 5 and set(state["manifest"]) == {"model.safetensors", "rng.safetensors", "recipe.toml",
+                                                             "tokenizer.model", "optimizer.safetensors"}
     # saving the same step again keeps the complete directory
     again = save(tmp_path, 5, tiny_model())
     assert again == path and ck.read_trainer_state(path)["manifest"] == state["manifest"]
@@ -126,7 +144,7 @@ def test_newest_checkpoint_survives_a_crash_between_rename_and_pointer(tmp_path)
     save(tmp_path, 2, model)
     ck.write_pointer(tmp_path, "latest", "step_00000001")  # as if the pointer update was lost
     (tmp_path / "step_00000003.tmp").mkdir()  # a save killed half-way
-    assert ck.newest_checkpoint(tmp_path) == "step_00000002"
+    assert layout.newest_checkpoint(tmp_path) == "step_00000002"
     assert ck.remove_stale_tmp(tmp_path) == ["step_00000003.tmp"]
 
 
@@ -137,7 +155,7 @@ def test_rotation_keeps_last_n_and_pointed(tmp_path):
     ck.write_pointer(tmp_path, "best", "step_00000002")
     deleted = ck.rotate(tmp_path, keep_last=2, protected=set())
     assert deleted == ["step_00000001", "step_00000003"]
-    assert ck.list_checkpoints(tmp_path) == ["step_00000002", "step_00000004", "step_00000005"]
+    assert layout.list_checkpoints(tmp_path) == ["step_00000002", "step_00000004", "step_00000005"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "json"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lm2cli import checkpoint as layout
+from lm2cli.data.examples import babilong_example, jsonl_example
+from lm2cli.scoring import IGNORE
 from lm2cli.training import checkpoints as ck
-from lm2cli.training.finetune import FinetuneData, babilong_example, jsonl_example
-from lm2cli.training.loop import IGNORE
+from lm2cli.training.finetune import FinetuneData
 
 from .conftest import PEOPLE, ROOMS, SMALL_MODEL, TINY
 
@@ -55,8 +58,8 @@ def test_loss_only_on_answer_and_eos_with_right_padding(tok):
 
 
 def test_jsonl_rows(tok, tmp_path):
+    from lm2cli.data.examples import read_jsonl
     from lm2cli.errors import Lm2Error
-    from lm2cli.training.finetune import read_jsonl
 
     ex = jsonl_example(tok, {"prompt": "Where is Mary?", "response": "kitchen"})
     assert ex.prompt == [tok.bos_id] + tok.encode("Where is Mary?")
@@ -116,15 +119,18 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
     assert res.code == 0, res.err
     assert "new (freshly initialised) memory parameters" in res.out and "blocks 0, 1" in res.out
     assert "[stage 2/2, 2 segments] starting from" in res.out
+    assert "\n[stage 2/2, 2 segments] step 5/8 | loss " in res.out  # progress lines carry the stage label
     root = tmp_path / "a/checkpoints"
-    b1, b2 = ck.read_pointer(root, "best_stage_1"), ck.read_pointer(root, "best_stage_2")
-    assert ck.step_of(b1) <= 4 < ck.step_of(b2) <= 8 and ck.read_pointer(root, "best") == b2
+    b1, b2 = layout.read_pointer(root, "best_stage_1"), layout.read_pointer(root, "best_stage_2")
+    assert layout.step_of(b1) <= 4 < layout.step_of(b2) <= 8 and layout.read_pointer(root, "best") == b2
     assert ck.read_trainer_state(root / b2)["stage"] == 1
     rows = metrics(tmp_path / "a")
     val = [r for r in rows if r["kind"] == "val"]
     assert [(r["stage"], r["step"]) for r in val] == [(1, 0), (1, 2), (1, 4), (2, 4), (2, 6), (2, 8)]
-    assert all(0.0 <= r["val_em"] <= 1.0 for r in val)
     assert val[2]["val_loss"] < val[0]["val_loss"]  # stage 1 learns the answers
+    for stage, best in enumerate((b1, b2)):  # exact match as greedy decoding of the same rows measures it
+        recorded = ck.read_trainer_state(root / best)["val"]["val_em"]
+        assert recorded == pytest.approx(greedy_exact_match(root / best, validation_rows(tmp_path / "a", stage)))
 
     # Interrupted in stage 2, then resumed: the same run, including the stage boundary.
     real = loop.stop_requested
@@ -141,6 +147,38 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")
     assert res.code == 0, res.err
     assert metrics(tmp_path / "b") == rows
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")  # every stage is done
+    assert res.code == 0 and "nothing to train: the checkpoint is at step 8, the end of the last of 2" in res.out
+    assert metrics(tmp_path / "b") == rows
+
+
+def validation_rows(run: Path, stage: int) -> list:
+    """The validation examples of curriculum stage `stage` (0-based) of a finished run, chosen as the run did."""
+    from lm2cli.data.tokenizer import Tokenizer
+    from lm2cli.recipe import load_recipe
+    from lm2cli.training.finetune import split_examples, stage_budgets
+
+    recipe = load_recipe(run / "recipe.toml")
+    tok = Tokenizer.load(run / "checkpoints" / layout.newest_checkpoint(run / "checkpoints") / "tokenizer.model")
+    train, val, _ = split_examples(recipe, tok)
+    return FinetuneData(train, val, stage_budgets(recipe)[stage], recipe, tok, stage, "").val
+
+
+@torch.no_grad()
+def greedy_exact_match(ckpt: Path, examples: list) -> float:
+    """Share of examples whose answer (EOS included) greedy decoding reproduces, token by token."""
+    from lm2cli.checkpoint import load_for_inference
+
+    model, _, _ = load_for_inference(ckpt)
+    hits = 0
+    for e in examples:
+        logits, state = model(torch.tensor([e.prompt]))
+        produced = []
+        while len(produced) < len(e.answer):
+            produced.append(int(logits[0, -1].argmax()))
+            logits, state = model(torch.tensor([produced[-1:]]), state)
+        hits += produced == e.answer
+    return hits / len(examples)
 
 
 def test_resume_at_a_stage_boundary_starts_the_next_stage(cli, tiny_data, babilong_dir, tmp_path):
@@ -215,3 +253,60 @@ def test_hf_directory_without_sentencepiece_tokenizer(cli, tiny_data, tmp_path):
     (hf / "tokenizer.model").unlink()
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", f"finetune.init_from={hf}", "train.steps=1"))
     assert res.code == 2 and "no tokenizer.model" in res.err
+
+
+def test_next_stage_starts_from_the_best_checkpoint_not_the_newest(cli, tiny_data, babilong_dir, tmp_path,
+                                                                   monkeypatch):
+    """Stage 1's validation losses are scripted so that its best checkpoint (step 1) is older than its newest
+    (step 2): stage 2 must begin with step 1's weights."""
+    from safetensors.torch import load_file
+
+    import lm2cli.training.loop as loop
+
+    real = loop.evaluate
+    scripted = {0: 5.0, 1: 1.0, 2: 3.0}
+    at_stage_2_start = {}
+
+    def evaluate(s, data):
+        result = real(s, data)
+        if s.stage == 0:
+            return dict(result, val_loss=scripted[s.step], val_ppl=math.exp(scripted[s.step]))
+        if s.step == 2 and not at_stage_2_start:  # the validation before stage 2's first step
+            at_stage_2_start.update({k: v.detach().clone() for k, v in s.model.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    sets = (f"finetune.data={babilong_dir}", "finetune.stages=[1, 2]", "train.steps=2", "train.eval_every=1",
+            "train.save_every=1")
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", *sets))
+    assert res.code == 0, res.err
+    root = tmp_path / "r/checkpoints"
+    assert layout.read_pointer(root, "best_stage_1") == "step_00000001"
+    assert f"starting from {root / 'step_00000001'}" in res.out
+    best, newest = (load_file(str(root / n / "model.safetensors")) for n in ("step_00000001", "step_00000002"))
+    assert at_stage_2_start and all(torch.equal(at_stage_2_start[k], best[k]) for k in best)
+    assert any(not torch.equal(best[k], newest[k]) for k in best)  # the two candidates really differ
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_one_error(cli, tiny_data, babilong_dir, tmp_path):
+    pre = tmp_path / "pre"
+    assert cli("pretrain", *finetune_args(tiny_data, pre, "train.steps=1")).code == 0
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "ft", f"finetune.init_from={pre}",
+                                         f"finetune.data={babilong_dir}", "model.d_model=64", "train.steps=1"))
+    assert res.code == 2 and "Traceback" not in res.err
+    error = [line for line in res.err.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "model.d_model = 32 in the checkpoint, 64 now" in error[0]  # names the key
+    assert not (tmp_path / "ft/checkpoints").exists()
+
+
+def test_jsonl_rows_longer_than_seq_len_are_left_out_and_counted(cli, tiny_data, tmp_path):
+    rows = qa_rows(2, 30, seed=8)
+    short = [{"prompt": f"{r['input']} {r['question']}", "response": r["target"]} for r in rows]
+    long = [{"prompt": " ".join(r["input"] for r in rows[:12]), "response": "kitchen"} for _ in range(4)]
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in short[:20] + long))
+    val.write_text("".join(json.dumps(r) + "\n" for r in short[20:]))
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", "finetune.format=jsonl", f"finetune.data={data}",
+                                         f"finetune.val_data={val}", "train.steps=1"))
+    assert res.code == 0, res.err
+    assert "20 training rows of at most 65 tokens (4 longer rows left out)" in res.out

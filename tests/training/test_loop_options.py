@@ -4,6 +4,7 @@ outputs: console lines, TensorBoard."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -46,10 +47,32 @@ def test_memory_lr_multiplier_changes_only_memory_updates(cli, tiny_args, tmp_pa
     assert all(not torch.equal(a[k], b[k]) for k in memory if k.endswith("weight"))
 
 
-def test_bf16_autocast_runs_on_cpu(cli, tiny_args):
-    res = cli("pretrain", *tiny_args("train.steps=2", "train.dtype=bf16", "train.eval_batches=1"))
+def test_bf16_autocast_trains_close_to_fp32(cli, tiny_args, tmp_path):
+    base = ("train.steps=3", "train.eval_every=0", "train.eval_batches=1")
+    res = cli("pretrain", *tiny_args(*base, "train.dtype=bf16", out=tmp_path / "bf16"))
     assert res.code == 0, res.err
     assert "bf16 (train.dtype = bf16)" in res.out
+    assert cli("pretrain", *tiny_args(*base, out=tmp_path / "fp32")).code == 0
+    bf16, fp32 = train_losses(tmp_path / "bf16"), train_losses(tmp_path / "fp32")
+    assert all(math.isfinite(x) for x in bf16) and bf16 != fp32  # really computed in bf16
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+def test_deterministic_algorithms_are_on_during_the_run_and_change_nothing_on_cpu(cli, tiny_args, tmp_path):
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda *_: seen.append(torch.are_deterministic_algorithms_enabled()))
+    base = ("train.steps=2", "train.eval_every=0", "train.eval_batches=1")
+    try:
+        assert cli("pretrain", *tiny_args(*base, "train.deterministic=true", out=tmp_path / "det")).code == 0
+    finally:
+        handle.remove()
+        torch.use_deterministic_algorithms(False)  # the setting is process-wide; later tests expect the default
+    assert seen == [True, True]
+    assert cli("pretrain", *tiny_args(*base, out=tmp_path / "plain")).code == 0
+    assert train_losses(tmp_path / "det") == train_losses(tmp_path / "plain")  # CPU runs are reproducible anyway
 
 
 def test_plain_lines_without_a_terminal(cli, tiny_args):
@@ -100,3 +123,26 @@ def test_compiled_training_saves_the_plain_model(cli, tiny_args, tmp_path):
     assert res.code == 0, res.err
     keys = load_file(str(tmp_path / "run/checkpoints/step_00000002/model.safetensors")).keys()
     assert "norm.weight" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+
+
+def test_a_second_ctrl_c_interrupts_immediately():
+    """The first SIGINT only asks the loop to stop after the step; the second raises KeyboardInterrupt at once
+    (for a save that hangs)."""
+    import os
+    import signal
+    import time
+
+    from lm2cli.training.runtime import StopRequest
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in the main thread between two bytecodes
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is not stop._handle

@@ -45,6 +45,9 @@ def test_groups_split_memory_and_decay_and_count_tied_weights_once():
     assert any(p is model.memory.bank0 for p in by_name["memory/no_decay"]["params"])  # 2-D but not decayed
     assert by_name["memory/decay"]["lr_mult"] == 3.0 and by_name["backbone/decay"]["lr_mult"] == 1.0
     assert sum(s.params for s in summary) == sum(p.numel() for p in model.parameters())
+    assert [(s.name, s.tensors, s.weight_decay, s.lr_mult) for s in summary] == [
+        ("backbone/decay", 1, 0.1, 1.0), ("backbone/no_decay", 2, 0.0, 1.0), ("memory/decay", 1, 0.1, 3.0),
+        ("memory/no_decay", 2, 0.0, 3.0)]
 
 
 def test_set_lr_applies_the_memory_multiplier():
@@ -54,6 +57,15 @@ def test_set_lr_applies_the_memory_multiplier():
     set_lr(opt, 2e-3)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["backbone/decay"] == 2e-3 and lrs["memory/decay"] == 1e-3
+
+
+@pytest.mark.parametrize("device_type, fused", [("cpu", None), ("cuda", True)])
+def test_optimizer_takes_the_recipe_betas_and_fuses_on_cuda(device_type, fused):
+    model = StandIn()
+    cfg = SimpleNamespace(weight_decay=0.1, memory_lr_mult=1.0, lr=1e-3, beta1=0.8, beta2=0.95)
+    opt, _ = build_optimizer(model, cfg, model.is_memory_param, device_type)  # fused AdamW also runs on CPU
+    assert opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-8
+    assert opt.defaults["fused"] is fused
 
 
 def test_frozen_parameters_are_left_out():
@@ -79,3 +91,14 @@ def test_schedule_without_warmup_starts_at_peak():
     assert lr_at(0, lr=3e-4, min_lr=0.0, warmup_steps=0, total_steps=100) == pytest.approx(3e-4)
     assert lr_at(50, lr=3e-4, min_lr=0.0, warmup_steps=0, total_steps=100) == pytest.approx(1.5e-4)
     assert math.isfinite(lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=0))
+
+
+def test_one_step_of_decay_reaches_the_floor():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=1, total_steps=2)
+    assert [lr_at(s, **kw) for s in range(4)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+
+
+def test_set_lr_on_groups_without_a_multiplier():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == 0.25

@@ -1,5 +1,6 @@
-"""Real processes: SIGKILL mid-run then --resume is bitwise identical to an uninterrupted run (across an
-epoch boundary); SIGINT/SIGTERM finish the step, save, say how to resume and exit non-zero."""
+"""Real processes: SIGKILL at a known moment (helpers/crash_at.py: between two saves, or inside a save) then
+--resume is bitwise identical to an uninterrupted run (across an epoch boundary); SIGINT/SIGTERM finish the
+step, save, say how to resume and exit non-zero."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from safetensors.torch import load_file
 
 from .conftest import REPO
 
+CRASH_AT = Path(__file__).resolve().parent / "helpers" / "crash_at.py"
 
-def launch(args: list[str]) -> subprocess.Popen:
+
+def launch(args: list[str], crash: tuple[str, int] | None = None) -> subprocess.Popen:
+    """`lm2 pretrain ARGS` as a real process; `crash=(where, step)` makes it SIGKILL itself there (crash_at.py)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "lm2cli", "pretrain", *args], cwd=REPO, env=env, text=True,
+    entry = [str(CRASH_AT), crash[0], str(crash[1])] if crash else ["-m", "lm2cli"]
+    return subprocess.Popen([sys.executable, *entry, "pretrain", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -29,7 +34,7 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     deadline = time.monotonic() + timeout
     path = run / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if path.is_file() and f'"kind": "train", "step": {step},' in path.read_text():
+        if path.is_file() and any(r.get("kind") == "train" and r.get("step") == step for r in rows(run)):
             return
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.communicate()}")
@@ -41,6 +46,8 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
 def rows(run: Path) -> list[dict]:
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
+        if not line.endswith("}"):
+            continue  # a line still being written
         r = json.loads(line)
         out.append({k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")})  # timing differs
     return out
@@ -51,36 +58,47 @@ def same_files(a: Path, b: Path, name: str) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_sigkill_then_resume_is_bitwise_identical(cli, mini_data, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(mini_data, tmp_path_factory):
+    """The reference run, in this process: 24 steps, saves every 5, validation every 10."""
+    from lm2cli.cli import run
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "a"
+    assert run(["pretrain", *crash_args(mini_data, out)]) == 0
+    return out
+
+
+def crash_args(mini_data: Path, out: Path) -> list[str]:
     from .conftest import SMALL_MODEL, TINY
 
-    def args(out):
-        sets = [f"data.dir={mini_data}", *SMALL_MODEL, "train.steps=24", "train.save_every=5", "train.eval_every=10"]
-        return [str(TINY), *[x for s in sets for x in ("--set", s)], "--out", str(out)]
+    sets = [f"data.dir={mini_data}", *SMALL_MODEL, "train.steps=24", "train.save_every=5", "train.eval_every=10"]
+    return [str(TINY), *[x for s in sets for x in ("--set", s)], "--out", str(out)]
 
-    assert cli("pretrain", *args(tmp_path / "a")).code == 0  # uninterrupted, in this process
+
+@pytest.mark.parametrize("crash, resumed_from", [(("after-step", 13), 10), (("in-save", 15), 10)],
+                         ids=["between-saves", "while-saving"])
+def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, mini_data, tmp_path, crash, resumed_from):
+    """SIGKILL between two saves, or while a checkpoint is being written (its .tmp directory is left behind),
+    then --resume: the same run as the uninterrupted one, across an epoch boundary."""
     b = tmp_path / "b"
-    proc = launch(args(b))
-    wait_for_step(b, 13, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    # The kill lands after step 13 was logged: between two saves, or in the middle of writing step 15's
-    # checkpoint (then an unfinished step_00000015.tmp is left, which resume must ignore).
-    ckpts = sorted(p.name for p in (b / "checkpoints").iterdir()
-                   if p.name.startswith("step_") and not p.name.endswith(".tmp"))
-    assert ckpts[-1] in ("step_00000010", "step_00000015"), ckpts
-    resumed_step = int(ckpts[-1].removeprefix("step_"))
-    resumed = launch([*args(b), "--resume"])
+    proc = launch(crash_args(mini_data, b), crash=crash)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    names = sorted(p.name for p in (b / "checkpoints").iterdir() if p.name.startswith("step_"))
+    expected = [f"step_{n:08d}" for n in (5, 10)] + (["step_00000015.tmp"] if crash[0] == "in-save" else [])
+    assert names == expected
+    assert (b / "checkpoints/latest").read_text().strip() == f"step_{resumed_from:08d}"
+    resumed = launch([*crash_args(mini_data, b), "--resume"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert "resumed from" in out and ckpts[-1] in out
-    ra, rb = rows(tmp_path / "a"), rows(b)
+    assert f"resumed from {b / 'checkpoints' / f'step_{resumed_from:08d}'}" in out
+    assert not (b / "checkpoints/step_00000015.tmp").exists()
+    ra, rb = rows(uninterrupted), rows(b)
     assert ra == rb  # every logged loss, learning rate, gradient norm and validation number
     epochs = [r["epoch"] for r in ra if r["kind"] == "train"]
     # an epoch boundary before the checkpoint the run resumed from and another one after it
-    assert 1 <= epochs[resumed_step - 1] and int(epochs[resumed_step - 1]) < int(epochs[-1])
-    final_a, final_b = tmp_path / "a/checkpoints/step_00000024", b / "checkpoints/step_00000024"
+    assert 1 <= epochs[resumed_from - 1] and int(epochs[resumed_from - 1]) < int(epochs[-1])
+    final_a, final_b = uninterrupted / "checkpoints/step_00000024", b / "checkpoints/step_00000024"
     assert same_files(final_a, final_b, "model.safetensors")
     assert same_files(final_a, final_b, "optimizer.safetensors")
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import TINY
+from .test_finetune import greedy_exact_match, validation_rows
 
 
 def test_tiny_recipe_tokenize_pretrain_babilong_finetune(cli, tmp_path):
@@ -24,4 +27,6 @@ def test_tiny_recipe_tokenize_pretrain_babilong_finetune(cli, tmp_path):
     assert "[stage 2/2, 32 segments]" in res.out and "longer rows left out" in res.out
     val = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert [(r["stage"], r["step"]) for r in val] == [(1, 0), (1, 2), (2, 2), (2, 4)]
-    assert all(0 <= r["val_em"] <= 1 for r in val)
+    best = ft / "checkpoints" / (ft / "checkpoints" / "best_stage_2").read_text().strip()
+    recorded = json.loads((best / "trainer_state.json").read_text())["val"]["val_em"]
+    assert recorded == pytest.approx(greedy_exact_match(best, validation_rows(ft, 1)))

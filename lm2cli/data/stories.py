@@ -274,94 +274,129 @@ def _age(w: World, newest: int) -> int:
     return w.n - 1 - newest
 
 
-def _candidates(task: str, w: World) -> list[Candidate]:
-    out: list[Candidate] = []
+class _Eligible:
+    """Collects the questions whose newest supporting fact is recent enough to ask about."""
 
-    def add(text: str, answer: str, support: list[int], weight: float = 1.0) -> None:
-        age = _age(w, max(support))
+    def __init__(self, w: World):
+        self.w, self.out = w, []
+
+    def add(self, text: str, answer: str, support: list[int], weight: float = 1.0) -> None:
+        age = _age(self.w, max(support))
         if age <= MAX_SUPPORT_AGE:
-            out.append(Candidate(text, answer, support, age, weight))
+            self.out.append(Candidate(text, answer, support, age, weight))
 
-    if task == "qa1":
-        for a in w.actors:
-            if w.last_move[a] is not None:
-                add(f"Where is {a}?", w.known_loc[a], [w.last_move[a]])
-    elif task == "qa2":
-        for o in OBJECTS:
-            h = w.holder[o]
-            if h is not None:
-                get, move = w.obj_get[o], w.last_move[h]
-                if move is not None and get is not None and move > get:  # carried somewhere since the GET
-                    add(f"Where is the {o}?", w.known_loc[h], [get, move])
-            elif w.obj_drop[o] is not None and w.obj_drop[o][2] is not None:
-                line, room, move = w.obj_drop[o]
-                add(f"Where is the {o}?", room, [line, move])
-    elif task == "qa3":
-        # "Where was O before L?": two consecutive moves of one holder carrying O (the real data never mix
-        # holders or use the room where O was picked up); L is the most recent occurrence of that room.
-        for o in OBJECTS:
-            carried = w.carried[o]
-            seen: set[str] = set()
-            for j in range(len(carried) - 1, 0, -1):
-                here, before = carried[j], carried[j - 1]
-                if here.room in seen:
-                    continue
-                seen.add(here.room)
-                if before.period == here.period:
-                    get, drop = w.periods[o][here.period]
-                    line = drop if drop is not None else get
-                    add(f"Where was the {o} before the {here.room}?", before.room, [line, here.move, before.move])
-    elif task == "qa5":
-        if w.last_give is not None:
-            line, a, o, b = w.last_give
-            form = w.rng.choices([f for f, _ in QA5_FORMS], [p for _, p in QA5_FORMS])[0]
-            text, answer = {
-                "what": (f"What did {a} give to {b}?", o),
-                "who_gave": (f"Who gave the {o}?", a),
-                "who_gave_to": (f"Who gave the {o} to {b}?", a),
-                "who_received": (f"Who received the {o}?", b),
-                "whom": (f"Who did {a} give the {o} to?", b),
-            }[form]
-            add(text, answer, [line])
-    elif task == "qa6":
-        for a in w.actors:
-            if w.last_move[a] is not None:
-                room = w.known_loc[a]
-                if w.rng.random() < 0.5:
-                    add(f"Is {a} in the {room}?", "yes", [w.last_move[a]])
-                else:
-                    other = w.rng.choice([r for r in w.rooms if r != room])
-                    add(f"Is {a} in the {other}?", "no", [w.last_move[a]])
-    elif task in ("qa7", "qa8"):
-        for a in w.actors:
-            if w.ever_held[a] and w.holding_lines[a]:
-                # Real qa7 asks about the giver of a GIVE far more often than about its recipient.
-                weight = RECIPIENT_WEIGHT if w.holding_lines[a][-1] in w.received[a] else 1.0
-                if task == "qa7":
-                    add(f"How many objects is {a} carrying?", NUMBER_WORDS[len(w.holds[a])],
-                        list(w.holding_lines[a]), weight)
-                else:
-                    add(f"What is {a} carrying?", ",".join(w.holds[a]) or "nothing", list(w.holding_lines[a]))
-    elif task in ("qa9", "qa10"):
-        for a in w.actors:
-            if a not in w.belief:
+
+def _where_is_actor(w: World, q: _Eligible) -> None:  # qa1
+    for a in w.actors:
+        if w.last_move[a] is not None:
+            q.add(f"Where is {a}?", w.known_loc[a], [w.last_move[a]])
+
+
+def _where_is_object(w: World, q: _Eligible) -> None:  # qa2
+    for o in OBJECTS:
+        h = w.holder[o]
+        if h is not None:
+            get, move = w.obj_get[o], w.last_move[h]
+            if move is not None and get is not None and move > get:  # carried somewhere since the GET
+                q.add(f"Where is the {o}?", w.known_loc[h], [get, move])
+        elif w.obj_drop[o] is not None and w.obj_drop[o][2] is not None:
+            line, room, move = w.obj_drop[o]
+            q.add(f"Where is the {o}?", room, [line, move])
+
+
+def _where_was_object_before(w: World, q: _Eligible) -> None:  # qa3
+    # "Where was O before L?": two consecutive moves of one holder carrying O (the real data never mix holders
+    # or use the room where O was picked up); L is the most recent occurrence of that room.
+    for o in OBJECTS:
+        carried = w.carried[o]
+        seen: set[str] = set()
+        for j in range(len(carried) - 1, 0, -1):
+            here, before = carried[j], carried[j - 1]
+            if here.room in seen:
                 continue
-            kind, rooms, line = w.belief[a]
-            if kind == "at":
-                if w.rng.random() < 0.5:
-                    add(f"Is {a} in the {rooms[0]}?", "yes", [line])
-                else:
-                    other = w.rng.choice([r for r in w.rooms if r != rooms[0]])
-                    add(f"Is {a} in the {other}?", "no", [line])
-            elif kind == "not":
-                add(f"Is {a} in the {rooms[0]}?", "no", [line])
-            else:  # either
-                if w.rng.random() < 0.58:
-                    add(f"Is {a} in the {w.rng.choice(rooms)}?", "maybe", [line])
-                else:
-                    other = w.rng.choice([r for r in w.rooms if r not in rooms])
-                    add(f"Is {a} in the {other}?", "no", [line])
-    return out
+            seen.add(here.room)
+            if before.period == here.period:
+                get, drop = w.periods[o][here.period]
+                line = drop if drop is not None else get
+                q.add(f"Where was the {o} before the {here.room}?", before.room, [line, here.move, before.move])
+
+
+def _who_gave_what(w: World, q: _Eligible) -> None:  # qa5: one question about the newest GIVE
+    if w.last_give is None:
+        return
+    line, a, o, b = w.last_give
+    form = w.rng.choices([f for f, _ in QA5_FORMS], [p for _, p in QA5_FORMS])[0]
+    text, answer = {
+        "what": (f"What did {a} give to {b}?", o),
+        "who_gave": (f"Who gave the {o}?", a),
+        "who_gave_to": (f"Who gave the {o} to {b}?", a),
+        "who_received": (f"Who received the {o}?", b),
+        "whom": (f"Who did {a} give the {o} to?", b),
+    }[form]
+    q.add(text, answer, [line])
+
+
+def _yes_or_no(w: World, q: _Eligible, a: str, room: str, line: int) -> None:
+    """Half the time "Is a in <the room a is in>?" (yes), else about another room (no)."""
+    if w.rng.random() < 0.5:
+        q.add(f"Is {a} in the {room}?", "yes", [line])
+    else:
+        other = w.rng.choice([r for r in w.rooms if r != room])
+        q.add(f"Is {a} in the {other}?", "no", [line])
+
+
+def _is_actor_in(w: World, q: _Eligible) -> None:  # qa6: yes/no about the newest move
+    for a in w.actors:
+        if w.last_move[a] is not None:
+            _yes_or_no(w, q, a, w.known_loc[a], w.last_move[a])
+
+
+def _holders(w: World):
+    """(actor, weight) of each actor who has held something; real qa7 asks about the giver of a GIVE far more
+    often than about its recipient."""
+    for a in w.actors:
+        if w.ever_held[a] and w.holding_lines[a]:
+            yield a, RECIPIENT_WEIGHT if w.holding_lines[a][-1] in w.received[a] else 1.0
+
+
+def _how_many_carried(w: World, q: _Eligible) -> None:  # qa7
+    for a, weight in _holders(w):
+        q.add(f"How many objects is {a} carrying?", NUMBER_WORDS[len(w.holds[a])], list(w.holding_lines[a]), weight)
+
+
+def _what_carried(w: World, q: _Eligible) -> None:  # qa8
+    for a, _ in _holders(w):
+        q.add(f"What is {a} carrying?", ",".join(w.holds[a]) or "nothing", list(w.holding_lines[a]))
+
+
+def _is_actor_in_belief(w: World, q: _Eligible) -> None:  # qa9 (negation), qa10 (indefinite knowledge)
+    for a in w.actors:
+        if a not in w.belief:
+            continue
+        kind, rooms, line = w.belief[a]
+        if kind == "at":
+            _yes_or_no(w, q, a, rooms[0], line)
+        elif kind == "not":
+            q.add(f"Is {a} in the {rooms[0]}?", "no", [line])
+        elif w.rng.random() < 0.58:  # either
+            q.add(f"Is {a} in the {w.rng.choice(rooms)}?", "maybe", [line])
+        else:
+            other = w.rng.choice([r for r in w.rooms if r not in rooms])
+            q.add(f"Is {a} in the {other}?", "no", [line])
+
+
+QUESTIONS = {  # qa4 stories are built whole (_story_qa4)
+    "qa1": _where_is_actor, "qa2": _where_is_object, "qa3": _where_was_object_before, "qa5": _who_gave_what,
+    "qa6": _is_actor_in, "qa7": _how_many_carried, "qa8": _what_carried, "qa9": _is_actor_in_belief,
+    "qa10": _is_actor_in_belief,
+}
+
+
+def _candidates(task: str, w: World) -> list[Candidate]:
+    """The questions of `task` that could be asked now."""
+    eligible = _Eligible(w)
+    QUESTIONS[task](w, eligible)
+    return eligible.out
 
 
 # ---------------------------------------------------------------------------------------------- stories

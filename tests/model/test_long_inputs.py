@@ -1,0 +1,148 @@
+"""Long inputs cost linear time. Block-local windowed attention equals the dense windowed attention it replaces
+(logits and gradients), stays causal, and never builds anything of size T x T; a long forward without autograd
+runs through the state in chunks and equals one call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lm2cli import build_model, load_recipe
+from lm2cli.model import MemoryRecorder
+from lm2cli.model import model as model_module
+
+VOCAB = 61
+WINDOW = 6
+ARCHS = ["lm2", "vanilla", "rmt"]
+
+
+def tiny(arch: str, window: int = WINDOW, segment: int = 8):
+    recipe = load_recipe(None, [
+        f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
+        f"memory.segment_len={segment}", f"attention.window={window}"])
+    torch.manual_seed(0)
+    return build_model(recipe)
+
+
+def dense_only(monkeypatch):
+    """The implementation before block-local attention: a (t, n_cached + t) mask for every windowed input."""
+    monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", 10**9)
+
+
+def logits_and_grads(model, x):
+    model.zero_grad()
+    logits, _ = model(x)
+    (logits.logsumexp(-1) * torch.linspace(0.5, 1.5, x.shape[1])).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("block", [8, 64])  # queries per block: several blocks of a window each, or one wide block
+def test_block_local_equals_dense_windowed_attention(arch, block, monkeypatch):
+    # RMT runs attention per segment: make the segment long enough to take the block-local path inside it.
+    model = tiny(arch, segment=130 if arch == "rmt" else 8)
+    x = torch.randint(0, VOCAB, (2, 150))  # not a multiple of the block: the last block is padded
+    monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", block)
+    calls = []
+    real_attend = model_module.LocalBlocks.attend
+    monkeypatch.setattr(model_module.LocalBlocks, "attend", lambda self, *a: calls.append(1) or real_attend(self, *a))
+    local_logits, local_grads = logits_and_grads(model, x)
+    assert calls, "the block-local path was not taken"
+    dense_only(monkeypatch)
+    dense_logits, dense_grads = logits_and_grads(model, x)
+    assert (local_logits - dense_logits).abs().max() <= 1e-5
+    assert local_grads.keys() == dense_grads.keys()
+    for name, grad in dense_grads.items():
+        assert torch.allclose(local_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_local_through_the_state_equals_one_dense_forward(arch, monkeypatch):
+    """Chunks longer than a block continue a state whose cache holds W - 1 keys: the padding before the first
+    query is then partly real keys."""
+    model = tiny(arch, segment=130 if arch == "rmt" else 8).eval()
+    x = torch.randint(0, VOCAB, (2, 173))
+    monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", 8)
+    with torch.no_grad():
+        state, outs = None, []
+        for i in range(0, x.shape[1], 50):
+            logits, state = model(x[:, i:i + 50], state)
+            outs.append(logits)
+        dense_only(monkeypatch)
+        full, _ = model(x)
+    assert (torch.cat(outs, dim=1) - full).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_local_attention_is_causal(arch, monkeypatch):
+    model = tiny(arch, segment=130 if arch == "rmt" else 8).eval()
+    monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", 8)
+    x = torch.randint(0, VOCAB, (1, 120))
+    with torch.no_grad():
+        base, _ = model(x)
+        for t in (5, 7, 8, 15, 16, 63, 100):  # inside blocks and on block edges
+            changed = x.clone()
+            changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
+            out, _ = model(changed)
+            assert (out[:, :t + 1] - base[:, :t + 1]).abs().max() <= 1e-6, f"position <= {t} saw the future"
+            assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-4  # and the check can fail
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out
+
+
+def largest_tensor_of_a_training_pass(model, t: int) -> int:
+    x = torch.randint(0, VOCAB, (1, t))
+    model.zero_grad()
+    with LargestTensor() as seen:
+        logits, _ = model(x, keep_state=False)
+        logits.logsumexp(-1).mean().backward()
+    return seen.largest
+
+
+@pytest.mark.parametrize("arch", ["lm2", "vanilla"])
+def test_a_long_windowed_pass_builds_nothing_quadratic(arch):
+    """Doubling T at most doubles the largest tensor of a forward and backward (a T x T mask or score matrix
+    would quadruple it): masks, scores and memory reads and writes all stay linear in T."""
+    model = tiny(arch, segment=64)
+    short, long = largest_tensor_of_a_training_pass(model, 512), largest_tensor_of_a_training_pass(model, 1024)
+    assert long <= 2 * short
+
+
+@pytest.mark.parametrize("arch", ["lm2", "vanilla"])
+def test_a_long_no_grad_forward_runs_in_chunks_and_equals_one_call(arch, monkeypatch):
+    model = tiny(arch).eval()
+    x = torch.randint(0, VOCAB, (2, 150))
+    one_call, one_state = model(x)  # autograd on: never chunked
+    calls = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **k: calls.append(ids.shape[1]) or real_forward(ids, *a, **k))
+    monkeypatch.setattr(model_module.LanguageModel, "NO_GRAD_CHUNK_TOKENS", 64)  # 2 rows x 32 tokens
+    with torch.no_grad():
+        chunked, state = real_forward(x)
+        dropped = real_forward(x, keep_state=False)
+        rec_chunked, rec_one = MemoryRecorder(), MemoryRecorder()
+        real_forward(x, recorder=rec_chunked)
+    assert calls[:5] == [32, 32, 32, 32, 22]  # whole segments of 8 tokens, then the rest
+    assert (chunked - one_call).abs().max() <= 1e-4 and state.pos == one_state.pos == 150
+    assert dropped[1] is None and (dropped[0] - chunked).abs().max() == 0
+    if arch == "lm2":
+        model(x, recorder=rec_one)
+        assert [w.end_pos for w in rec_chunked.writes[0]] == [w.end_pos for w in rec_one.writes[0]]
+        assert rec_chunked.read_attention(0).shape == rec_one.read_attention(0).shape
