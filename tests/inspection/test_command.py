@@ -109,8 +109,8 @@ def test_hub_rows_without_spans_find_the_facts_by_their_grammar(tokenizer, tmp_p
 def test_babilong_prompt_is_the_fine_tuning_prompt(tokenizer):
     """Until issue 10 moves it into data/, inspection assembles the prompt itself: it must stay the one
     fine-tuning and eval use."""
-    from lm2cli.inspection._shared import babilong_prompt
     from lm2cli.data.examples import babilong_example
+    from lm2cli.inspection._shared import babilong_prompt
 
     for row in babilong_rows(tokenizer, n=2):
         assert babilong_prompt(tokenizer, row)[0] == babilong_example(tokenizer, row).prompt
