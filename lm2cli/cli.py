@@ -221,6 +221,7 @@ def inspect_memory(
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Output directory (default <run>/inspect/<name>)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object")] = False,
+    no_verify_checksums: NoVerifyOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show what the memory does: read/write heatmaps, gates, slot rankings, fact attention (BABILong).
@@ -232,7 +233,8 @@ def inspect_memory(
     global _debug
     _debug = _debug or debug
     inspect_command(target, prompt=prompt, file=file, babilong=babilong, generate=generate, layers=layer,
-                    heads=heads, slots=slots, top_tokens=top_tokens, out=out, json_output=json_output)
+                    heads=heads, slots=slots, top_tokens=top_tokens, out=out, json_output=json_output,
+                    verify_checksums=not no_verify_checksums)
 
 
 @app.command()

@@ -8,5 +8,4 @@
     store.py      tensors.safetensors + index.json + summary.json + slots.jsonl, and load()
     figures.py    PNG heatmaps (the optional `plot` extra)
     command.py    the command: option checks, summary table
-    _shared.py    the one import point for what issue 10 moves (checkpoint resolver, BABILong prompt)
 """

@@ -98,19 +98,13 @@ def text_input(raw: str | None, spec, prompt, file, babilong, tokenizer, generat
     return inputs.TextInput(name, generator.encode_prompt(raw, where), where)
 
 
-def default_out(checkpoint: Path, name: str) -> Path:
-    """<run>/inspect/<name>: the run directory when the checkpoint sits in <run>/checkpoints/."""
-    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-    return run / "inspect" / name
-
-
 # ------------------------------------------------------------------------------------------- command
 
 
 def inspect_command(target: Path | None, *, prompt: str | None = None, file: Path | None = None,
                     babilong: str | None = None, generate: int = 0, layers: list[str] | None = None,
                     heads: str = "mean", slots: str | None = None, top_tokens: int = 20, out: Path | None = None,
-                    json_output: bool = False) -> Path:
+                    json_output: bool = False, verify_checksums: bool = True) -> Path:
     # Syntax first: nothing is loaded for a malformed option.
     head_mode = parse_heads(heads)
     window = parse_slots(slots) if slots is not None else None
@@ -122,13 +116,14 @@ def inspect_command(target: Path | None, *, prompt: str | None = None, file: Pat
 
     import torch
 
+    from lm2cli.checkpoint import load_for_inference, resolve_target
     from lm2cli.generation.generator import Generator, prefill_chunk_len
     from lm2cli.generation.sampling import SamplingParams
-    from lm2cli.inspection._shared import load_for_inference, resolve_checkpoint
     from lm2cli.inspection.capture import capture
 
-    checkpoint = resolve_checkpoint(target)
-    model, tokenizer, recipe = load_for_inference(checkpoint)
+    resolved = resolve_target(target)
+    checkpoint = resolved.checkpoint
+    model, tokenizer, recipe = load_for_inference(checkpoint, verify_checksums=verify_checksums)
     wanted, window = check_against_model(model, wanted, head_mode, window, checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = Generator(model.to(device), tokenizer, recipe, device)
@@ -140,7 +135,7 @@ def inspect_command(target: Path | None, *, prompt: str | None = None, file: Pat
     ins = capture(model, tokenizer, text, checkpoint=str(checkpoint), layers=wanted, heads=head_mode,
                   slot_window=window, top_tokens=top_tokens, generate=generate,
                   chunk_len=prefill_chunk_len(model.args.segment_len), device=device)
-    out_dir = out if out is not None else default_out(checkpoint, text.name)
+    out_dir = out if out is not None else resolved.run_dir / "inspect" / text.name
     written, summary, note = write_outputs(ins, tokenizer, top_tokens, out_dir)
     if json_output:
         print(json.dumps(summary | {"out": str(out_dir), "files": [p.name for p in written]}, ensure_ascii=False))

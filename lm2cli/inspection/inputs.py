@@ -75,15 +75,16 @@ def read_text_file(path: Path) -> str:
 
 def babilong_input(spec: BabilongSpec, tokenizer, where: str) -> TextInput:
     from lm2cli.data.babilong import load_babilong
-    from lm2cli.inspection._shared import babilong_context, babilong_prompt
+    from lm2cli.data.examples import babilong_context, babilong_example
 
     rows = load_babilong(spec.source, spec.length, spec.task, keep_extra=True)
     if not 0 <= spec.index < len(rows):
         raise Lm2Error(f"{where}: index {spec.index} is out of range; {spec.task} at {spec.length} has "
                        f"{len(rows)} rows (0 ... {len(rows) - 1})")
     row = rows[spec.index]
-    ids, spans = babilong_prompt(tokenizer, row)
+    example = babilong_example(tokenizer, row)  # the prompt exactly as fine-tuning and eval give it
     context = babilong_context(row)
+    spans = prompt_spans(tokenizer, context, example.prompt)
     facts, note = row_fact_spans(row, where)
     if facts is None:
         facts = statement_spans(context[:len(row["input"].strip())])
@@ -91,9 +92,19 @@ def babilong_input(spec: BabilongSpec, tokenizer, where: str) -> TextInput:
                 f"(rows built by `lm2 babilong` record them exactly)")
     support = [facts[i] for i in row.get("support", []) if 0 <= i < len(facts)] if "fact_spans" in row else []
     name = f"{spec.task}-{spec.length}-{spec.index}"
-    return TextInput(name, ids, where, fact_mask=tokens_in(spans, facts),
-                     support_mask=tokens_in(spans, support) if support else None, answer_pos=len(ids) - 1,
-                     target=str(row["target"]).strip(), facts_note=note)
+    return TextInput(name, example.prompt, where, fact_mask=tokens_in(spans, facts),
+                     support_mask=tokens_in(spans, support) if support else None,
+                     answer_pos=len(example.prompt) - 1, target=example.text_answer, facts_note=note)
+
+
+def prompt_spans(tokenizer, context: str, prompt: list[int]) -> list[tuple[int, int] | None]:
+    """Each prompt token's character span in `context`: None for BOS and the answer separator, which stand for
+    no text. The prompt is [BOS] + encode(context) + [separator] (lm2cli.data.examples)."""
+    ids, spans = tokenizer.encode_with_offsets(context)
+    if prompt != [tokenizer.bos_id, *ids, tokenizer.answer_id]:  # a bug, not user input: the masks would shift
+        raise RuntimeError("the BABILong prompt is no longer [BOS] + encode(context) + [separator]; "
+                           "lm2cli.inspection.inputs.prompt_spans must follow lm2cli.data.examples")
+    return [None, *spans, None]
 
 
 def row_fact_spans(row: dict, where: str) -> tuple[list[tuple[int, int]] | None, str]:
@@ -114,9 +125,9 @@ def row_fact_spans(row: dict, where: str) -> tuple[list[tuple[int, int]] | None,
 def statement_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the sentences in `text` that read as bAbI statements."""
     from lm2cli.data.checker import is_statement
-    from lm2cli.inspection._shared import babi_vocabulary
+    from lm2cli.data.stories import ACTORS, ACTORS_QA5, ACTORS_QA10, OBJECTS, PLACES, ROOMS
 
-    names, nouns = babi_vocabulary()
+    names, nouns = set(ACTORS + ACTORS_QA5 + ACTORS_QA10), set(ROOMS + PLACES + OBJECTS)
     spans = []
     for m in re.finditer(r"[^.!?]+[.!?]", text):
         start = m.start() + len(m.group()) - len(m.group().lstrip())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lm2cli.inspection import store
+from lm2cli.inspection.inputs import BabilongSpec, babilong_input
 
 from .conftest import FACTS, babilong_rows
 
@@ -106,14 +107,21 @@ def test_hub_rows_without_spans_find_the_facts_by_their_grammar(tokenizer, tmp_p
     assert exact.fact_mask == recorded.fact_mask and sum(recorded.fact_mask) > 20
 
 
-def test_babilong_prompt_is_the_fine_tuning_prompt(tokenizer):
-    """Until issue 10 moves it into data/, inspection assembles the prompt itself: it must stay the one
-    fine-tuning and eval use."""
-    from lm2cli.data.examples import babilong_example
-    from lm2cli.inspection._shared import babilong_prompt
+def test_babilong_text_is_the_fine_tuning_prompt(tokenizer, babilong_dir):
+    """Inspection reads a row as fine-tuning and eval give it to the model (lm2cli.data.examples), with the
+    answer position on the separator and each fact token's span in that prompt."""
+    from lm2cli.data.examples import babilong_context, babilong_example
 
-    for row in babilong_rows(tokenizer, n=2):
-        assert babilong_prompt(tokenizer, row)[0] == babilong_example(tokenizer, row).prompt
+    rows = babilong_rows(tokenizer)
+    for index, row in enumerate(rows[:2]):
+        text = babilong_input(BabilongSpec(str(babilong_dir), "qa2", "1k", index), tokenizer, "x")
+        example = babilong_example(tokenizer, row)
+        assert text.ids == example.prompt and text.target == example.text_answer
+        assert text.ids[text.answer_pos] == tokenizer.answer_id
+        context = babilong_context(row)
+        fact_text = "".join(tokenizer.decode([t]) for t, f in zip(text.ids, text.fact_mask, strict=True) if f)
+        assert fact_text.replace(" ", "") == "".join(FACTS).replace(" ", "")
+        assert all(fact.replace(" ", "") in context.replace(" ", "") for fact in FACTS)
 
 
 def test_rmt_run_shows_its_memory_tokens(cli, runs, tmp_path):
@@ -144,6 +152,34 @@ def test_a_recipe_names_its_run(cli, runs, tmp_path, no_figures):
     recipe.write_text(f'[output]\ndir = "{tmp_path / "none"}"\n')
     res = cli("inspect-memory", recipe, "--prompt", "Mary went")
     assert res.code == 2 and len(res.err.splitlines()) == 1 and "does not exist" in res.err
+
+
+def test_no_argument_is_the_default_run_and_a_checkpoint_writes_into_its_run(cli, runs, tmp_path, monkeypatch,
+                                                                           no_figures):
+    """The shared resolver's other forms: nothing (runs/small here, where recipes/small.toml trains) and a
+    checkpoint directory itself; the default output goes into the run either way."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    res = cli("inspect-memory", "--prompt", "Mary went")
+    assert res.code == 2 and res.err.splitlines() == [
+        "error: no run given and the default run directory runs/small/ does not exist here; train one first with "
+        "`lm2 pretrain recipes/small.toml`, or pass a run or checkpoint directory or a recipe file"]
+    shutil.copytree(runs["lm2"], tmp_path / "runs" / "small")
+    res = cli("inspect-memory", "--prompt", "Mary went", "--json")
+    assert res.code == 0, res.err
+    summary = json.loads(res.out)
+    assert summary["checkpoint"] == str(Path("runs/small/checkpoints/step_00000010"))
+    assert Path(summary["out"]).parent == Path("runs/small/inspect")
+    res = cli("inspect-memory", runs["lm2"] / "checkpoints" / "step_00000010", "--file", _story(tmp_path), "--json")
+    assert res.code == 0, res.err
+    assert Path(json.loads(res.out)["out"]) == runs["lm2"] / "inspect" / "story"
+
+
+def _story(directory: Path) -> Path:
+    story = directory / "story.txt"
+    story.write_text(PROMPT, encoding="utf-8")
+    return story
 
 
 @pytest.mark.parametrize("args,message", [
@@ -178,8 +214,6 @@ def test_missing_run_is_one_line(cli, tmp_path):
 
 
 def test_default_name_of_a_file_is_its_stem(cli, runs, tmp_path, no_figures):
-    story = tmp_path / "story.txt"
-    story.write_text(PROMPT, encoding="utf-8")
-    res = cli("inspect-memory", runs["lm2"], "--file", story, "--json")
+    res = cli("inspect-memory", runs["lm2"], "--file", _story(tmp_path), "--json")
     assert res.code == 0, res.err
     assert Path(json.loads(res.out)["out"]) == runs["lm2"] / "inspect" / "story"

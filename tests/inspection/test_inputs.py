@@ -38,16 +38,3 @@ def test_babi_statements_are_found_in_free_text_and_look_alikes_are_not():
     assert found == ["Mary went back to the kitchen.", "John picked up the apple there.",
                      "The office is north of the garden.", "Fred gave the milk to Bill.",
                      "Sandra is either in the park or the school."]
-
-
-def test_inspection_never_imports_training():
-    """Commands read checkpoints, data, the model and generation, never the training package (issue 10)."""
-    import ast
-    from pathlib import Path
-
-    package = Path(__file__).resolve().parents[2] / "lm2cli" / "inspection"
-    for path in package.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n == "lm2cli.training" or n.startswith("lm2cli.training.") for n in names), path
