@@ -52,6 +52,14 @@ def save_run(run_dir: Path, tokenizer, arch: str = "lm2", *overrides: str) -> Pa
     return run_dir
 
 
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Figures are tested once; elsewhere they would only cost time."""
+    from lm2cli.inspection import figures
+
+    monkeypatch.setattr(figures, "have_matplotlib", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")

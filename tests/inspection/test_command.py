@@ -14,15 +14,6 @@ from lm2cli.inspection.inputs import BabilongSpec, babilong_input
 
 from .conftest import FACTS, babilong_rows
 
-
-@pytest.fixture
-def no_figures(monkeypatch):
-    """Figures are tested once; elsewhere they would only cost time."""
-    from lm2cli.inspection import figures
-
-    monkeypatch.setattr(figures, "have_matplotlib", lambda: False)
-
-
 PROMPT = ("Mary moved to the bathroom. John went to the hallway. Mary got the football there. "
           "Sandra journeyed to the garden. Daniel took the apple there. Where is the football?")
 
