@@ -4,6 +4,7 @@ recipes as targets, and one clear line for every bad option."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,6 @@ PROMPT = ("Mary moved to the bathroom. John went to the hallway. Mary got the fo
 
 
 def test_figures_tensors_and_summary_are_written_and_reread(cli, runs, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     res = cli("inspect-memory", runs["lm2"], "--prompt", PROMPT * 2, "--generate", "40", "--top-tokens", "6",
               "--layer", "1", "--out", out)  # one block: figures are the slow part
@@ -54,7 +54,8 @@ def test_figures_tensors_and_summary_are_written_and_reread(cli, runs, tmp_path,
     assert not list(out.glob("*.png")) and store.load(out).layers.keys() == {0}
 
 
-def test_without_matplotlib_the_tensors_and_summary_are_still_written(cli, runs, tmp_path, no_figures):
+def test_without_matplotlib_the_tensors_and_summary_are_still_written(cli, runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError, as uninstalled
     res = cli("inspect-memory", runs["lm2"], "--prompt", PROMPT, "--out", tmp_path / "o", "--json")
     assert res.code == 0, res.err
     assert "pip install 'lm2[plot]'" in res.err and "plot extra" in res.err
@@ -116,7 +117,6 @@ def test_babilong_text_is_the_fine_tuning_prompt(tokenizer, babilong_dir):
 
 
 def test_rmt_run_shows_its_memory_tokens(cli, runs, tmp_path):
-    pytest.importorskip("matplotlib")
     res = cli("inspect-memory", runs["rmt"], "--prompt", PROMPT, "--layer", "1", "--heads", "0",
               "--out", tmp_path / "r", "--json")
     assert res.code == 0, res.err
