@@ -173,6 +173,20 @@ def _story(directory: Path) -> Path:
     return story
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"\xff\xfe[output]", "not UTF-8"),
+    (b"[output\ndir = 1", "r.toml"),
+    (b"[output]\ndir = 3\n", "output.dir"),
+    (b"[outptu]\ndir = 'x'\n", "outptu"),
+])
+def test_a_bad_recipe_as_target_is_one_line(cli, tmp_path, content, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_bytes(content)
+    res = cli("inspect-memory", recipe, "--prompt", "Mary")
+    assert res.code == 2 and len(res.err.splitlines()) == 1 and res.err.startswith("error: "), res.err
+    assert message in res.err and "Traceback" not in res.err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--layer", "x"], "--layer x: expected a block index"),
     (["--layer", "5"], "--layer 5: not one of this model's memory blocks (0, 1)"),
