@@ -216,13 +216,44 @@ def generate(
 
 
 @app.command("inspect-memory")
-def inspect_memory(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
-                   debug: DebugOpt = False) -> None:
-    """Show what the memory does: read/write attention heatmaps, gate values, slot rankings."""
-    r = resolve(recipe, set_, out, print_recipe, debug)
-    if r is None:
-        return
-    raise NotAvailableYet("inspect-memory")
+def inspect_memory(
+    target: Annotated[Optional[Path], typer.Argument(
+        metavar="RUN_OR_CHECKPOINT_OR_RECIPE", show_default=False,
+        help="Run directory, checkpoint, or recipe (its output.dir run); default: the newest checkpoint in "
+             "runs/small, where recipes/small.toml trains")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text to read")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", help="Read the text from this UTF-8 file")] = None,
+    babilong: Annotated[Optional[str], typer.Option(
+        "--babilong", metavar="DIR_OR_HUB:TASK:LENGTH[:INDEX]",
+        help="Read one BABILong row (default index 0); its facts are marked and scored")] = None,
+    generate: Annotated[int, typer.Option(
+        "--generate", metavar="K", help="Then generate K tokens greedily with the live memory and show the "
+                                        "memory before and after")] = 0,
+    layer: Annotated[Optional[list[str]], typer.Option(
+        "--layer", metavar="L", help="Block to inspect (repeatable; default: every memory block)")] = None,
+    heads: Annotated[str, typer.Option(
+        "--heads", metavar="mean|max|N", help="Reduce the attention heads by mean or max, or show head N")] = "mean",
+    slots: Annotated[Optional[str], typer.Option(
+        "--slots", metavar="A:B", help="Slot window of the figures (default 0:20)")] = None,
+    top_tokens: Annotated[int, typer.Option(
+        "--top-tokens", metavar="K", help="Tokens per heatmap and top written tokens per slot")] = 20,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output directory (default <run>/inspect/<name>)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object")] = False,
+    no_verify_checksums: NoVerifyOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what the memory does: read/write heatmaps, gates, slot rankings, fact attention (BABILong).
+
+    Writes PNG figures (with the plot extra), tensors.safetensors + index.json, summary.json and slots.jsonl.
+    """
+    from lm2cli.inspection.command import inspect_command
+
+    global _debug
+    _debug = _debug or debug
+    inspect_command(target, prompt=prompt, file=file, babilong=babilong, generate=generate, layers=layer,
+                    heads=heads, slots=slots, top_tokens=top_tokens, out=out, json_output=json_output,
+                    verify_checksums=not no_verify_checksums)
 
 
 @app.command()

@@ -48,21 +48,47 @@ def inject_facts(fact_ids: list[list[int]], sentences: list[list[int]], rng: ran
                  window: tuple[float, float] = (0.0, 1.0)) -> tuple[list[int], list[int]]:
     """Place each fact before haystack sentence i (i = n: at the end), i drawn with replacement from the
     window and sorted, so the facts keep their order. Returns (tokens, gap position of each fact)."""
-    n = len(sentences)
-    lo, hi = math.ceil(window[0] * n), math.floor(window[1] * n)
+    positions = draw_gaps(len(fact_ids), len(sentences), rng, window)
+    return assemble(fact_ids, sentences, positions)[0], positions
+
+
+def draw_gaps(n_facts: int, n_sentences: int, rng: random.Random, window: tuple[float, float]) -> list[int]:
+    lo, hi = math.ceil(window[0] * n_sentences), math.floor(window[1] * n_sentences)
     if lo > hi:
         raise Lm2Error(f"babilong.fact_window = [{window[0]}, {window[1]}] leaves no place for the facts among "
-                       f"{n} haystack sentences; widen the window")
-    positions = sorted(rng.randint(lo, hi) for _ in fact_ids)
+                       f"{n_sentences} haystack sentences; widen the window")
+    return sorted(rng.randint(lo, hi) for _ in range(n_facts))
+
+
+def assemble(fact_ids: list[list[int]], sentences: list[list[int]],
+             positions: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokens with fact k before haystack sentence positions[k], and each fact's token range [start, end)."""
     tokens: list[int] = []
+    ranges: list[tuple[int, int]] = []
     k = 0
-    for i in range(n + 1):
+    for i in range(len(sentences) + 1):
         while k < len(positions) and positions[k] == i:
+            ranges.append((len(tokens), len(tokens) + len(fact_ids[k])))
             tokens.extend(fact_ids[k])
             k += 1
-        if i < n:
+        if i < len(sentences):
             tokens.extend(sentences[i])
-    return tokens, positions
+    return tokens, ranges
+
+
+def fact_char_spans(tokens: list[int], ranges: list[tuple[int, int]], tokenizer) -> tuple[str, list[list[int]]]:
+    """The row text (decoded tokens, stripped) and each fact's [start, end) character span in it. A fact's first
+    piece carries the word-boundary space; the span starts after it, so text[start:end] is the fact itself."""
+    decoded, offsets = tokenizer.decode_with_offsets(tokens)
+    text = decoded.strip()
+    shift = len(decoded) - len(decoded.lstrip())
+    spans = []
+    for start, end in ranges:
+        first = offsets[start][0]
+        while first < offsets[end - 1][1] and decoded[first].isspace():
+            first += 1
+        spans.append([first - shift, offsets[end - 1][1] - shift])
+    return text, spans
 
 
 def build_row(sample, length: int, margin: int, tokenizer, sampler, rng: random.Random,
@@ -70,7 +96,9 @@ def build_row(sample, length: int, margin: int, tokenizer, sampler, rng: random.
     """One BABILong row for `sample` at `length` tokens, or (None, reason) when the sample is filtered out."""
     if length == 0:
         text = " ".join(sample.facts)
-        return _row(sample, text, tokenizer, [0] * len(sample.facts), 0), None
+        starts = [sum(len(f) + 1 for f in sample.facts[:k]) for k in range(len(sample.facts))]
+        spans = [[s, s + len(f)] for s, f in zip(starts, sample.facts, strict=True)]
+        return _row(sample, text, tokenizer, [0] * len(sample.facts), 0, spans), None
     budget = length - margin
     if len(sample.facts) + 1 > budget // FACTS_PER_BUDGET_TOKEN:
         return None, "fact_filter"
@@ -79,14 +107,19 @@ def build_row(sample, length: int, margin: int, tokenizer, sampler, rng: random.
     if fact_tokens > budget:
         return None, "facts_over_budget"
     sentences = sampler.sample(budget - fact_tokens) if budget > fact_tokens else []
-    tokens, positions = inject_facts(fact_ids, sentences, rng, window)
+    positions = draw_gaps(len(fact_ids), len(sentences), rng, window)
+    tokens, ranges = assemble(fact_ids, sentences, positions)
     assert len(tokens) == budget, (len(tokens), budget)  # the budget is hit exactly, by construction
-    return _row(sample, tokenizer.decode(tokens).strip(), tokenizer, positions, len(sentences)), None
+    text, spans = fact_char_spans(tokens, ranges, tokenizer)
+    return _row(sample, text, tokenizer, positions, len(sentences), spans), None
 
 
-def _row(sample, text: str, tokenizer, positions: list[int], n_sentences: int) -> dict:
+def _row(sample, text: str, tokenizer, positions: list[int], n_sentences: int, spans: list[list[int]]) -> dict:
+    # fact_spans / support: where each fact sits in `input` and which facts the answer rests on (indices into
+    # fact_spans), for `lm2 inspect-memory`; the loader drops them, like every key beyond input/question/target.
     return {"input": text, "question": sample.question, "target": sample.answer,
             "references": sample.references, "fact_positions": positions, "n_sentences": n_sentences,
+            "fact_spans": spans, "support": list(sample.support_positions),
             "n_tokens": len(tokenizer.encode(text))}
 
 
@@ -166,7 +199,7 @@ def _fingerprint(recipe, tokenizer, haystack_meta: dict, facts_meta: dict) -> st
     section = dataclasses.asdict(recipe.babilong)
     section.pop("dir")
     blob = json.dumps({"babilong": section, "tokenizer": tokenizer.sha256, "haystack": haystack_meta,
-                       "facts": facts_meta, "format": 1}, sort_keys=True)
+                       "facts": facts_meta, "format": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -308,25 +341,26 @@ def write_babi_text(recipe, out_dir: Path, train_questions: int = TRAIN_REFERENC
 # -------------------------------------------------------------------------------------------- loader
 
 
-def load_babilong(source: str | Path, length: str, task: str) -> list[dict[str, str]]:
+def load_babilong(source: str | Path, length: str, task: str, keep_extra: bool = False) -> list[dict]:
     """Rows {input, question, target} of one task and length.
 
     `source` is a local directory in the hub layout (`<dir>/<task>/<length>.json`, also `<dir>/data/...`) or a
     hub dataset name such as RMT-team/babilong (booydar/* are aliases). Hub access imports `datasets` lazily,
     tries config=length/split=task, then the older config=task/split=length order, and honours
-    HF_DATASETS_OFFLINE. Extra per-row keys are dropped.
+    HF_DATASETS_OFFLINE. Extra per-row keys (fact_spans, support, ...) are dropped unless `keep_extra`.
     """
     path = Path(source)
     if path.is_dir():
         for candidate in (path / task / f"{length}.json", path / "data" / task / f"{length}.json"):
             if candidate.is_file():
-                return _validated(_read_json_rows(candidate), str(candidate))
+                return _validated(_read_json_rows(candidate), str(candidate), keep_extra)
         raise Lm2Error(f"{path}: no {task}/{length}.json; build it with `lm2 babilong RECIPE` (babilong.tasks, "
                        f"babilong.lengths)")
     name = str(source)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise Lm2Error(f"BABILong source '{name}' is neither a directory nor a hub dataset name (owner/name)")
-    return _validated(_load_from_hub(HUB_ALIASES.get(name, name), length, task), f"{name} {task}/{length}")
+    return _validated(_load_from_hub(HUB_ALIASES.get(name, name), length, task), f"{name} {task}/{length}",
+                      keep_extra)
 
 
 def _read_json_rows(path: Path) -> list:
@@ -339,13 +373,13 @@ def _read_json_rows(path: Path) -> list:
     return rows
 
 
-def _validated(rows, where: str) -> list[dict[str, str]]:
+def _validated(rows, where: str, keep_extra: bool = False) -> list[dict]:
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in ROW_KEYS):
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise Lm2Error(f"{where}: row {i} needs text fields input, question and target (has {keys})")
-        out.append({k: row[k] for k in ROW_KEYS})
+        out.append(dict(row) if keep_extra else {k: row[k] for k in ROW_KEYS})
     return out
 
 

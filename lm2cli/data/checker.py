@@ -20,8 +20,14 @@ _IS_IN = re.compile(r"^(\w+) is in the (\w+)\.$")
 _NOT_IN = re.compile(r"^(\w+) is (?:not|no longer) in the (\w+)\.$")
 _EITHER = re.compile(r"^(\w+) is either in the (\w+) or the (\w+)\.$")
 _RELATION = re.compile(r"^The (\w+) is (north|south|east|west) of the (\w+)\.$")
+STATEMENTS = (_MOVE, _GET, _DROP, _GIVE, _IS_IN, _NOT_IN, _EITHER, _RELATION)
 _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 _COUNT = ["none", "one", "two", "three", "four", "five"]
+
+
+def is_statement(text: str) -> bool:
+    """Whether `text` is one bAbI statement of a form this checker reads (e.g. "Mary went to the kitchen.")."""
+    return any(pattern.match(text) for pattern in STATEMENTS)
 
 
 @dataclass

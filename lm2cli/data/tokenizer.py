@@ -172,6 +172,17 @@ class Tokenizer:
         """Text of `ids`; control pieces (BOS, EOS, PAD) are dropped, byte pieces are reassembled."""
         return self.sp.decode([int(i) for i in ids])
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's character span in `text` (a piece that starts a word includes the
+        space before it; the byte pieces of one character share that character's span, some of them empty)."""
+        return _ids_and_spans(self.sp.encode(text, out_type="serialized_proto"), text)
+
+    def decode_with_offsets(self, ids: Iterable[int]) -> tuple[str, list[tuple[int, int]]]:
+        """`decode(ids)` and each id's character span in that text (control pieces get empty spans)."""
+        proto = self.sp.decode([int(i) for i in ids], out_type="serialized_proto")
+        text = next((v for f, v in _proto_fields(proto) if f == 1), b"").decode("utf-8")
+        return text, _ids_and_spans(proto, text)[1]
+
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))
 
@@ -200,6 +211,20 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.where}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def _ids_and_spans(proto: bytes, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character spans from a serialized SentencePieceText: pieces are field 2, each with id (2),
+    begin (4) and end (5) as UTF-8 byte offsets into `text` (absent fields are 0)."""
+    char_of_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))] + [len(text)]
+    ids, spans = [], []
+    for field_no, piece in _proto_fields(proto):
+        if field_no != 2:
+            continue
+        values = dict(_proto_fields(piece))
+        ids.append(values.get(2, 0))
+        spans.append((char_of_byte[values.get(4, 0)], char_of_byte[values.get(5, 0)]))
+    return ids, spans
 
 
 # --------------------------------------------------------------------------------------------- training

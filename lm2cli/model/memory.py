@@ -139,8 +139,10 @@ class LM2Memory(nn.Module):
         for q, content in zip(queries, contents, strict=True):
             t = q.shape[2]
             completes = state.pending_len + t == self.segment_len
-            if not completes and recorder is None:  # e.g. decoding: one fused kernel, scores not needed
+            if not completes:  # e.g. decoding: one fused kernel, scores not needed
                 reads.append(F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0))
+                if recorder is not None:  # the same weights spelled out for the record; the output stays SDPA's
+                    recorder.on_read(layer, pos, torch.matmul(q, state.keys.transpose(-1, -2)).softmax(dim=-1))
                 state = MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
                                     state.pending_len + t, state.keys, state.values)
                 pos += t
