@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lm2cli.errors import Lm2Error, NotAvailableYet
+from lm2cli.errors import Lm2Error
 from lm2cli.version import __version__
 
 app = typer.Typer(

@@ -39,13 +39,30 @@ class Stopped(Exception):
 
 
 def check_sets(sets: list[str]) -> None:
-    from lm2cli.recipe import parse_override
+    """Every problem of the --set arguments at once, one line each: a key outside [eval] (the models come from
+    their checkpoints), and eval.* keys or values the schema refuses (checked here on the defaults, and again
+    on the settings recipe)."""
+    from lm2cli.errors import RecipeError
+    from lm2cli.recipe import load_recipe, parse_override
 
+    problems, own = [], []
     for text in sets:
-        section, key, _ = parse_override(text)
-        if section != "eval":
-            raise Lm2Error(f"--set {text}: lm2 eval takes only eval.* keys (the models come from their "
-                           f"checkpoints), e.g. --set eval.samples=20")
+        try:
+            section, _, _ = parse_override(text)
+        except RecipeError as e:
+            problems += e.problems
+            continue
+        if section == "eval":
+            own.append(text)
+        else:
+            problems.append(f"--set {text}: lm2 eval takes only eval.* keys (the models come from their "
+                            f"checkpoints), e.g. --set eval.samples=20")
+    try:
+        load_recipe(None, own)
+    except RecipeError as e:
+        problems += e.problems
+    if problems:
+        raise RecipeError(problems)
 
 
 def settings_recipe(first: EvalModel, sets: list[str]):

@@ -154,6 +154,25 @@ def test_bad_input_is_one_line_and_exit_2(cli, world, tmp_path, tokenizer):
     assert "exceed model.max_seq_len = 500" in msg and "1k" in msg
 
 
+def test_every_problem_of_the_arguments_is_its_own_line(cli, world, tmp_path):
+    """A defective recipe as the target and defective --set arguments: one `error:` line per problem, exit 2,
+    no traceback (what tests/test_cli_fuzz.py checks for the recipe commands)."""
+    def errors(r) -> list[str]:
+        assert r.code == 2 and "Traceback" not in r.err, r.err
+        return [ln for ln in r.err.splitlines() if ln.startswith("error: ")]
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[model]\nd_model = -3\n[train]\nlr = \"fast\"\n")
+    got = errors(cli("eval", recipe))
+    assert len(got) == 2 and "model.d_model" in got[0] and "train.lr" in got[1]
+    got = errors(cli("eval", world / "runs" / "lm2", "--set", "attention.window={ x = 1 }", "--set",
+                     "attention.no_such_key=1", "--set", "eval.sample=3", "--set", "eval.samples=-1", "--set",
+                     "nodot=1"))
+    assert len(got) == 5 and sum("eval.* keys" in g for g in got) == 2, got
+    assert any("did you mean 'samples'" in g for g in got) and any("eval.samples" in g for g in got)
+    assert any("nodot" in g for g in got)
+
+
 def tampered_copy(world, tmp_path, name: str) -> tuple[Path, Path]:
     """A copy of world's lm2 run, and its weights file (to damage in place)."""
     import shutil
