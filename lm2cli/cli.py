@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lm2cli.errors import Lm2Error, NotAvailableYet
+from lm2cli.errors import Lm2Error
 from lm2cli.version import __version__
 
 app = typer.Typer(
@@ -130,13 +130,32 @@ def finetune(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_r
 
 
 @app.command("eval")
-def eval_(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, print_recipe: PrintOpt = False,
-          debug: DebugOpt = False) -> None:
-    """Evaluate a run: BABILong task x length accuracy grid, perplexity."""
-    r = resolve(recipe, set_, out, print_recipe, debug)
-    if r is None:
-        return
-    raise NotAvailableYet("eval")
+def eval_(
+    targets: Annotated[Optional[list[str]], typer.Argument(
+        metavar="RUN_OR_CHECKPOINT_OR_RECIPE", show_default=False,
+        help="Runs, checkpoints or recipe files (a recipe means its output.dir run), evaluated side by side on "
+             "the same samples; settings come from the first one's [eval] section (default: runs/small, where "
+             "recipes/small.toml trains)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="eval.KEY=VALUE", help="Override one [eval] key (repeatable), e.g. --set eval.samples=20")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Results directory (default: <first run>/eval/<eval.name or a timestamp>)")] = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print results.json instead of the tables")] = False,
+    no_verify_checksums: NoVerifyOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate: BABILong task x length accuracy, perplexity against position, multiple choice, lm-eval tasks.
+
+    Writes results.json, results.csv, results.md, predictions.jsonl and plots; Ctrl-C keeps what finished.
+    """
+    from lm2cli.evaluation import eval_command
+
+    global _debug
+    _debug = _debug or debug
+    eval_command(list(targets or []), sets=list(set_ or []), out=out, json_output=json_output,
+                 verify_checksums=not no_verify_checksums)
 
 
 @app.command()

@@ -23,10 +23,3 @@ class RecipeError(Lm2Error):
 
     def __init__(self, problems: list[str]):
         super().__init__(problems[0] if len(problems) == 1 else "; ".join(problems), problems=problems)
-
-
-class NotAvailableYet(Lm2Error):
-    """A command whose issue has not landed yet: it says so plainly instead of faking a result."""
-
-    def __init__(self, command: str):
-        super().__init__(f"`lm2 {command}` is not available yet in this version of lm2; nothing was run")

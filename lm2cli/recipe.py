@@ -27,6 +27,8 @@ from lm2cli.errors import RecipeError
 
 BABI_TASKS = [f"qa{i}" for i in range(1, 11)]
 BABILONG_LENGTHS = ["0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k"]
+EVAL_KINDS = ["babilong", "perplexity", "multiple-choice", "harness"]
+PROMPT_PARTS = ["instruction", "examples", "post_prompt"]
 
 
 def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,
@@ -202,15 +204,44 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    """`lm2 eval`: the BABILong task x length grid and perplexity."""
+    """`lm2 eval`: the BABILong task x length grid, perplexity against position, multiple choice, lm-eval tasks."""
 
+    run: list[str] = opt(["babilong", "perplexity"], "What to evaluate; setting mc_data or harness_tasks adds "
+                         "multiple-choice or harness", items=EVAL_KINDS)
     data: str = opt("data/babilong", "BABILong directory (hub layout) or hub dataset name")
     tasks: list[str] = opt(["qa1", "qa2", "qa3", "qa4", "qa5"], "Tasks to evaluate", items=BABI_TASKS)
     lengths: list[str] = opt(["0k", "1k", "2k", "4k"], "Lengths to evaluate", items=BABILONG_LENGTHS)
-    samples: int = opt(100, "Samples per task and length (at most those in the file)", min=1)
+    samples: int = opt(100, "Samples per task and length (the first ones of each file)", min=1)
     mode: Literal["finetune-em", "prompt-compat", "prompt-strict"] = opt(
-        "finetune-em", "Scoring: exact match after fine-tuning, or the BABILong label-set metric")
-    max_new_tokens: int = opt(10, "Tokens generated per answer", min=1)
+        "finetune-em", "Scoring: exact match after fine-tuning, or the BABILong label-set metric (upstream's "
+        "quirks kept, or fixed)")
+    prompt_parts: list[str] = opt(["instruction", "examples", "post_prompt"],
+                                  "Parts of the BABILong-style prompt (prompt modes)", items=PROMPT_PARTS)
+    max_new_tokens: int = opt(0, "Tokens generated per answer; 0 = 10 for finetune-em, 20 for prompt modes", min=0)
+    retrieval: Literal["", "bm25"] = opt(
+        "", 'bm25: also evaluate each model on only the retrieval_k context sentences that best match the '
+        'question (its own row; extra "retrieval")')
+    retrieval_k: int = opt(5, "Context sentences kept by the retrieval baseline", min=1)
+    batch_size: int = opt(16, "Samples decoded (or sequences scored) together; results do not depend on it", min=1)
+    ppl_data: list[str] = opt([], "Text files, directories or globs for perplexity; empty = the recipe's "
+                                  "validation shards (data.dir/val.bin)")
+    ppl_seq_len: int = opt(2048, "Tokens per scored sequence, fed segment by segment through the model state",
+                           min=2)
+    ppl_tokens: int = opt(65536, "Tokens scored at most (whole sequences)", min=1)
+    mc_data: str = opt("", "Multiple choice (MMLU layout): a .csv/.jsonl/.parquet file, a directory, or a hub "
+                           "name such as cais/mmlu; setting it adds multiple-choice to run")
+    mc_shots: int = opt(0, "Solved examples from the dev split before each question (MMLU uses 5)", min=0)
+    mc_subjects: list[str] = opt([], "Subjects to evaluate; empty = all")
+    mc_samples: int = opt(0, "Questions per subject at most; 0 = all", min=0)
+    harness_tasks: list[str] = opt([], "lm-evaluation-harness tasks (extra \"harness\"); setting it adds harness "
+                                       "to run")
+    harness_include: str = opt("", "Directory of extra lm-evaluation-harness task YAML files")
+    harness_fewshot: int = opt(-1, "Few-shot examples for harness tasks; -1 = each task's default", min=-1)
+    harness_limit: int = opt(0, "Documents per harness task at most; 0 = all", min=0)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu")
+    threads: int = opt(0, "CPU threads; 0 = 1 for models under 100M parameters (as lm2 generate), else torch's "
+                          "default", min=0)
+    name: str = opt("", "Name of the results directory <run>/eval/<name>; empty = a timestamp (--out overrides)")
 
 
 @dataclass
