@@ -25,9 +25,13 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: tomli, a core dependency of lm2
+    import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
