@@ -478,20 +478,14 @@ def per_task_section(all_results: dict[int, dict]) -> list[str]:
     return md_table(["task", "model"] + list(b["lengths"]), rows)
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 100.0
-    p = correct / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
-
-
 def pooled(cells: list[dict]) -> tuple[float, float, float]:
     """Mean accuracy over seeds and the 95 % interval: one seed's own; several seeds', from the pooled counts."""
     mean = sum(c["accuracy"] for c in cells) / len(cells)
     if len(cells) == 1:
         return mean, *cells[0]["ci95"]
-    return mean, *wilson(sum(c["correct"] for c in cells), sum(c["n"] for c in cells))
+    from lm2cli.evaluation.metrics import wilson_interval  # the interval lm2 eval reports
+
+    return mean, *wilson_interval(sum(c["correct"] for c in cells), sum(c["n"] for c in cells))
 
 
 def write_plot(all_results: dict[int, dict], path: Path) -> bool:
