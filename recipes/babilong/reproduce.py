@@ -247,8 +247,18 @@ def recipe_paths(recipes: Path, plan: Plan) -> dict[str, Path]:
     if missing:
         raise PipelineError(f"recipe file(s) missing: {', '.join(missing)}; --recipes DIR must hold "
                             f"{', '.join(m + '.toml' for m in plan.models)} (pipeline.toml's plan.models)")
+    problems = []
     if plan.inspect_model not in paths:
-        raise PipelineError(f"plan.inspect_model = {plan.inspect_model!r} is not one of plan.models {plan.models}")
+        problems.append(f"plan.inspect_model = {plan.inspect_model!r} is not one of plan.models {plan.models}")
+    if plan.inspect_task not in plan.tasks:
+        problems.append(f"plan.inspect_task = {plan.inspect_task!r} is not one of plan.tasks {plan.tasks}")
+    if plan.inspect_length not in plan.test_lengths:
+        problems.append(f"plan.inspect_length = {plan.inspect_length!r} is not one of plan.test_lengths "
+                        f"{plan.test_lengths} (the row is read from the test set)")
+    if not plan.seeds:
+        problems.append("plan.seeds is empty; give at least one training seed")
+    if problems:
+        raise PipelineError(problems[0], problems)
     return paths
 
 

@@ -123,3 +123,14 @@ def test_a_bad_plan_is_one_line_naming_the_key(tmp_path: Path):
     (tmp_path / "pipeline.toml").write_text("[quick]\nseeds = 3\n")
     with pytest.raises(reproduce.PipelineError, match=r"\[quick\]: seeds = 3 should be a list"):
         reproduce.load_plan(tmp_path, quick=True)
+
+
+def test_a_plan_that_cannot_run_is_refused_before_any_stage(tmp_path: Path):
+    reproduce = load_reproduce()
+    plan = reproduce.Plan(inspect_length="32k", inspect_task="qa9", seeds=[])
+    with pytest.raises(reproduce.PipelineError) as e:
+        reproduce.recipe_paths(DIRS["smoke"], plan)
+    assert [p.split(" ")[0] for p in e.value.problems] == \
+        ["plan.inspect_task", "plan.inspect_length", "plan.seeds"]
+    with pytest.raises(reproduce.PipelineError, match="missing: .*rmt.toml"):
+        reproduce.recipe_paths(tmp_path, reproduce.Plan(models=["rmt"], inspect_model="rmt"))
