@@ -1,0 +1,696 @@
+"""Reproduce the LM2 paper's comparison (LM2 vs RMT vs vanilla on BABILong) with the lm2 command line.
+
+    python recipes/babilong/reproduce.py            # full run: qa1-qa5, 0k-16k -> docs/results.md
+    python recipes/babilong/reproduce.py --quick    # qa1, 0k-4k, 3 seeds -> the quick section of docs/results.md
+    python recipes/babilong/reproduce.py --smoke    # tiny recipes and sets: the whole pipeline in seconds
+
+Every stage is an `lm2` command, printed before it runs, exactly as a user would type it (the runner calls
+`python -m lm2cli`, the same program). The plan — models, BABILong sets, stage settings, evaluation grid — is
+`pipeline.toml` beside the recipes (`--recipes DIR`); each of its settings becomes a `--set` on a printed
+command, so the commands alone reproduce a run by hand. A finished stage leaves a record in WORK/stages/ and is
+skipped when the same command runs again; an interrupted training stage is continued with `--resume`; an
+interrupted evaluation is moved aside (never deleted) and run again. Then the results section of the results
+file is rewritten from the evaluations' results.json files (no number is typed in by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: tomli, a core dependency of lm2
+    import tomli as tomllib
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+QA_AVERAGE = "qa1-qa5"  # the leaderboard average `lm2 eval` reports when every task of qa1-qa5 was evaluated
+
+
+class PipelineError(Exception):
+    """Bad input or a failed stage: one `error: ...` line per problem, exit code 2."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = problems or [message]
+        super().__init__(message)
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """What a run does; `pipeline.toml`'s [plan] table sets these keys and [quick] overrides them for --quick."""
+
+    models: list[str] = field(default_factory=lambda: ["lm2", "rmt", "vanilla", "vanilla-window"])
+    inspect_model: str = "lm2"     # the model `lm2 inspect-memory` reads, on row 0 of inspect_task at inspect_length
+    inspect_task: str = "qa1"
+    inspect_length: str = "4k"
+    tasks: list[str] = field(default_factory=lambda: ["qa1", "qa2", "qa3", "qa4", "qa5"])
+    train_lengths: list[str] = field(default_factory=lambda: ["0k", "1k", "2k", "4k"])
+    train_samples: int = 2000      # per task and length (training side)
+    val_samples: int = 100         # per task and length (training side, another seed)
+    test_lengths: list[str] = field(default_factory=lambda: ["0k", "1k", "2k", "4k", "8k", "16k"])
+    test_samples: int = 100        # per task and length (test side: held-out stories and haystack)
+    margin: int = 20               # babilong.margin of every set: rows fit their length with the question
+    train_haystack: str = "builtin"
+    test_haystack: str = "builtin"
+    sets_seed: int = 1234          # babilong.seed: the same sets for every training seed
+    val_seed_offset: int = 1       # the validation set is built with sets_seed + this
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    pretrain: bool = True          # false: fine-tune from random weights (finetune.init_from = "")
+    pretrain_set: list[str] = field(default_factory=list)   # --set of every `lm2 pretrain`
+    finetune_set: list[str] = field(default_factory=list)   # --set of every `lm2 finetune`
+    eval_set: list[str] = field(default_factory=lambda: ['eval.run=["babilong"]', "eval.retrieval=\"bm25\""])
+    inspect_args: list[str] = field(default_factory=lambda: ["--generate", "4"])
+
+
+def load_plan(recipes: Path, quick: bool) -> tuple[Plan, Path | None]:
+    path = recipes / "pipeline.toml"
+    if not path.is_file():
+        return Plan(), None
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(doc) - {"plan", "quick"}
+    if unknown:
+        raise PipelineError(f"{path}: unknown table(s) {sorted(unknown)}; valid: [plan], [quick]")
+    plan = _apply(Plan(), doc.get("plan", {}), f"{path} [plan]")
+    if quick:
+        plan = _apply(plan, doc.get("quick", {}), f"{path} [quick]")
+    return plan, path
+
+
+def _apply(plan: Plan, table: dict, where: str) -> Plan:
+    known = {f.name: f for f in fields(Plan)}
+    for key, value in table.items():
+        if key not in known:
+            raise PipelineError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
+        expected = type(getattr(plan, key))
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise PipelineError(f"{where}: {key} = {value!r} should be a {expected.__name__}")
+    return replace(plan, **table)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def toml_list(values) -> str:
+    return "[" + ",".join(json.dumps(v) for v in values) + "]"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shown(argv: list[str]) -> str:
+    """The command as a user types it: `lm2 ...` (paths relative to the current directory when below it)."""
+    cwd = Path.cwd()
+
+    def rel(a: str) -> str:
+        p = Path(a)
+        if p.is_absolute():
+            try:
+                return str(p.relative_to(cwd))
+            except ValueError:
+                return a
+        return a
+    return "lm2 " + " ".join(shlex.quote(rel(a)) for a in argv)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    command: str
+    wall_s: float
+    ran: bool  # false: finished by an earlier invocation, skipped now
+
+
+class Stages:
+    """Runs `lm2` stages once: WORK/stages/<name>.json records a finished stage's command and wall time."""
+
+    def __init__(self, work: Path, log=print):
+        self.dir = work / "stages"
+        self.records: list[StageRecord] = []
+        self.log = log
+
+    def _record_path(self, name: str) -> Path:
+        return self.dir / (name.replace("/", "__") + ".json")
+
+    def done(self, name: str, argv: list[str], inputs: dict[str, str], derived: bool) -> dict | None:
+        """The record of a finished stage with this command and inputs, else None. A training stage finished
+        with another command or recipe is an error (its run directory would mix the two); a derived stage
+        (evaluation, inspection) is simply run again."""
+        path = self._record_path(name)
+        if not path.is_file():
+            return None
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec["argv"] == argv and rec["inputs"] == inputs:
+            return rec
+        if derived:
+            return None
+        changed = "its inputs changed" if rec["argv"] == argv else "its command changed"
+        raise PipelineError(
+            f"stage {name} was finished in {self.dir.parent} with another setup ({changed}: was "
+            f"`{shown(rec['argv'])}`, inputs {rec['inputs']}); use another --work, or remove {self.dir.parent} "
+            f"to start over")
+
+    def run(self, name: str, argv: list[str], inputs: dict[str, str] | None = None,
+            resume_dir: Path | None = None, derived: bool = False, before=None) -> StageRecord:
+        """Run `lm2 argv` unless recorded as finished. `resume_dir`: a training output directory, continued
+        with --resume when it already holds checkpoints. `before`: called first on a fresh (re)run."""
+        inputs = inputs or {}
+        rec = self.done(name, argv, inputs, derived)
+        if rec is not None:
+            self.log(f"[{name}] done earlier ({rec['wall_s']:.1f} s): {shown(argv)}")
+            record = StageRecord(name, shown(argv), rec["wall_s"], ran=False)
+        else:
+            run_argv = list(argv)
+            if resume_dir is not None and any((resume_dir / "checkpoints").glob("step_*")):
+                run_argv.append("--resume")
+            if before is not None:
+                before()
+            self.log(f"[{name}] $ {shown(run_argv)}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "lm2cli", *run_argv])
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise PipelineError(f"stage {name} failed (exit code {proc.returncode}) after {wall:.1f} s: "
+                                    f"{shown(run_argv)}; fix the cause and run reproduce.py again (finished "
+                                    f"stages are kept)")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._record_path(name).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"argv": argv, "inputs": inputs, "wall_s": wall,
+                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+            os.replace(tmp, self._record_path(name))
+            record = StageRecord(name, shown(run_argv), wall, ran=True)
+        self.records.append(record)
+        return record
+
+
+def run_weights(run_dir: Path) -> str:
+    """Which weights a run directory stands for: the sha256 (from the checkpoint manifests) of the checkpoints
+    its `latest` and `best` pointers name. A stage reading the run is redone when these change."""
+    out = []
+    for pointer in ("latest", "best"):
+        path = run_dir / "checkpoints" / pointer
+        if path.is_file():
+            state = path.parent / path.read_text(encoding="utf-8").strip() / "trainer_state.json"
+            sha = json.loads(state.read_text(encoding="utf-8"))["manifest"]["model.safetensors"]["sha256"]
+            out.append(f"{pointer}:{sha}")
+    return ",".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Layout:
+    """Where everything goes under WORK."""
+
+    work: Path
+
+    data = property(lambda self: self.work / "data")
+    sets = property(lambda self: {s: self.work / "babilong" / s for s in ("train", "val", "test")})
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.work / f"seed{seed}"
+
+    def pretrain(self, seed: int, model: str) -> Path:
+        return self.seed_dir(seed) / "pretrain" / model
+
+    def finetune(self, seed: int, model: str) -> Path:  # the directory name is the model's name in lm2 eval
+        return self.seed_dir(seed) / "finetune" / model
+
+    def eval(self, seed: int) -> Path:
+        return self.seed_dir(seed) / "eval"
+
+    def inspect(self, seed: int) -> Path:
+        return self.seed_dir(seed) / "inspect"
+
+
+def recipe_paths(recipes: Path, plan: Plan) -> dict[str, Path]:
+    paths = {m: recipes / f"{m}.toml" for m in plan.models}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise PipelineError(f"recipe file(s) missing: {', '.join(missing)}; --recipes DIR must hold "
+                            f"{', '.join(m + '.toml' for m in plan.models)} (pipeline.toml's plan.models)")
+    problems = []
+    if plan.inspect_model not in paths:
+        problems.append(f"plan.inspect_model = {plan.inspect_model!r} is not one of plan.models {plan.models}")
+    if plan.inspect_task not in plan.tasks:
+        problems.append(f"plan.inspect_task = {plan.inspect_task!r} is not one of plan.tasks {plan.tasks}")
+    if plan.inspect_length not in plan.test_lengths:
+        problems.append(f"plan.inspect_length = {plan.inspect_length!r} is not one of plan.test_lengths "
+                        f"{plan.test_lengths} (the row is read from the test set)")
+    if not plan.seeds:
+        problems.append("plan.seeds is empty; give at least one training seed")
+    if problems:
+        raise PipelineError(problems[0], problems)
+    return paths
+
+
+def build_sets(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inputs: dict) -> None:
+    """BABILong sets with `lm2 babilong`: training and validation on the training side, test on the test side."""
+    specs = {
+        "train": ("train", plan.train_lengths, plan.train_samples, plan.train_haystack, plan.sets_seed),
+        "val": ("train", plan.train_lengths, plan.val_samples, plan.train_haystack,
+                plan.sets_seed + plan.val_seed_offset),
+        "test": ("test", plan.test_lengths, plan.test_samples, plan.test_haystack, plan.sets_seed),
+    }
+    for name, (split, lengths, samples, haystack, seed) in specs.items():
+        argv = ["babilong", str(first_recipe), "--set", f"data.dir={json.dumps(str(lay.data))}",
+                "--set", f"babilong.split={json.dumps(split)}", "--set", f"babilong.tasks={toml_list(plan.tasks)}",
+                "--set", f"babilong.lengths={toml_list(lengths)}", "--set", f"babilong.samples={samples}",
+                "--set", f"babilong.margin={plan.margin}", "--set", f"babilong.haystack={json.dumps(haystack)}",
+                "--set", f"babilong.seed={seed}", "--out", str(lay.sets[name])]
+        stages.run(f"babilong-{name}", argv, inputs)
+
+
+def train_model(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout) -> None:
+    inputs = {"recipe_sha256": sha256_file(recipe)}
+    common = ["--set", f"data.dir={json.dumps(str(lay.data))}", "--set", f"train.seed={seed}"]
+    init_from = ""
+    if plan.pretrain:
+        out = lay.pretrain(seed, model)
+        argv = ["pretrain", str(recipe), *common, *_sets(plan.pretrain_set), "--out", str(out)]
+        stages.run(f"seed{seed}/pretrain/{model}", argv, inputs, resume_dir=out)
+        init_from = str(out)
+        inputs = inputs | {"init_weights": run_weights(out)}
+    out = lay.finetune(seed, model)
+    argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}",
+            "--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
+            "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}",
+            "--set", f"finetune.tasks={toml_list(plan.tasks)}", *_sets(plan.finetune_set), "--out", str(out)]
+    stages.run(f"seed{seed}/finetune/{model}", argv, inputs, resume_dir=out)
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def evaluate(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
+    out = lay.eval(seed)
+    argv = ["eval", *[str(lay.finetune(seed, m)) for m in plan.models],
+            "--set", f"eval.data={json.dumps(str(lay.sets['test']))}", "--set", f"eval.tasks={toml_list(plan.tasks)}",
+            "--set", f"eval.lengths={toml_list(plan.test_lengths)}", "--set", f"eval.samples={plan.test_samples}",
+            *_sets(plan.eval_set), "--out", str(out)]
+
+    def move_aside():  # lm2 eval never overwrites results: an interrupted or outdated one is kept, renamed
+        if out.exists():
+            aside = out.with_name(f"{out.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            print(f"[seed{seed}/eval] the earlier (unfinished or outdated) evaluation was moved to {aside}")
+    inputs = {m: run_weights(lay.finetune(seed, m)) for m in plan.models}
+    stages.run(f"seed{seed}/eval", argv, inputs, derived=True, before=move_aside)
+    return out
+
+
+def inspect(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
+    out = lay.inspect(seed)
+    argv = ["inspect-memory", str(lay.finetune(seed, plan.inspect_model)),
+            "--babilong", f"{lay.sets['test']}:{plan.inspect_task}:{plan.inspect_length}:0", *plan.inspect_args,
+            "--out", str(out)]
+    inputs = {"weights": run_weights(lay.finetune(seed, plan.inspect_model))}
+    stages.run(f"seed{seed}/inspect-memory", argv, inputs, derived=True,
+               before=lambda: shutil.rmtree(out) if out.exists() else None)  # derived from the weights: redone
+    return out
+
+
+def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print) -> tuple[Stages, dict[int, Path], Path]:
+    paths = recipe_paths(recipes, plan)
+    problems = fairness_problems(load_recipes(paths))
+    if problems:
+        raise PipelineError("unfair", [f"{recipes}: not a fair comparison: {p}" for p in problems])
+    lay = Layout(work)
+    stages = Stages(work, log)
+    first = paths[plan.models[0]]
+    tok_inputs = {"recipe_sha256": sha256_file(first)}
+    stages.run("tokenize", ["tokenize", str(first), "--out", str(lay.data)], tok_inputs)
+    build_sets(stages, plan, first, lay, tok_inputs)
+    evals = {}
+    for seed in plan.seeds:
+        for model, recipe in paths.items():
+            train_model(stages, plan, model, recipe, seed, lay)
+        evals[seed] = evaluate(stages, plan, seed, lay)
+    inspect_dir = inspect(stages, plan, plan.seeds[0], lay)
+    return stages, evals, inspect_dir
+
+
+# ----------------------------------------------------------------------------------------------- fairness
+
+MODEL_SECTIONS = ("model", "memory", "attention", "output")  # what may differ between the compared recipes
+PARAM_TOLERANCE = 0.10
+
+
+def parameter_counts(recipes: dict[str, object]) -> dict[str, int]:
+    """Trainable parameters of each recipe's model, built on the meta device (shapes only, no memory)."""
+    import torch
+
+    from lm2cli.model import build_model
+
+    counts = {}
+    for name, recipe in recipes.items():
+        with torch.device("meta"):
+            counts[name] = build_model(recipe, recipe.tokenizer.vocab_size).param_report()["total"]
+    return counts
+
+
+def fairness_problems(recipes: dict[str, object]) -> list[str]:
+    """Why the recipes would not be a fair comparison (empty: fair). Equal size: parameter counts within 10 %
+    of the largest. Same tokenizer and the same training rows in the same order: every section but [model],
+    [memory], [attention] and [output] identical (data, tokenizer, babilong, train with its seed, finetune,
+    eval), and the same curriculum budgets finetune.stages x memory.segment_len (a stage's rows are those that
+    fit its budget)."""
+    from lm2cli.recipe import sections
+
+    problems = []
+    counts = parameter_counts(recipes)
+    largest = max(counts.values())
+    for name, n in counts.items():
+        if n < (1 - PARAM_TOLERANCE) * largest:
+            problems.append(f"{name}: {n:,} parameters, more than {PARAM_TOLERANCE:.0%} below the largest "
+                            f"({largest:,}: {', '.join(f'{k} {v:,}' for k, v in counts.items())})")
+    names = list(recipes)
+    ref = recipes[names[0]]
+    for name in names[1:]:
+        r = recipes[name]
+        for section in sections():
+            if section in MODEL_SECTIONS:
+                continue
+            a, b = getattr(ref, section), getattr(r, section)
+            for key, value in vars(a).items():
+                if getattr(b, key) != value:
+                    problems.append(f"{name}: {section}.{key} = {getattr(b, key)!r}, {names[0]} has {value!r} "
+                                    f"(only [model], [memory], [attention] and [output] may differ)")
+        budgets = [k * r.memory.segment_len for k in r.finetune.stages]
+        ref_budgets = [k * ref.memory.segment_len for k in ref.finetune.stages]
+        if budgets != ref_budgets:
+            problems.append(f"{name}: curriculum budgets (finetune.stages x memory.segment_len) {budgets} tokens, "
+                            f"{names[0]} has {ref_budgets}: the stages would train on different rows")
+    return problems
+
+
+def load_recipes(paths: dict[str, Path]) -> dict[str, object]:
+    from lm2cli.errors import Lm2Error
+    from lm2cli.recipe import load_recipe
+
+    try:
+        return {name: load_recipe(path) for name, path in paths.items()}
+    except Lm2Error as e:
+        raise PipelineError(str(e), e.problems) from None
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def read_results(eval_dir: Path) -> dict:
+    results = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))
+    if not results.get("complete"):
+        raise PipelineError(f"{eval_dir}/results.json is not a finished evaluation; run reproduce.py again")
+    return results
+
+
+def headline_task(results: dict) -> str:
+    """The paper's Table 1 number: the qa1-qa5 average when lm2 eval reports it, else the one task evaluated."""
+    b = results["babilong"]
+    if any(a["task"] == QA_AVERAGE for a in b["averages"]):
+        return QA_AVERAGE
+    return b["tasks"][0]
+
+
+def cell_table(all_results: dict[int, dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """(model, task, length) -> that cell of every seed's results.json, seeds in order."""
+    table: dict[tuple[str, str, str], list[dict]] = {}
+    for results in all_results.values():
+        b = results["babilong"]
+        for c in b["cells"] + b["averages"]:
+            table.setdefault((c["model"], c["task"], c["length"]), []).append(c)
+    return table
+
+
+def fmt_cell(cells: list[dict]) -> str:
+    """One seed: accuracy (95 % interval); several: mean ± sample standard deviation [min–max]."""
+    if len(cells) == 1:
+        lo, hi = cells[0]["ci95"]
+        return f"{cells[0]['accuracy']:.1f} ({lo:.0f}–{hi:.0f})"
+    accs = [c["accuracy"] for c in cells]
+    mean = sum(accs) / len(accs)
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
+    return f"{mean:.1f} ± {sd:.1f} [{min(accs):.0f}–{max(accs):.0f}]"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"] + \
+           ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def model_rows(results: dict) -> list[str]:
+    return list(results["babilong"]["variants"])
+
+
+def headline_section(all_results: dict[int, dict]) -> list[str]:
+    first = next(iter(all_results.values()))
+    task, lengths = headline_task(first), first["babilong"]["lengths"]
+    table = cell_table(all_results)
+    rows = [[m] + [fmt_cell(table[(m, task, n)]) if (m, task, n) in table else "—" for n in lengths]
+            for m in model_rows(first)]
+    what = "average of the qa1–qa5 accuracies" if task == QA_AVERAGE else f"{task} accuracy"
+    spread = ("accuracy % (95 % Wilson interval)" if len(all_results) == 1 else
+              f"mean ± standard deviation over {len(all_results)} seeds [min–max], accuracy %")
+    return [f"Paper-style table ({what}; {spread}; rows `+bm25-top<k>` are the retrieval baseline: the same "
+            f"model on only the k context sentences BM25 ranks highest):", ""] + \
+        md_table(["model"] + lengths, rows)
+
+
+def per_task_section(all_results: dict[int, dict]) -> list[str]:
+    first = next(iter(all_results.values()))
+    b, table = first["babilong"], cell_table(all_results)
+    tasks = list(b["tasks"]) + [a for a in dict.fromkeys(x["task"] for x in b["averages"])]
+    rows = []
+    for task in tasks:
+        for m in model_rows(first):
+            if any((m, task, n) in table for n in b["lengths"]):
+                rows.append([task, m] + [fmt_cell(table[(m, task, n)]) if (m, task, n) in table else "—"
+                                         for n in b["lengths"]])
+    return md_table(["task", "model"] + list(b["lengths"]), rows)
+
+
+def pooled(cells: list[dict]) -> tuple[float, float, float]:
+    """Mean accuracy over seeds and the 95 % interval: one seed's own; several seeds', from the pooled counts."""
+    mean = sum(c["accuracy"] for c in cells) / len(cells)
+    if len(cells) == 1:
+        return mean, *cells[0]["ci95"]
+    from lm2cli.evaluation.metrics import wilson_interval  # the interval lm2 eval reports
+
+    return mean, *wilson_interval(sum(c["correct"] for c in cells), sum(c["n"] for c in cells))
+
+
+def write_plot(all_results: dict[int, dict], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(all_results.values()))
+    task, lengths, table = headline_task(first), first["babilong"]["lengths"], cell_table(all_results)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for m in model_rows(first):
+        xs = [i for i, n in enumerate(lengths) if (m, task, n) in table]
+        if not xs:
+            continue
+        points = [pooled(table[(m, task, lengths[i])]) for i in xs]
+        ax.errorbar(xs, [p[0] for p in points], yerr=[[p[0] - p[1] for p in points], [p[2] - p[0] for p in points]],
+                    marker="o", capsize=3, label=m, linestyle="--" if "+bm25" in m else "-")
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_xlabel("context length (tokens of the lm2 tokenizer)")
+    ax.set_ylabel(f"{task} accuracy %")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def settings_section(plan: Plan, plan_file: Path | None, recipes: Path, all_results: dict[int, dict]) -> list[str]:
+    first = next(iter(all_results.values()))
+    b = first["babilong"]
+    lines = [f"* plan: {plan_file or 'built-in defaults'}; recipes: {recipes}; training seeds: "
+             f"{', '.join(map(str, plan.seeds))} (the BABILong sets are the same for every seed: babilong.seed "
+             f"{plan.sets_seed})",
+             f"* tasks {', '.join(plan.tasks)}; fine-tuning sets: {plan.train_samples} training and "
+             f"{plan.val_samples} validation samples per task and length at {', '.join(plan.train_lengths)} "
+             f"(training-side stories, haystack `{plan.train_haystack}`); test: up to {plan.test_samples} "
+             f"samples per task and length at {', '.join(plan.test_lengths)} (test-side stories, held-out "
+             f"haystack `{plan.test_haystack}`); margin {plan.margin} tokens",
+             f"* evaluation: mode `{b['mode']}` ({b['metric']}), {b['decoding']} decoding; every model saw the "
+             f"same rows (rows_sha256 {first['babilong']['data'].get('rows_sha256', '')[:16] or 'in results.json'})",
+             f"* pretraining --set: {' '.join(plan.pretrain_set) or '(none)'}" if plan.pretrain else
+             "* no pretraining (fine-tuned from random weights)",
+             f"* fine-tuning --set: {' '.join(plan.finetune_set) or '(none)'}; evaluation --set: "
+             f"{' '.join(plan.eval_set) or '(none)'}", ""]
+    lines += md_table(["model", "arch", "checkpoint step", "weights sha256"],
+                      [[m["name"], m["arch"], str(m["step"]), m["sha256"][:12]] for m in first["models"]])
+    counts = {}
+    for c in b["cells"]:
+        counts.setdefault(c["length"], set()).add(c["n"])
+    lines += ["", "Samples per cell (each task × length, every model): " +
+              ", ".join(f"{n}: {'/'.join(map(str, sorted(v)))}" for n, v in counts.items()) + "."]
+    return lines
+
+
+def wall_time_section(stages: Stages) -> list[str]:
+    rows = [[r.name, f"{r.wall_s:.1f}", "this run" if r.ran else "an earlier run", f"`{r.command}`"]
+            for r in stages.records]
+    total = sum(r.wall_s for r in stages.records)
+    return md_table(["stage", "wall s", "measured in", "command"], rows) + \
+        ["", f"Total {total:.1f} s ({total / 60:.1f} min) of stage wall time."]
+
+
+def inspect_section(inspect_dir: Path, figures: Path, results_file: Path) -> list[str]:
+    summary = json.loads((inspect_dir / "summary.json").read_text(encoding="utf-8"))
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = [f"`lm2 inspect-memory` on the trained {summary['arch']} model ({summary['checkpoint']}): "
+             f"{summary_text(summary)}.", ""]
+    lines += inspect_table(summary)
+    pngs = sorted(inspect_dir.glob("*.png"))
+    for png in pngs:
+        shutil.copyfile(png, figures / png.name)
+        lines += ["", f"![{png.stem}]({os.path.relpath(figures / png.name, results_file.parent)})"]
+    if not pngs:
+        lines += ["", "(no figures: matplotlib, the `plot` extra, is not installed)"]
+    return lines
+
+
+def summary_text(summary: dict) -> str:
+    return (f"{summary['prompt_tokens']} tokens of a test row, target {summary.get('target', '?')!r}, generated "
+            f"{summary.get('generated_text', '')!r}; {summary.get('facts', 'no facts marked')}")
+
+
+def inspect_table(summary: dict) -> list[str]:
+    """Per memory block: gate means over the written segments, fact attention ratios (1 = facts written like
+    any other token), the answer position's read on the fact slots against the even share."""
+    rows = []
+    for layer, entry in summary["layers"].items():
+        gates = [_mean([s[g] for s in entry["segments"] if g in s]) for g in ("in_gate", "forget_gate", "out_gate")]
+        facts, support = entry.get("facts") or {}, entry.get("supporting_facts") or {}
+        answer = (f"{facts['answer_read_on_fact_slots']:.3f} ({facts['answer_read_even']:.3f})"
+                  if "answer_read_on_fact_slots" in facts else "—")
+        rows.append([layer, _num(facts.get("ratio")), _num(support.get("ratio")), answer, *map(_num, gates)])
+    return md_table(["block", "fact attention ratio", "supporting facts ratio", "answer read on fact slots (even)",
+                     "g_in", "g_f", "g_out"], rows)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path, stages: Stages,
+                   evals: dict[int, Path], inspect_dir: Path, results_file: Path, command: str) -> str:
+    all_results = {seed: read_results(d) for seed, d in evals.items()}
+    figures = results_file.parent / "figures" / f"{results_file.stem}-{mode}"
+    plot = figures / "accuracy_vs_length.png"
+    have_plot = write_plot(all_results, plot)
+    lines = [f"## Results: {mode} run", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} from "
+             f"{', '.join(str(d / 'results.json') for d in evals.values())}; every number below is read from "
+             f"those files.", ""]
+    lines += headline_section(all_results)
+    lines += ["", "### Accuracy against length", ""]
+    lines += [f"![accuracy against length]({os.path.relpath(plot, results_file.parent)})" if have_plot else
+              "(no plot: matplotlib, the `plot` extra, is not installed)", "",
+              "Points are the mean over seeds; bars the 95 % Wilson interval (of the pooled counts over seeds)."]
+    lines += ["", "### Per task", ""] + per_task_section(all_results)
+    lines += ["", "### Settings and sample counts", ""] + settings_section(plan, plan_file, recipes, all_results)
+    lines += ["", "### Wall time of every stage", ""] + wall_time_section(stages)
+    lines += ["", "### Memory of the trained LM2", ""] + inspect_section(inspect_dir, figures, results_file)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(results_file: Path, mode: str, body: str) -> None:
+    """Replace this mode's marked section of the results file (appended if absent); the rest is kept."""
+    start, end = f"<!-- reproduce:{mode}:start -->", f"<!-- reproduce:{mode}:end -->"
+    text = results_file.read_text(encoding="utf-8") if results_file.exists() else ""
+    block = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + block + "\n"
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results_file.with_name(f".{results_file.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, results_file)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the plan's [quick] overrides: qa1, 0k-4k, 3 seeds")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny recipes and sets (recipes/babilong/smoke): the whole pipeline in seconds")
+    p.add_argument("--seed", type=int, action="append",
+                   help="training seed (repeatable); default: the plan's seeds")
+    p.add_argument("--recipes", type=Path, help="directory of <model>.toml recipes and pipeline.toml "
+                                                "(default recipes/babilong, or recipes/babilong/smoke)")
+    p.add_argument("--work", type=Path, help="where data, runs and evaluations go (default runs/babilong[-quick|"
+                                             "-smoke])")
+    p.add_argument("--results", type=Path, help="results file; the run rewrites only its own marked section "
+                                                "(default docs/results.md; with --smoke WORK/results.md)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    recipes = args.recipes or (HERE / "smoke" if args.smoke else HERE)
+    work = args.work or Path("runs") / ("babilong" if mode == "full" else f"babilong-{mode}")
+    results_file = args.results or (work / "results.md" if args.smoke else REPO / "docs" / "results.md")
+    try:
+        plan, plan_file = load_plan(recipes, args.quick)
+        if args.seed:
+            plan = replace(plan, seeds=list(dict.fromkeys(args.seed)))
+        start = time.perf_counter()
+        stages, evals, inspect_dir = run_pipeline(plan, recipes.resolve(), work.resolve())
+        command = "python recipes/babilong/reproduce.py" + "".join(
+            f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+        write_section(results_file, mode, render_section(mode, plan, plan_file, recipes, stages, evals,
+                                                         inspect_dir, results_file, command))
+    except PipelineError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept, run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    print(f"reproduce: {mode} run done in {time.perf_counter() - start:.1f} s; results in {results_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
