@@ -282,6 +282,20 @@ def verify_checkpoint(ckpt: Path, checksums: bool = True, needed: tuple[str, ...
 # ------------------------------------------------------------------------------------------- writing
 
 
+def canonicalise_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place. safetensors serialises `__metadata__` from a
+    Rust HashMap, so the same tensors and metadata gave different bytes (and sha256) on every save; identical
+    runs must give identical files. The sorted compact JSON has the header's length, so only it is rewritten."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never happens for the compact JSON safetensors writes; keep the file as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
     """Write weights, recipe and tokenizer into `directory` (each file atomically)."""
     from safetensors.torch import save_model
@@ -298,6 +312,7 @@ def save_model_files(directory: str | Path, model, recipe, tokenizer) -> None:
     try:
         # save_model (not save_file) de-duplicates tied weights such as the shared embedding / output matrix.
         save_model(model, tmp, metadata={"format": "pt", "lm2_version": __version__, "arch": model.args.arch})
+        canonicalise_safetensors_header(tmp)
         os.replace(tmp, directory / MODEL_FILE)
     finally:
         Path(tmp).unlink(missing_ok=True)

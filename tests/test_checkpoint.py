@@ -149,3 +149,27 @@ def test_checkpoint_info_reads_step_weights_sha_and_validation(tmp_path, tokeniz
     (ckpt / "model.safetensors").write_bytes(b"short")
     with pytest.raises(Lm2Error, match="model.safetensors has 5 bytes, the manifest says"):
         checkpoint_info(ckpt)
+
+
+def test_the_same_model_saved_twice_gives_identical_bytes(tmp_path, tokenizer):
+    """safetensors writes its metadata in hash-map order; identical runs must still give identical files (and
+    sha256s, which results.json records), so the header is rewritten with sorted keys."""
+    import json
+
+    from safetensors.torch import load_file
+
+    recipe = load_recipe(None, SMALL)
+    torch.manual_seed(0)
+    model = build_model(recipe, vocab_size=tokenizer.vocab_size)
+    files = []
+    for i in range(6):
+        save_model_files(tmp_path / str(i), model, recipe, tokenizer)
+        files.append((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    size = int.from_bytes(files[0][:8], "little")
+    header = json.loads(files[0][8:8 + size])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert list(header) == sorted(header)
+    loaded = load_file(tmp_path / "0" / "model.safetensors")  # still a valid file with the same tensors
+    state = model.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
