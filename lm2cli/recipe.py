@@ -126,6 +126,8 @@ class DataConfig:
                                    items=BABI_TASKS)
     builtin_stories: int = opt(20000, "Stories the built-in generator writes", min=1)
     builtin_filler: bool = opt(True, "Mix templated narrative filler prose into the built-in corpus")
+    builtin_repeat: float = opt(0.0, "Share of built-in documents followed by a verbatim copy (copying pays: "
+                                     "grows the induction heads retrieval tasks need)", min=0, max=1)
     val_fraction: float = opt(0.02, "Share of documents held out for validation", gt=0, max=0.5)
     seed: int = opt(1234, "Seed of the built-in generator and the train/val split")
     workers: int = opt(0, "Encoding processes; 0 = one per CPU core", min=0)
