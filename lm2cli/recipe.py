@@ -60,7 +60,8 @@ class ModelConfig:
     rope_theta: float = opt(10000.0, "RoPE base frequency", gt=0)
     norm_eps: float = opt(1e-5, "RMSNorm epsilon", gt=0)
     tie_embeddings: bool = opt(True, "Share the input embedding and output projection weights")
-    init_std: float = opt(0.02, "Standard deviation of the normal weight initialisation", gt=0)
+    init_std: float = opt(
+        0.0, "Standard deviation of the normal weight initialisation; 0 = 1/√d_model (0.088 at d_model 128)", min=0)
     max_seq_len: int = opt(
         4096, "Longest context a full-attention model (attention.window = 0) accepts; no limit with a window",
         min=1)
