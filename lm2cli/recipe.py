@@ -63,7 +63,8 @@ class ModelConfig:
     rope_theta: float = opt(10000.0, "RoPE base frequency", gt=0)
     norm_eps: float = opt(1e-5, "RMSNorm epsilon", gt=0)
     tie_embeddings: bool = opt(True, "Share the input embedding and output projection weights")
-    init_std: float = opt(0.02, "Standard deviation of the normal weight initialisation", gt=0)
+    init_std: float = opt(
+        0.0, "Standard deviation of the normal weight initialisation; 0 = 1/√d_model (0.088 at d_model 128)", min=0)
     max_seq_len: int = opt(
         4096, "Longest context a full-attention model (attention.window = 0) accepts; no limit with a window",
         min=1)
@@ -129,6 +130,8 @@ class DataConfig:
                                    items=BABI_TASKS)
     builtin_stories: int = opt(20000, "Stories the built-in generator writes", min=1)
     builtin_filler: bool = opt(True, "Mix templated narrative filler prose into the built-in corpus")
+    builtin_repeat: float = opt(0.0, "Share of built-in documents followed by a verbatim copy (copying pays: "
+                                     "grows the induction heads retrieval tasks need)", min=0, max=1)
     val_fraction: float = opt(0.02, "Share of documents held out for validation", gt=0, max=0.5)
     seed: int = opt(1234, "Seed of the built-in generator and the train/val split")
     workers: int = opt(0, "Encoding processes; 0 = one per CPU core", min=0)

@@ -83,8 +83,14 @@ def format_story(story: Story) -> str:
 
 
 def render_plain(story: Story) -> str:
-    """A story as pretraining text: no IDs, question lines as `Where is Mary? bathroom`."""
-    return "\n".join(f"{ln.text} {ln.answer}" if ln.is_question else ln.text for ln in story.lines)
+    """A story as pretraining text: no IDs, questions answered in place (`Where is Mary? bathroom`), all on one
+    line joined by single spaces, as BABILong joins the facts of a 0k input.
+
+    One line matters: SentencePiece gives a word its "▁" piece only after a space, so a name starting a line
+    would be other tokens ('M' 'ary') than the same name inside the question ('▁Mary'), and what pretraining
+    teaches about names would not carry over to the fine-tuning and evaluation rows.
+    """
+    return " ".join(f"{ln.text} {ln.answer}" if ln.is_question else ln.text for ln in story.lines)
 
 
 def write_babi_file(path: str | Path, stories: Iterable[Story]) -> None:

@@ -8,6 +8,7 @@ carries about a megabyte of text. Items come out in a fixed order, whatever the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,17 +18,25 @@ from typing import Any
 from lm2cli.errors import Lm2Error
 
 BUILTIN_ITEM_DOCS = 200  # documents per built-in work item
+# Bump when the same recipe would give other built-in documents (2: stories on one line, optional repeats).
+BUILTIN_LAYOUT_VERSION = 2
 TEXT_ITEM_CHARS = 1 << 20  # characters per work item of file or hub text
 
 
 @dataclass(frozen=True)
 class BuiltinCorpus:
-    """bAbI-world stories (train side of the generator), two stories then one filler document, repeating."""
+    """bAbI-world stories (train side of the generator), two stories then one filler document, repeating.
+
+    With `repeat` > 0 that share of documents (chosen by a seeded hash of the document number) is followed by
+    a newline and a verbatim copy of itself: the copy is predictable only by finding the same text earlier and
+    reading what came next, which grows the induction (copy) heads that answering "Where is Mary?" needs.
+    """
 
     tasks: tuple[str, ...]
     stories: int
     filler: bool
     seed: int
+    repeat: float = 0.0
 
     @property
     def n_filler(self) -> int:
@@ -41,6 +50,16 @@ class BuiltinCorpus:
         return {}  # generated text is always valid
 
     def document(self, index: int) -> str:
+        text = self._original(index)
+        return f"{text}\n{text}" if self.repeated(index) else text
+
+    def repeated(self, index: int) -> bool:
+        if self.repeat <= 0:
+            return False
+        digest = hashlib.sha256(f"lm2-corpus-repeat/{self.seed}/{index}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < self.repeat * 2**64
+
+    def _original(self, index: int) -> str:
         from lm2cli.data.babi import render_plain
         from lm2cli.data.filler import filler_document
         from lm2cli.data.stories import generate_story
@@ -60,13 +79,14 @@ class BuiltinCorpus:
 
         return {"kind": "builtin", "generator": "lm2 bAbI-world qa1-qa10 (train side)", "tasks": list(self.tasks),
                 "stories": self.stories, "filler_documents": self.n_filler, "filler_version": FILLER_VERSION,
-                "seed": self.seed, "layout": "story, story, filler, repeating"}
+                "seed": self.seed, "layout": "story, story, filler, repeating; a story is one line",
+                "repeat": self.repeat, "layout_version": BUILTIN_LAYOUT_VERSION}
 
 
 def corpus_for(recipe) -> BuiltinCorpus | FileCorpus | HubCorpus:
     d = recipe.data
     if d.source == "builtin":
-        return BuiltinCorpus(tuple(d.builtin_tasks), d.builtin_stories, d.builtin_filler, d.seed)
+        return BuiltinCorpus(tuple(d.builtin_tasks), d.builtin_stories, d.builtin_filler, d.seed, d.builtin_repeat)
     if d.source == "files":
         from lm2cli.data.files import resolve_files
 

@@ -27,7 +27,7 @@ CONTENT_HASH_LIMIT = 64 << 20
 # [data] keys that never change the shards' content: where they go and how many processes encode them
 # (the output is identical for any worker count; a test checks it).
 _DATA_KEYS_BY_SOURCE = {
-    "builtin": ["builtin_tasks", "builtin_stories", "builtin_filler"],
+    "builtin": ["builtin_tasks", "builtin_stories", "builtin_filler", "builtin_repeat"],
     "files": ["files", "text_field", "text_unit", "on_decode_error"],
     "hub": ["hub_name", "hub_config", "hub_split", "hub_revision", "hub_streaming", "hub_max_docs", "text_field"],
 }
@@ -66,10 +66,12 @@ def fingerprint_inputs(recipe) -> dict[str, Any]:
     else:
         inputs["tokenizer"].update({k: tok[k] for k in _TOKENIZER_TRAINING_KEYS})
     if data["source"] == "builtin":
+        from lm2cli.data.corpus import BUILTIN_LAYOUT_VERSION
         from lm2cli.data.filler import FILLER_VERSION
         from lm2cli.data.stories import GENERATOR_VERSION
 
-        inputs["sources"] = {"generator_version": GENERATOR_VERSION, "filler_version": FILLER_VERSION}
+        inputs["sources"] = {"generator_version": GENERATOR_VERSION, "filler_version": FILLER_VERSION,
+                             "layout_version": BUILTIN_LAYOUT_VERSION}
     elif data["source"] == "files":
         inputs["sources"] = files_signature(resolve_files(data["files"]))
     else:

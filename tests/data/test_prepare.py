@@ -344,3 +344,26 @@ def test_small_sources_are_hashed_large_ones_stat(cli, tmp_path, monkeypatch):
     assert "up to date" in cli("tokenize", recipe_path).out
     os.utime(tmp_path / "b.txt", ns=(2, 2))
     assert "modified source file" in cli("tokenize", recipe_path).out
+
+
+def test_builtin_repeat_appends_a_verbatim_copy_to_its_share_of_documents():
+    tasks = ("qa1", "qa2")
+    plain = BuiltinCorpus(tasks, 300, True, 1234)
+    repeating = BuiltinCorpus(tasks, 300, True, 1234, repeat=0.3)
+    copied = 0
+    for i in range(plain.n_documents):
+        original, doc = plain.document(i), repeating.document(i)
+        if doc != original:
+            assert doc == f"{original}\n{original}"
+            copied += 1
+        assert "\n" not in original or i % 3 == 2  # stories are one line (filler has paragraphs)
+    assert abs(copied / plain.n_documents - 0.3) < 0.06
+    assert [repeating.document(i) for i in range(20)] == [repeating.document(i) for i in range(20)]
+    assert all(BuiltinCorpus(tasks, 300, True, 1234, repeat=1.0).repeated(i) for i in range(50))
+
+
+def test_changing_builtin_repeat_makes_the_shards_stale(cli, tmp_path):
+    recipe_path = write_recipe(tmp_path)
+    assert cli("tokenize", recipe_path).code == 0
+    res = cli("tokenize", recipe_path, "--set", "data.builtin_repeat=0.5")
+    assert res.code == 0 and "data.builtin_repeat (0.0 -> 0.5)" in res.out

@@ -30,13 +30,14 @@ def test_future_tokens_never_change_past_logits(arch, window):
     x = torch.randint(0, VOCAB, (2, 45))  # 5.6 segments: several boundaries, last one open
     with torch.no_grad():
         base, _ = model(x)
+        tol = 1e-6 * max(1.0, base.abs().max().item())  # float32 rounding of logits of this size; a leak is O(1)
         for t in (0, 7, 8, 20, 31, 43):
             changed = x.clone()
             changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
             out, _ = model(changed)
-            assert (out[:, :t + 1] - base[:, :t + 1]).abs().max() <= 1e-6, f"position <= {t} saw the future"
+            assert (out[:, :t + 1] - base[:, :t + 1]).abs().max() <= tol, f"position <= {t} saw the future"
         for t in (2, 3):  # short inputs without a cache take a different mask path
-            assert (model(x[:, :t])[0][:, 0] - base[:, 0]).abs().max() <= 1e-6
+            assert (model(x[:, :t])[0][:, 0] - base[:, 0]).abs().max() <= tol
         # and the test can fail: changing a token does change later logits
         changed = x.clone()
         changed[:, 3] = (changed[:, 3] + 1) % VOCAB

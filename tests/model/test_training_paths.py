@@ -29,7 +29,8 @@ def test_bf16_autocast_keeps_the_bank_float32_and_close_to_fp32():
     banks = [ls.memory.bank for ls in state.layers if ls.memory is not None]
     assert len(banks) == 2 and all(b.dtype == torch.float32 for b in banks)
     assert logits.dtype == torch.float32
-    assert (logits - full).abs().max() < 0.05  # bf16 rounding, not a different computation
+    # bf16 rounding (8 mantissa bits: ~0.4 % relative per operation), not a different computation
+    assert (logits - full).abs().max() < 0.02 * full.abs().max()
     assert (logits - full).abs().max() > 0  # and autocast really ran in bf16
 
 
