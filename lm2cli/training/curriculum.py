@@ -68,7 +68,8 @@ def cut_to(example: Example, k: int, tokenizer) -> Example | None:
     if facts.needed > k:
         return None
     row = example.row
-    short = dict(row, input=row["input"][:row["fact_spans"][k - 1][1]])
+    spans = row["fact_spans"][:k]
+    short = dict(row, input=row["input"][:spans[-1][1]], fact_spans=spans)
     return dataclasses.replace(babilong_example(tokenizer, short), row=short)
 
 
