@@ -204,3 +204,20 @@ def test_validation_stays_on_the_natural_rows(tiny_data, fact_dir):
     data = FactCurriculumData(train, val, 10_000, recipe, tok, 0, "", 1, schedule=schedule, store={})
     assert {facts_of(e, "x").count for e in data.val} == {2, 4, 6, 8, 10}
     assert {facts_of(e, "x").count for e in data.train} <= {1, 2}
+
+
+def test_each_maximum_starts_a_fresh_pass_over_its_rows(tiny_data, fact_dir):
+    from lm2cli.data.tokenizer import Tokenizer
+    from lm2cli.recipe import load_recipe
+    from lm2cli.training.finetune import FactCurriculumData, split_examples
+
+    recipe = load_recipe(None, [f"finetune.data={fact_dir}", *CURRICULUM, "finetune.facts_window=1"])
+    tok = Tokenizer.load(tiny_data / "tokenizer.model")
+    train, val, _ = split_examples(recipe, tok)
+    store = {}
+    data = FactCurriculumData(train, val, 10_000, recipe, tok, 0, "", 1, schedule=FactSchedule.start(recipe, 10),
+                              store=store)
+    change = data.after_step(rows_done=37, correct=4, rows=4)  # one step at 100 %: up to 3 facts from row 37
+    assert change["facts_max"] == 3 and store[STATE_KEY] == {"current": 3, "level_rows": 37, "recent": []}
+    data.collate = lambda examples: [id(e) for e in examples]  # which rows a batch holds
+    assert sorted(data.batch(37, len(data.train))) == sorted(id(e) for e in data.train)  # each once, from row 37
