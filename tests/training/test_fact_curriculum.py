@@ -12,6 +12,7 @@ import pytest
 from lm2cli.errors import Lm2Error
 from lm2cli.training.curriculum import STATE_KEY, FactSchedule, cut_to, facts_of, rows_up_to
 
+from .conftest import REPO
 from .test_finetune import finetune_args, metrics
 
 
@@ -139,7 +140,7 @@ def test_rows_that_do_not_list_their_facts_are_one_error(cli, tiny_data, tmp_pat
     ("finetune.format=jsonl", "the fact curriculum needs format = \"babilong\""),
 ])
 def test_bad_settings_are_one_error_line(cli, setting, message, tmp_path):
-    res = cli("finetune", "recipes/qa1.toml", "--set", setting, "--out", str(tmp_path / "r"))
+    res = cli("finetune", REPO / "recipes" / "qa1.toml", "--set", setting, "--out", str(tmp_path / "r"))
     assert res.code == 2 and res.err.count("\n") == 1 and message in res.err and res.err.startswith("error: ")
 
 
