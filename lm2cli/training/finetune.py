@@ -342,7 +342,7 @@ def fact_schedule(recipe, train_rows: list[Example], plan) -> FactSchedule | Non
     """The fact curriculum (finetune.facts_start > 0), where the resumed checkpoint left it."""
     if not recipe.finetune.facts_start:
         return None
-    schedule = FactSchedule.start(recipe, most_facts(train_rows))
+    schedule = FactSchedule.start(recipe, most_facts(train_rows, recipe.finetune.data))
     saved = (plan.state or {}).get(STATE_KEY)
     if saved is not None:
         from lm2cli.checkpoint import STATE_FILE
