@@ -80,3 +80,74 @@ def rows_up_to(examples: list[Example], k: int, tokenizer) -> list[Example]:
 def most_facts(examples: list[Example], where: str) -> int:
     """The most facts a row has, every row's facts checked first (one error line naming `where`)."""
     return max(facts_of(e, where).count for e in examples)
+
+
+# ---------------------------------------------------------------------------------------- the schedule
+
+
+@dataclass
+class FactSchedule:
+    """The adaptive maximum: when to allow one more fact per row. Pure bookkeeping, no tensors."""
+
+    top: int  # the most facts any training row has: the maximum never goes past it
+    step_em: float  # window exact match that earns a step-up
+    window: int  # steps in the window
+    current: int  # facts per row allowed now
+    level_rows: int = 0  # the data cursor (rows done) when `current` was reached: row order restarts there
+    recent: list[list[int]] = field(default_factory=list)  # [correct rows, answer rows] of the last steps
+
+    @classmethod
+    def start(cls, recipe, top: int) -> FactSchedule:
+        f = recipe.finetune
+        return cls(top=top, step_em=f.facts_step_em, window=f.facts_window, current=min(f.facts_start, top))
+
+    @property
+    def window_em(self) -> float | None:
+        rows = sum(r for _, r in self.recent)
+        return sum(c for c, _ in self.recent) / rows if rows else None
+
+    @property
+    def done(self) -> bool:
+        return self.current >= self.top
+
+    def observe(self, correct: int, rows: int, rows_done: int) -> float | None:
+        """Record one step's exact match (`correct` of `rows` answer rows; `rows_done` is the data cursor after
+        the step). Returns the window's exact match when it just earned one more fact, else None."""
+        if self.done:
+            return None
+        self.recent = (self.recent + [[int(correct), int(rows)]])[-self.window:]
+        em = self.window_em
+        if len(self.recent) < self.window or em is None or em < self.step_em:
+            return None
+        self.current += 1
+        self.level_rows, self.recent = rows_done, []
+        return em
+
+    def state(self) -> dict:
+        return {"current": self.current, "level_rows": self.level_rows, "recent": [list(r) for r in self.recent]}
+
+    def restore(self, saved, where: str) -> None:
+        """Continue from a checkpoint's state (checked: a hand-edited file gives one line, never a traceback)."""
+
+        def is_int(x, low=0) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+        ok = (isinstance(saved, dict) and is_int(saved.get("current"), 1) and is_int(saved.get("level_rows"))
+              and isinstance(saved.get("recent"), list)
+              and all(isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_int(r[1]) and r[0] <= r[1]
+                      for r in saved["recent"]))
+        if not ok:
+            raise Lm2Error(f"{where}: {STATE_KEY} must be {{\"current\": <facts >= 1>, \"level_rows\": <int >= 0>, "
+                           f"\"recent\": [[correct, rows], ...]}}; resume from another checkpoint with --resume-from")
+        self.current = min(saved["current"], self.top)
+        self.level_rows = saved["level_rows"]
+        self.recent = [list(r) for r in saved["recent"]][-self.window:]
+
+
+def describe_start(schedule: FactSchedule, n_rows: int) -> str:
+    if schedule.done:
+        return (f"fact curriculum: rows of up to {schedule.current} facts, the most any training row has "
+                f"({n_rows:,} rows): nothing left to step up")
+    return (f"fact curriculum: rows of up to {schedule.current} of at most {schedule.top} facts ({n_rows:,} rows); "
+            f"one more when the training exact match over {schedule.window} steps reaches {schedule.step_em:.0%}")
+
