@@ -203,6 +203,12 @@ class FinetuneConfig:
     val_data: str = opt("", "Validation data in the same format; empty = hold out part of `data`")
     tasks: list[str] = opt(["qa1"], "bAbI tasks to fine-tune on (format = babilong)", items=BABI_TASKS)
     stages: list[int] = opt([1], "Curriculum: memory segments per sample in each stage, e.g. [1, 2, 4]")
+    facts_start: int = opt(0, "Fact-count curriculum (babilong rows): train first on rows of at most this many "
+                              "facts, one more each time the training exact match reaches facts_step_em; 0 = off",
+                           min=0)
+    facts_step_em: float = opt(0.9, "Training exact match over the last facts_window steps that allows one more "
+                                    "fact per row", gt=0, max=1)
+    facts_window: int = opt(100, "Steps whose training exact match decides a step-up of the fact curriculum", min=1)
 
 
 @dataclass
@@ -491,6 +497,13 @@ def _cross_checks(r: Recipe) -> list[str]:
         p.append(f"tokenizer.extra_symbols repeats tokenizer.answer_token '{r.tokenizer.answer_token}'")
     if any(s < 1 for s in r.finetune.stages) or not r.finetune.stages:
         p.append(f"finetune.stages = {_fmt(r.finetune.stages)}: expected a non-empty list of positive integers")
+    if r.finetune.facts_start and r.finetune.format != "babilong":
+        p.append(f"finetune.facts_start = {r.finetune.facts_start}: the fact curriculum needs format = \"babilong\" "
+                 f"rows (they list their facts); set facts_start = 0 for jsonl")
+    elif r.finetune.facts_start and len(r.finetune.stages) > 1:
+        p.append(f"finetune.facts_start = {r.finetune.facts_start} needs a single stage, finetune.stages = "
+                 f"{_fmt(r.finetune.stages)} has {len(r.finetune.stages)}: learn the facts first (one stage), then "
+                 f"start a staged run from it with finetune.init_from")
     return p
 
 

@@ -10,8 +10,9 @@ trained and scored on).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm2cli.errors import Lm2Error
@@ -22,6 +23,9 @@ class Example:
     prompt: list[int]  # tokens that get no loss, BOS (and the answer separator) included
     answer: list[int]  # tokens that get loss, EOS included
     text_answer: str = ""
+    # The row it was assembled from, with every key of the file (fact_spans, support, ...), when loaded with
+    # keep_extra: the fact curriculum (lm2cli.training.curriculum) cuts rows by their facts.
+    row: dict | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.answer)
@@ -84,21 +88,25 @@ def babilong_lengths(source: str, tasks: list[str], recipe) -> list[str]:
                    f"or a hub dataset name)")
 
 
-def read_babilong(source: str, tasks: list[str], recipe) -> list[dict]:
+def read_babilong(source: str, tasks: list[str], recipe, keep_extra: bool = False) -> list[dict]:
     from lm2cli.data.babilong import load_babilong
 
     rows = []
     for task in tasks:
         for length in babilong_lengths(source, [task], recipe):
-            rows.extend(dict(r, task=task, length=length) for r in load_babilong(source, length, task))
+            rows.extend(dict(r, task=task, length=length) for r in load_babilong(source, length, task, keep_extra))
     if not rows:
         raise Lm2Error(f"{source}: no BABILong rows for tasks {', '.join(tasks)}")
     return rows
 
 
-def load_examples(recipe, tokenizer, source: str) -> list[Example]:
-    """Every row of `source` assembled for the recipe's finetune.format ("jsonl" or "babilong", finetune.tasks)."""
+def load_examples(recipe, tokenizer, source: str, keep_rows: bool = False) -> list[Example]:
+    """Every row of `source` assembled for the recipe's finetune.format ("jsonl" or "babilong", finetune.tasks).
+    `keep_rows`: each BABILong Example keeps its row with every key of the file (`Example.row`)."""
     f = recipe.finetune
     if f.format == "jsonl":
         return [jsonl_example(tokenizer, r) for r in read_jsonl(Path(source))]
-    return [babilong_example(tokenizer, r) for r in read_babilong(source, list(f.tasks), recipe)]
+    rows = read_babilong(source, list(f.tasks), recipe, keep_extra=keep_rows)
+    if not keep_rows:
+        return [babilong_example(tokenizer, r) for r in rows]
+    return [dataclasses.replace(babilong_example(tokenizer, r), row=r) for r in rows]

@@ -30,6 +30,7 @@ from lm2cli.checkpoint import TOKENIZER_FILE
 from lm2cli.data.examples import Example, load_examples
 from lm2cli.errors import Lm2Error
 from lm2cli.scoring import IGNORE
+from lm2cli.training.curriculum import STATE_KEY, FactSchedule, describe_start, most_facts, rows_up_to
 from lm2cli.training.cursor import RowOrder, spread_indices
 from lm2cli.training.driver import run_stages
 from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
@@ -104,9 +105,54 @@ class FinetuneData:
             yield self.collate(self.val[b * self.batch_size:(b + 1) * self.batch_size])
 
 
+class FactCurriculumData(FinetuneData):
+    """FinetuneData whose training rows are those allowed by the fact curriculum's current maximum
+    (lm2cli.training.curriculum): after each step the loop reports the step's exact match (`after_step`), and a
+    step-up swaps in the rows of one more fact, in their own seeded order from that point of the data cursor.
+    The schedule's state is kept current in `store` (the session's extra trainer state), so every checkpoint
+    holds it."""
+
+    def __init__(self, train: list[Example], val: list[Example], budget: int, recipe, tokenizer, stage: int,
+                 label: str, world: int, schedule: FactSchedule, store: dict):
+        self.all_train, self.tokenizer, self.schedule, self.store = train, tokenizer, schedule, store
+        first = rows_up_to(train, schedule.current, tokenizer)
+        if not first:
+            raise Lm2Error(f"finetune.facts_start = {recipe.finetune.facts_start}: no training row has at most "
+                           f"{schedule.current} facts or can be cut to them (its answer needs later facts); raise "
+                           f"finetune.facts_start")
+        super().__init__(first, val, budget, recipe, tokenizer, stage, label, world)
+        self.order_seed = (recipe.train.seed, stage)
+        self.order = self.level_order()
+        store[STATE_KEY] = schedule.state()
+
+    def level_order(self) -> RowOrder:
+        return RowOrder(len(self.train), (*self.order_seed, self.schedule.current))
+
+    def batch(self, first_row: int, count: int) -> Batch:
+        rows = self.order.rows(first_row - self.schedule.level_rows, count)
+        return self.collate([self.train[i] for i in rows])
+
+    def describe(self) -> str:
+        return f"{super().describe()}; {describe_start(self.schedule, len(self.train))}"
+
+    def after_step(self, rows_done: int, correct: int, rows: int) -> dict | None:
+        earned = self.schedule.observe(correct, rows, rows_done)
+        self.store[STATE_KEY] = self.schedule.state()
+        if earned is None:
+            return None
+        examples = rows_up_to(self.all_train, self.schedule.current, self.tokenizer)
+        self.train = [e for e in examples if len(e) <= self.budget]
+        self.left_out = len(examples) - len(self.train)
+        self.order = self.level_order()
+        return {"message": f"fact curriculum: training exact match {earned:.1%} over the last "
+                           f"{self.schedule.window} steps; rows now have up to {self.schedule.current} facts "
+                           f"({len(self.train):,} rows)",
+                "facts_max": self.schedule.current, "train_em": earned, "rows": len(self.train)}
+
+
 def split_examples(recipe, tokenizer) -> tuple[list[Example], list[Example], str]:
     f = recipe.finetune
-    train = load_examples(recipe, tokenizer, f.data)
+    train = load_examples(recipe, tokenizer, f.data, keep_rows=f.facts_start > 0)
     if f.val_data:
         return train, load_examples(recipe, tokenizer, f.val_data), f"validation: {f.val_data}"
     if len(train) < 2:
@@ -275,9 +321,14 @@ def _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums=True) -
     s = open_session("finetune", recipe, rt, tokenizer, model, plan,
                      extra_state={"init_from": recipe.finetune.init_from})
 
+    schedule = fact_schedule(recipe, train_rows, plan)
+
     def data_for(stage: Stage) -> FinetuneData:
-        d = FinetuneData(train_rows, val_rows, budgets[stage.index], recipe, tokenizer, stage.index, stage.label,
-                         rt.world)
+        args = (budgets[stage.index], recipe, tokenizer, stage.index, stage.label, rt.world)
+        if schedule is None:
+            d = FinetuneData(train_rows, val_rows, *args)
+        else:
+            d = FactCurriculumData(train_rows, val_rows, *args, schedule=schedule, store=s.extra_state)
         info(rt, f"{stage.label}{d.describe()}")
         return d
 
@@ -285,6 +336,19 @@ def _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums=True) -
         dry_run_report(s, data_for(stages[s.stage]), stages[s.stage])
         return
     run_stages(s, plan, stages, data_for)
+
+
+def fact_schedule(recipe, train_rows: list[Example], plan) -> FactSchedule | None:
+    """The fact curriculum (finetune.facts_start > 0), where the resumed checkpoint left it."""
+    if not recipe.finetune.facts_start:
+        return None
+    schedule = FactSchedule.start(recipe, most_facts(train_rows, recipe.finetune.data))
+    saved = (plan.state or {}).get(STATE_KEY)
+    if saved is not None:
+        from lm2cli.checkpoint import STATE_FILE
+
+        schedule.restore(saved, str(plan.resume_from / STATE_FILE))
+    return schedule
 
 
 def make_stages(recipe, budgets: list[int]) -> list[Stage]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lm2cli import checkpoint as layout
 from lm2cli.errors import Lm2Error
-from lm2cli.scoring import IGNORE, Scores, loss_sum, score_batches
+from lm2cli.scoring import IGNORE, Scores, answer_hits, loss_sum, score_batches
 from lm2cli.training import checkpoints as ck
 from lm2cli.training.cursor import rows_for
 from lm2cli.training.metrics import LossEMA
@@ -77,8 +77,10 @@ def train_stage(s: Session, data, stage: Stage) -> None:
         t0 = time.perf_counter()
         local = s.step - stage.start_step
         lr = lr_at(local, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_steps=tcfg.warmup_steps, total_steps=stage.steps)
-        loss, grad_norm, n_tokens = optimizer_step(s, data, lr)
+        loss, grad_norm, n_tokens, hits = optimizer_step(s, data, lr)
         s.train_seconds += time.perf_counter() - t0
+        if hits is not None:
+            after_step(s, data, stage, hits)
         tokens_since += n_tokens
         smooth = ema.update(loss)
         local += 1
@@ -100,8 +102,10 @@ def train_stage(s: Session, data, stage: Stage) -> None:
                 f"Resume with: {s.resume_hint}", s.stop.signum)
 
 
-def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm, input tokens)."""
+def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int, tuple[int, int] | None]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, gradient norm, input tokens, and
+    for data that watches its own progress (`data.after_step`) the step's (correct, answer) rows over all ranks).
+    """
     rt, tcfg = s.rt, s.recipe.train
     set_lr(s.optimizer, lr)
     batches = [to_device(data.batch(rows_for(s.rows_done, m, rt.rank, rt.world, tcfg.batch_size), tcfg.batch_size),
@@ -110,10 +114,14 @@ def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
                            sum(b.n_tokens for b in batches)], dtype=torch.float64)
     n_targets, n_tokens = (int(x) for x in rt.all_reduce(counts).tolist())
     total_loss = torch.zeros((), dtype=torch.float64, device=rt.device)
+    watch = hasattr(data, "after_step")  # exact match of the step's own rows, from its logits (fact curriculum)
+    hits = torch.zeros(2, dtype=torch.long, device=rt.device)
     for m, batch in enumerate(batches):
         # Gradients are reduced across ranks on the last micro-batch only; the others accumulate locally.
         with gradient_sync(s, enabled=m == len(batches) - 1):
-            loss, _, state = forward_loss(s, batch, s.train_model, s.carry)
+            loss, logits, state = forward_loss(s, batch, s.train_model, s.carry)
+            if watch:
+                hits += answer_hits(logits, batch.targets)
             # Scaled so that the gradient DDP/FSDP average over ranks is the mean over all target tokens.
             (loss * (rt.world / max(1, n_targets))).backward()
         total_loss += loss.detach().double()
@@ -132,7 +140,19 @@ def optimizer_step(s: Session, data, lr: float) -> tuple[float, float, int]:
     s.steps_this_run += 1
     s.rows_done += tcfg.batch_size * tcfg.grad_accum * rt.world
     rt.sync()
-    return step_loss, norm, n_tokens
+    step_hits = tuple(int(x) for x in rt.all_reduce(hits.double()).tolist()) if watch else None
+    return step_loss, norm, n_tokens, step_hits
+
+
+def after_step(s: Session, data, stage: Stage, hits: tuple[int, int]) -> None:
+    """Tell the data how the step went; a change it reports (a curriculum step-up) goes to the console and
+    metrics.jsonl (kind "curriculum")."""
+    change = data.after_step(s.rows_done, *hits)
+    if change is None:
+        return
+    s.say(f"{stage.label}step {s.step}: {change.pop('message')}")
+    if s.metrics is not None:
+        s.metrics.write({"kind": "curriculum", "step": s.step, "stage": stage.index + 1, **change})
 
 
 def log_step(s: Session, data, stage: Stage, loss: float, smooth: float, lr: float, grad_norm: float,
