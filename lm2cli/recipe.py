@@ -84,7 +84,9 @@ class MemoryConfig:
     init: Literal["identity", "learned"] = opt(
         "identity", "identity: slot r starts as e_r; learned: the initial bank is a trained parameter")
     carry: bool = opt(False, "Carry the memory (detached) from one training batch to the next, as the paper's code")
-    out_gate_bias: float = opt(0.0, "Initial output-gate bias; negative starts the memory path nearly closed")
+    # -4: the gate starts at 0.018, so the untrained memory does not add noise to a backbone that does not need it
+    # yet (at 0 its read after the first write is as loud as the embeddings); it opens when the read helps.
+    out_gate_bias: float = opt(-4.0, "Initial output-gate bias; negative starts the memory path nearly closed")
     forget_gate_bias: float = opt(1.0, "Initial forget-gate bias; positive remembers by default")
 
 

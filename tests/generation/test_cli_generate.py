@@ -21,7 +21,9 @@ def save_run(run_dir: Path, tokenizer, overrides=()) -> Path:
     """A run directory with one checkpoint of a freshly initialised tiny model, as training would leave it."""
     from lm2cli.recipe import load_recipe
 
-    recipe = load_recipe(TINY, ["model.init_std=0.3", *overrides])
+    # memory.out_gate_bias=0: the gate open (0.5, not the default 0.018), so the
+    # memory path is loud enough for these checks to test it
+    recipe = load_recipe(TINY, ["model.init_std=0.3", "memory.out_gate_bias=0", *overrides])
     torch.manual_seed(0)
     model = model_core.build_model(recipe, vocab_size=tokenizer.vocab_size)
     ckpt = run_dir / "checkpoints" / "step_00000020"

@@ -22,7 +22,9 @@ def tiny_recipe(arch: str, window: int):
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         # Large initial weights give peaked logits, so argmax comparisons are not decided by float noise.
         "model.init_std=0.3", "memory.slots=4", "memory.heads=2", f"memory.segment_len={SEGMENT}",
-        f"attention.window={window}", "model.max_seq_len=256"])
+        # memory.out_gate_bias=0: the gate open (0.5, not the default 0.018), so the
+        # memory path is loud enough for these checks to test it
+        f"attention.window={window}", "model.max_seq_len=256", "memory.out_gate_bias=0"])
 
 
 @pytest.mark.parametrize("window", [0, 5])

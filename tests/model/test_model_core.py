@@ -16,7 +16,10 @@ def tiny(arch: str, window: int = 0, *extra: str):
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
-        "memory.segment_len=8", f"attention.window={window}", *extra])
+        # memory.out_gate_bias=0: the gate open (0.5, not the default 0.018), so the
+        # memory path is loud enough for these checks to test it
+        "memory.segment_len=8", f"attention.window={window}", "memory.out_gate_bias=0",
+        *extra])
     torch.manual_seed(0)
     return build_model(recipe)
 
