@@ -282,3 +282,25 @@ def test_damaged_checkpoints(cli, tmp_path, gen_run, case):
 
 def test_the_fuzzers_cover_every_recipe_key_with_a_defect():
     assert all(len(defects_for(k)) >= 2 for k in FIELDS)
+
+
+@settings(FUZZ, max_examples=8)
+@given(case=damage(), command=st.sampled_from(["eval", "inspect-memory"]))
+def test_damaged_checkpoints_refused_by_every_reader(cli, tmp_path, gen_run, case, command):
+    """eval and inspect-memory read the same checkpoints as generate: the same damage is one line, exit 2."""
+    import shutil
+
+    run = case_dir(tmp_path) / "run"
+    shutil.copytree(gen_run, run)
+    problems = apply_damage(run / "checkpoints" / "step_00000020", *case)
+    check(cli(command, run, "--out", str(run.parent / "out")), problems)
+    assert not (run.parent / "out").exists()  # nothing written for a refused checkpoint
+
+
+@pytest.mark.parametrize("sets", [
+    ["finetune.facts_start=2", "finetune.stages=[1, 2]"],  # the fact curriculum needs a single stage
+    ["finetune.facts_start=2", "finetune.format=\"jsonl\""],  # and rows that list their facts
+])
+def test_fact_curriculum_conflicts_are_one_line(cli, tmp_path, sets):
+    args = [a for s in sets for a in ("--set", s)]
+    check(cli("finetune", TINY, *args, "--out", str(case_dir(tmp_path) / "run")), 1)
