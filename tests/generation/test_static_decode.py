@@ -121,17 +121,9 @@ def traced_only(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["lm2", "rmt"])
 def test_generator_with_compile_gives_the_eager_text(tokenizer, traced_only, arch):
-    from lm2cli.generation.generator import Generator
     from lm2cli.generation.sampling import SamplingParams
 
-    recipe = load_recipe(None, [f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-                                "model.init_std=0.3", "memory.slots=4", "memory.heads=2",
-                                f"memory.segment_len={SEGMENT}", "attention.window=6"])
-    torch.manual_seed(0)
-    model = build_model(recipe, vocab_size=tokenizer.vocab_size)
-    eager = Generator(model, tokenizer, recipe, device="cpu")
-    compiled = Generator(model, tokenizer, recipe, device="cpu", compile=True)
-    compiled.warm_up()
+    eager, compiled = eager_and_compiled(arch, tokenizer)
     assert traced_only.graphs == 2  # step and the segment boundary, compiled before the first prompt
     for params in (SamplingParams(temperature=0.0, max_new_tokens=30, min_new_tokens=30),
                    SamplingParams(temperature=1.0, top_k=20, seed=5, max_new_tokens=30, min_new_tokens=30)):
@@ -168,11 +160,20 @@ def test_compile_is_not_a_per_prompt_setting(cli, tokenizer, tmp_path):
 def test_generator_compiled_by_inductor_gives_the_eager_tokens(tokenizer):
     """The real compilation `lm2 generate --compile` uses on this device (inductor, C++ wrapper on a CPU):
     tens of seconds with a warm compiler cache, minutes without."""
-    from lm2cli.generation.generator import Generator
     from lm2cli.generation.sampling import SamplingParams
 
     torch._dynamo.reset()
-    recipe = load_recipe(None, ["model.arch=lm2", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+    eager, compiled = eager_and_compiled("lm2", tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=3 * SEGMENT, min_new_tokens=3 * SEGMENT)
+    prompt = "Mary went to the kitchen."
+    assert compiled.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
+
+
+def eager_and_compiled(arch, tokenizer):
+    """The same small model behind an eager and a compiled (warmed-up) generator."""
+    from lm2cli.generation.generator import Generator
+
+    recipe = load_recipe(None, [f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
                                 "model.init_std=0.3", "memory.slots=4", "memory.heads=2",
                                 f"memory.segment_len={SEGMENT}", "attention.window=6"])
     torch.manual_seed(0)
@@ -180,6 +181,4 @@ def test_generator_compiled_by_inductor_gives_the_eager_tokens(tokenizer):
     eager = Generator(model, tokenizer, recipe, device="cpu")
     compiled = Generator(model, tokenizer, recipe, device="cpu", compile=True)
     compiled.warm_up()
-    params = SamplingParams(temperature=0.0, max_new_tokens=3 * SEGMENT, min_new_tokens=3 * SEGMENT)
-    prompt = "Mary went to the kitchen."
-    assert compiled.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
+    return eager, compiled
