@@ -71,6 +71,7 @@ class Plan:
     seeds: list[int] = field(default_factory=lambda: [1234])
     pretrain: bool = True          # false: fine-tune from random weights (finetune.init_from = "")
     pretrain_set: list[str] = field(default_factory=list)   # --set of every `lm2 pretrain`
+    base_set: list[str] = field(default_factory=list)       # --set of the base fine-tune; empty = none (below)
     finetune_set: list[str] = field(default_factory=list)   # --set of every `lm2 finetune`
     eval_set: list[str] = field(default_factory=lambda: ['eval.run=["babilong"]', "eval.retrieval=\"bm25\""])
     inspect_args: list[str] = field(default_factory=lambda: ["--generate", "4"])
@@ -231,6 +232,9 @@ class Layout:
     def pretrain(self, seed: int, model: str) -> Path:
         return self.seed_dir(seed) / "pretrain" / model
 
+    def base(self, seed: int, model: str) -> Path:
+        return self.seed_dir(seed) / "finetune-base" / model
+
     def finetune(self, seed: int, model: str) -> Path:  # the directory name is the model's name in lm2 eval
         return self.seed_dir(seed) / "finetune" / model
 
@@ -280,8 +284,15 @@ def build_sets(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inpu
 
 
 def train_model(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout) -> None:
+    """Pretraining (plan.pretrain), the base fine-tune (plan.base_set), then the long fine-tune, each stage
+    starting from the weights of the one before. The base fine-tune is a separate `lm2 finetune` because the
+    fact-count curriculum it runs (learn qa1's reasoning on 0k rows first, docs/results.md) cannot share a run
+    with the segment stages of the long fine-tune."""
     inputs = {"recipe_sha256": sha256_file(recipe)}
     common = ["--set", f"data.dir={json.dumps(str(lay.data))}", "--set", f"train.seed={seed}"]
+    data = ["--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
+            "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}",
+            "--set", f"finetune.tasks={toml_list(plan.tasks)}"]
     init_from = ""
     if plan.pretrain:
         out = lay.pretrain(seed, model)
@@ -289,11 +300,16 @@ def train_model(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int,
         stages.run(f"seed{seed}/pretrain/{model}", argv, inputs, resume_dir=out)
         init_from = str(out)
         inputs = inputs | {"init_weights": run_weights(out)}
+    if plan.base_set:
+        out = lay.base(seed, model)
+        argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
+                *_sets(plan.base_set), "--out", str(out)]
+        stages.run(f"seed{seed}/finetune-base/{model}", argv, inputs, resume_dir=out)
+        init_from = str(out)
+        inputs = inputs | {"base_weights": run_weights(out)}
     out = lay.finetune(seed, model)
-    argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}",
-            "--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
-            "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}",
-            "--set", f"finetune.tasks={toml_list(plan.tasks)}", *_sets(plan.finetune_set), "--out", str(out)]
+    argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
+            *_sets(plan.finetune_set), "--out", str(out)]
     stages.run(f"seed{seed}/finetune/{model}", argv, inputs, resume_dir=out)
 
 
@@ -544,6 +560,7 @@ def settings_section(plan: Plan, plan_file: Path | None, recipes: Path, all_resu
              f"same rows (rows_sha256 {first['babilong']['data'].get('rows_sha256', '')[:16] or 'in results.json'})",
              f"* pretraining --set: {' '.join(plan.pretrain_set) or '(none)'}" if plan.pretrain else
              "* no pretraining (fine-tuned from random weights)",
+             f"* base fine-tune --set: {' '.join(plan.base_set)}" if plan.base_set else "* no base fine-tune",
              f"* fine-tuning --set: {' '.join(plan.finetune_set) or '(none)'}; evaluation --set: "
              f"{' '.join(plan.eval_set) or '(none)'}", ""]
     lines += md_table(["model", "arch", "checkpoint step", "weights sha256"],

@@ -71,10 +71,18 @@ def test_every_stage_is_a_printed_lm2_command(smoke):
     printed = re.findall(r"^\[([^\]]+)\] \$ lm2 (\S+)", proc.stdout, flags=re.M)
     expected = [("tokenize", "tokenize")] + [(f"babilong-{s}", "babilong") for s in ("train", "val", "test")]
     for m in MODELS:
-        expected += [(f"seed7/pretrain/{m}", "pretrain"), (f"seed7/finetune/{m}", "finetune")]
+        expected += [(f"seed7/pretrain/{m}", "pretrain"), (f"seed7/finetune-base/{m}", "finetune"),
+                     (f"seed7/finetune/{m}", "finetune")]
     expected += [("seed7/eval", "eval"), ("seed7/inspect-memory", "inspect-memory")]
     assert printed == expected
     assert len(list((work / "stages").glob("*.json"))) == len(expected)
+    # each fine-tune starts from the stage before: pretraining -> base fine-tune (fact curriculum) -> long one
+    commands = dict(re.findall(r"^\[([^\]]+)\] \$ (lm2 .*)$", proc.stdout, flags=re.M))
+    for m in MODELS:
+        assert f'finetune.init_from="{work}/seed7/pretrain/{m}"' in commands[f"seed7/finetune-base/{m}"]
+        assert "finetune.facts_start=2" in commands[f"seed7/finetune-base/{m}"]
+        assert f'finetune.init_from="{work}/seed7/finetune-base/{m}"' in commands[f"seed7/finetune/{m}"]
+        assert "facts_start" not in commands[f"seed7/finetune/{m}"]
 
 
 @pytest.mark.slow
@@ -158,7 +166,8 @@ def test_rerun_resumes_an_interrupted_stage_and_reproduces_the_numbers(smoke):
     ran = re.findall(r"^\[([^\]]+)\] \$ (lm2 .*)$", proc.stdout, flags=re.M)
     assert [name for name, _ in ran][:2] == ["seed7/finetune/lm2", "seed7/eval"]
     assert ran[0][1].endswith(" --resume")
-    assert "[seed7/pretrain/lm2] done earlier" in proc.stdout and "[tokenize] done earlier" in proc.stdout
+    assert "[seed7/pretrain/lm2] done earlier" in proc.stdout
+    assert "[seed7/finetune-base/lm2] done earlier" in proc.stdout and "[tokenize] done earlier" in proc.stdout
     after = weights(run)
     assert after.keys() == before.keys() and all((after[k] == before[k]).all() for k in after)
     assert len(list((work / "seed7").glob("eval.earlier-*/results.json"))) == 1
