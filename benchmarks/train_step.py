@@ -9,7 +9,11 @@ Models are timed in interleaved rounds (a b c d a b c d ...) so that a noisy nei
 the best round of each counts. MFU is reported against an fp32 (or bf16 on CUDA) matmul peak measured in the
 same run. Targets (issue 3): b/a >= 1.0, c/b >= 0.75.
 
-Recipe mode (`--recipe`): the recipe's LM2 and its vanilla twin, each trained as `lm2 pretrain` would on this
+Compare mode (`--recipe A.toml --recipe B.toml ...`, e.g. `--recipe recipes/babilong/{lm2,rmt,vanilla,
+vanilla-window}.toml --seq 1024 --seq 4096`): each recipe's model as written, trained as `lm2 pretrain` would,
+in interleaved rounds at each sequence length; prints tokens/s and the ratio to the first recipe.
+
+Recipe mode (one `--recipe`): the recipe's LM2 and its vanilla twin, each trained as `lm2 pretrain` would on this
 device: bf16 autocast on CUDA (the memory bank in float32), lm2's AdamW groups (the fused kernel on CUDA),
 torch.compile when train.compile (the first, compiling steps are not timed), activation checkpointing when the
 recipe asks. Prints tokens/s, MFU against the bf16 matmul peak measured in this run (and against the GPU's
@@ -255,13 +259,45 @@ def recipe_mode(args) -> dict:
     return out
 
 
+def compare_mode(args) -> dict:
+    """Each recipe's own model, timed in interleaved rounds at every --seq; ratios against the first recipe."""
+    from lm2cli.recipe import load_recipe
+
+    device = args.device
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    out = {"device": device, "threads": torch.get_num_threads(), "runs": []}
+    for seq in args.seqs:
+        runners = []
+        for path in args.recipe:
+            first = load_recipe(path)
+            vocab = args.vocab or first.model.vocab_size or first.tokenizer.vocab_size
+            recipe = load_recipe(path, [f"model.vocab_size={vocab}", *args.set])
+            batch = args.batch or recipe.train.batch_size
+            runners.append((path, batch, recipe_runner(Path(path).stem, recipe, device, batch, seq, False)))
+        for _, _, r in runners:
+            r.step()
+        for _ in range(args.rounds):
+            for _, _, r in runners:
+                r.time_round(args.steps)
+        base = None
+        print(f"seq {seq}: {'recipe':38s} {'params':>8s} {'batch':>5s} {'tokens/s':>10s} {'s/step':>8s} {'ratio':>6s}")
+        for path, batch, r in runners:
+            rate = batch * seq / r.best
+            base = base or rate
+            params = r.model.param_report()["total"]
+            print(f"         {path:38s} {params / 1e6:7.2f}M {batch:5d} {rate:10.0f} {r.best:8.3f} {rate / base:6.2f}")
+            out["runs"].append({"recipe": path, "seq": seq, "batch": batch, "params": params, "tokens_per_s": rate})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--seq", type=int, action="append", dest="seqs",
+                   help="sequence length (default 1024; compare mode: repeatable)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -270,14 +306,26 @@ def main() -> None:
     p.add_argument("--segment", type=int, default=128)
     p.add_argument("--rmt-tokens", type=int, default=16)
     p.add_argument("--only", default="a,b,c,d", help="subset of models to run, e.g. b,c")
-    p.add_argument("--recipe", help="recipe mode: this recipe's LM2 and vanilla twin, trained as lm2 pretrain does")
+    p.add_argument("--recipe", action="append", default=[],
+                   help="recipe mode: this recipe's LM2 and vanilla twin, trained as lm2 pretrain does; "
+                        "repeated: compare mode, each recipe's own model")
     p.add_argument("--no-compile", action="store_true", help="recipe mode: do not compile even if train.compile")
     p.add_argument("--precision-steps", type=int, default=0, help="recipe mode: bf16 vs fp32 loss curves, N steps")
     p.add_argument("--precision-batch", type=int, default=0, help="recipe mode: batch of the precision check")
     p.add_argument("--json", help="write the results of recipe mode to this file")
     p.add_argument("--set", action="append", default=[], help="recipe mode: override a recipe key (repeatable)")
     args = p.parse_args()
+    args.seq = args.seqs[0] if args.seqs else 1024
+    args.seqs = args.seqs or [1024]
+    if len(args.recipe) > 1:
+        args.batch = args.batch if "--batch" in sys.argv else 0
+        args.vocab = args.vocab if "--vocab" in sys.argv else 0
+        result = compare_mode(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result) + "\n")
+        return
     if args.recipe:
+        args.recipe = args.recipe[0]
         args.batch = args.batch if "--batch" in sys.argv else 0  # recipe mode: the recipe's sizes unless given
         args.seq = args.seq if "--seq" in sys.argv else 0
         args.vocab = args.vocab if "--vocab" in sys.argv else 0

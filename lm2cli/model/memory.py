@@ -45,7 +45,7 @@ class MemoryState:
 
 class LM2Memory(nn.Module):
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
-                 out_gate_bias: float, forget_gate_bias: float):
+                 out_gate_bias: float, forget_gate_bias: float, update: str = "sum"):
         super().__init__()
         if d_model % heads or slot_dim % heads:
             raise ValueError("memory heads must divide d_model and slot_dim")
@@ -64,6 +64,9 @@ class LM2Memory(nn.Module):
         else:
             self.register_buffer("bank0", bank0, persistent=False)
         self._out_gate_bias, self._forget_gate_bias = out_gate_bias, forget_gate_bias
+        if update not in ("sum", "normalized"):
+            raise ValueError(f"memory update {update!r}: expected 'sum' or 'normalized'")
+        self.normalized_update = update == "normalized"
 
     def reset_gate_biases(self) -> None:
         """Gate biases from the recipe: output gate (negative = start nearly closed), forget gate +1 (remember)."""
@@ -194,7 +197,13 @@ class LM2Memory(nn.Module):
         update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
         gates = torch.sigmoid(self.in_forget_gate.forward(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
         g_in, g_forget = gates.chunk(2, dim=-1)
-        return g_in * torch.tanh(update) + g_forget * bank, probs_w, g_in, g_forget
+        new_bank = g_in * torch.tanh(update) + g_forget * bank
+        if self.normalized_update:
+            # A weighted mean of the new content and the old slot: every entry stays within [-1, 1] (tanh and the
+            # one-hot M0 are), however many segments are written. With the plain sum, a slot whose forget gate
+            # sits near 1 grows with every write (measured: bank norm 2.6 after one segment, 157 after 62).
+            new_bank = new_bank / (g_in + g_forget)
+        return new_bank, probs_w, g_in, g_forget
 
     def _write(self, scores: Tensor, content: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
                end_pos: int) -> MemoryState:

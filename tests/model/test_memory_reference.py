@@ -183,3 +183,37 @@ def test_gate_biases_come_from_the_recipe():
     for write in rec.writes[0]:
         assert torch.allclose(write.in_gate, torch.full_like(write.in_gate, 0.5))
         assert torch.allclose(write.forget_gate, torch.full_like(write.forget_gate, torch.sigmoid(torch.tensor(1.5))))
+
+
+def test_the_normalized_write_is_the_gate_weighted_mean_of_content_and_bank(setup):
+    """memory.update = "normalized": M' = (g_in ⊙ tanh(U) + g_f ⊙ M) / (g_in + g_f), same gates as the sum."""
+    _, w, x = setup
+    module = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 1.0, update="normalized")
+    load_equation_weights(module, w)
+    write = reference(x[:, :S], w, module.bank0)["writes"][0]
+    g_in, g_f, update, bank0 = write["in_gate"], write["forget_gate"], write["update"], module.bank0.double()
+    rec = MemoryRecorder()
+    module(x[:, :S], module.init_state(2), recorder=rec)
+    expected = (g_in * torch.tanh(update) + g_f * bank0) / (g_in + g_f)
+    assert (expected - write["bank"]).abs().max() > 0.1  # not the sum
+    assert close(rec.writes[0][0].bank, expected)
+
+
+@pytest.mark.parametrize("update, bounded", [("sum", False), ("normalized", True)])
+def test_only_the_normalized_bank_stays_bounded_over_many_segments(update, bounded):
+    """A forget gate near 1 (bias +6) and a strong write: the summed bank grows with every segment (what a
+    trained LM2 did beyond its training length, docs/results.md), the normalized one stays within [-1, 1]."""
+    module = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 6.0, update=update)
+    module.reset_gate_biases()
+    x = torch.randn(1, 60 * S, D, generator=torch.Generator().manual_seed(3)) * 4
+    with torch.no_grad():
+        _, state = module(x, module.init_state(1))
+    largest = state.bank.abs().max().item()
+    assert (largest <= 1.0) if bounded else (largest > 5.0)
+
+
+def test_the_recipe_chooses_the_update():
+    base = ["model.d_model=8", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=11", "memory.slots=3",
+            "memory.heads=2", "memory.segment_len=2"]
+    assert not build_model(load_recipe(None, base)).blocks[0].memory.normalized_update
+    assert build_model(load_recipe(None, [*base, "memory.update=normalized"])).blocks[0].memory.normalized_update
