@@ -317,19 +317,15 @@ def main() -> None:
     args = p.parse_args()
     args.seq = args.seqs[0] if args.seqs else 1024
     args.seqs = args.seqs or [1024]
-    if len(args.recipe) > 1:
+    if args.recipe:  # the recipe's sizes unless given
         args.batch = args.batch if "--batch" in sys.argv else 0
         args.vocab = args.vocab if "--vocab" in sys.argv else 0
-        result = compare_mode(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result) + "\n")
-        return
-    if args.recipe:
-        args.recipe = args.recipe[0]
-        args.batch = args.batch if "--batch" in sys.argv else 0  # recipe mode: the recipe's sizes unless given
         args.seq = args.seq if "--seq" in sys.argv else 0
-        args.vocab = args.vocab if "--vocab" in sys.argv else 0
-        result = recipe_mode(args)
+        if len(args.recipe) > 1:
+            result = compare_mode(args)
+        else:
+            args.recipe = args.recipe[0]
+            result = recipe_mode(args)
         if args.json:
             Path(args.json).write_text(json.dumps(result) + "\n")
         return
