@@ -89,8 +89,8 @@ class MemoryConfig:
     out_gate_bias: float = opt(-4.0, "Initial output-gate bias; negative starts the memory path nearly closed")
     forget_gate_bias: float = opt(1.0, "Initial forget-gate bias; positive remembers by default")
     update: Literal["sum", "normalized"] = opt(
-        "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; |M| can grow with every segment), normalized = "
-               "the same divided by g_in + g_f (a weighted mean: |M| <= 1 at any length)")
+        "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; its entries can grow with every segment), "
+               "normalized = the same divided by g_in + g_f (a weighted mean: entries stay within [-1, 1])")
 
 
 @dataclass
