@@ -121,3 +121,29 @@ def tiny_args(tiny_data, tmp_path):
         return [str(TINY), *flat, "--out", str(out or tmp_path / "run")]
 
     return args
+
+
+@pytest.fixture
+def interrupted_at(monkeypatch):
+    """`with interrupted_at(step, signum): cli(...)`: the training loop sees that signal after that optimizer
+    step, as if it had been sent (the run saves and exits 128 + signum); after the block the loop runs as usual."""
+    import contextlib
+
+    import lm2cli.training.loop as loop
+
+    real = loop.stop_requested
+
+    @contextlib.contextmanager
+    def interrupt(step: int, signum: int):
+        def stop_requested(s):
+            if s.step == step:
+                s.stop.signum = signum
+            return real(s)
+
+        monkeypatch.setattr(loop, "stop_requested", stop_requested)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(loop, "stop_requested", real)
+
+    return interrupt

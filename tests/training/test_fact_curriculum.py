@@ -160,8 +160,8 @@ CURRICULUM = ("finetune.facts_start=2", "finetune.facts_window=2", "finetune.fac
               "train.save_every=12")
 
 
-def test_climbs_the_facts_and_resumes_exactly_across_a_step_up(cli, tiny_data, fact_dir, tmp_path, monkeypatch):
-    import lm2cli.training.loop as loop
+def test_climbs_the_facts_and_resumes_exactly_across_a_step_up(cli, tiny_data, fact_dir, tmp_path,
+                                                               interrupted_at):
     from lm2cli.training import checkpoints as ck
 
     sets = (f"finetune.data={fact_dir}", *CURRICULUM)
@@ -176,16 +176,8 @@ def test_climbs_the_facts_and_resumes_exactly_across_a_step_up(cli, tiny_data, f
     assert state["recent"] and state["current"] == 2  # the half-filled window is part of the state
     assert f"step {ups[0]['step']}: fact curriculum: training exact match" in res.out
     # stopped at step 12 (saved there), then resumed: the same steps, step-ups and validations
-    real = loop.stop_requested
-
-    def stop_at_12(s):
-        if s.step == 12:
-            s.stop.signum = 15
-        return real(s)
-
-    monkeypatch.setattr(loop, "stop_requested", stop_at_12)
-    assert cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets)).code == 143
-    monkeypatch.setattr(loop, "stop_requested", real)
+    with interrupted_at(12, 15):
+        assert cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets)).code == 143
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")
     assert res.code == 0, res.err
     assert metrics(tmp_path / "b") == rows

@@ -107,9 +107,8 @@ def metrics(run):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
 
 
-def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, babilong_dir, tmp_path, monkeypatch):
-    import lm2cli.training.loop as loop
-
+def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, babilong_dir, tmp_path,
+                                                                interrupted_at):
     pre = tmp_path / "pre"
     res = cli("pretrain", *finetune_args(tiny_data, pre, "model.arch=vanilla", "train.steps=4"))
     assert res.code == 0, res.err
@@ -133,17 +132,9 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
         assert recorded == pytest.approx(greedy_exact_match(root / best, validation_rows(tmp_path / "a", stage)))
 
     # Interrupted in stage 2, then resumed: the same run, including the stage boundary.
-    real = loop.stop_requested
-
-    def stop_at_6(s):
-        if s.step == 6:
-            s.stop.signum = 15
-        return real(s)
-
-    monkeypatch.setattr(loop, "stop_requested", stop_at_6)
-    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets))
+    with interrupted_at(6, 15):
+        res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets))
     assert res.code == 143 and "lm2 finetune" in res.err
-    monkeypatch.setattr(loop, "stop_requested", real)
     res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", *sets), "--resume")
     assert res.code == 0, res.err
     assert metrics(tmp_path / "b") == rows

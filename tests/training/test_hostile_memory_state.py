@@ -257,9 +257,8 @@ def test_every_broken_named_tensor_file_is_refused_by_name(tmp_path):
     assert n == 19
 
 
-def test_resume_from_a_legacy_memory_file_is_exact(cli, tiny_args, tmp_path, monkeypatch):
+def test_resume_from_a_legacy_memory_file_is_exact(cli, tiny_args, tmp_path, interrupted_at):
     """A checkpoint written before the named-tensor format still resumes exactly (through the fixed table)."""
-    import lm2cli.training.loop as loop
     from lm2cli import build_model
     from lm2cli.checkpoint import load_recipe_of, read_carried_memory
 
@@ -267,16 +266,8 @@ def test_resume_from_a_legacy_memory_file_is_exact(cli, tiny_args, tmp_path, mon
 
     sets = ("train.steps=6", "train.save_every=3", "train.eval_every=0", "memory.carry=true")
     assert cli("pretrain", *tiny_args(*sets, out=tmp_path / "a")).code == 0
-    real = loop.stop_requested
-
-    def stop_at_4(s):
-        if s.step == 4:
-            s.stop.signum = 2
-        return real(s)
-
-    monkeypatch.setattr(loop, "stop_requested", stop_at_4)
-    assert cli("pretrain", *tiny_args(*sets, out=tmp_path / "b")).code == 130
-    monkeypatch.setattr(loop, "stop_requested", real)
+    with interrupted_at(4, 2):
+        assert cli("pretrain", *tiny_args(*sets, out=tmp_path / "b")).code == 130
     ckpt = tmp_path / "b/checkpoints/step_00000004"
     model = build_model(load_recipe_of(ckpt))
     states = [read_carried_memory(ckpt, model).state_for(model, 0)]

@@ -95,26 +95,16 @@ def test_dry_run_reports_and_writes_nothing(cli, tiny_args, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_interrupt_saves_and_resume_is_exact_with_carried_memory(cli, tiny_args, tmp_path, monkeypatch):
+def test_interrupt_saves_and_resume_is_exact_with_carried_memory(cli, tiny_args, tmp_path, interrupted_at):
     """An interrupt (as SIGINT sets it) mid-run, then --resume: identical to an uninterrupted run, with
     memory.carry on so the carried memory must come back from the checkpoint too."""
-    import lm2cli.training.loop as loop
-
     sets = ("train.steps=10", "train.save_every=4", "train.eval_every=5", "memory.carry=true")
     assert cli("pretrain", *tiny_args(*sets, out=tmp_path / "a")).code == 0
 
-    real = loop.stop_requested
-
-    def stop_at_7(s):
-        if s.step == 7:
-            s.stop.signum = 2
-        return real(s)
-
-    monkeypatch.setattr(loop, "stop_requested", stop_at_7)
-    res = cli("pretrain", *tiny_args(*sets, out=tmp_path / "b"))
+    with interrupted_at(7, 2):
+        res = cli("pretrain", *tiny_args(*sets, out=tmp_path / "b"))
     assert res.code == 130 and "stopped by SIGINT after step 7" in res.err and "--resume" in res.err
     assert (tmp_path / "b/checkpoints/step_00000007/memory_state.safetensors").is_file()
-    monkeypatch.setattr(loop, "stop_requested", real)
     assert cli("pretrain", *tiny_args(*sets, out=tmp_path / "b"), "--resume").code == 0
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     strip = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in a]
