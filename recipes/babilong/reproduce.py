@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -96,13 +97,22 @@ def load_plan(recipes: Path, quick: bool) -> tuple[Plan, Path | None]:
 
 def _apply(plan: Plan, table: dict, where: str) -> Plan:
     known = {f.name: f for f in fields(Plan)}
+    hints = typing.get_type_hints(Plan)
     for key, value in table.items():
         if key not in known:
             raise PipelineError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
         expected = type(getattr(plan, key))
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        if not _is_a(value, expected):
             raise PipelineError(f"{where}: {key} = {value!r} should be a {expected.__name__}")
+        if expected is list:
+            item = typing.get_args(hints[key])[0]
+            if not all(_is_a(v, item) for v in value):
+                raise PipelineError(f"{where}: {key} = {value!r} should be a list of {item.__name__} values")
     return replace(plan, **table)
+
+
+def _is_a(value, expected: type) -> bool:
+    return isinstance(value, expected) and not (expected is int and isinstance(value, bool))
 
 
 # ----------------------------------------------------------------------------------------------- stages

@@ -6,6 +6,7 @@ reproduce.py refuses to train recipes that fail them (`fairness_problems`, teste
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,12 @@ def test_a_bad_plan_is_one_line_naming_the_key(tmp_path: Path):
     (tmp_path / "pipeline.toml").write_text("[quick]\nseeds = 3\n")
     with pytest.raises(reproduce.PipelineError, match=r"\[quick\]: seeds = 3 should be a list"):
         reproduce.load_plan(tmp_path, quick=True)
+    for line, message in [("base_set = [1]", "base_set = [1] should be a list of str values"),
+                          ("seeds = [1, true]", "seeds = [1, True] should be a list of int values"),
+                          ('tasks = ["qa1", 2]', "tasks = ['qa1', 2] should be a list of str values")]:
+        (tmp_path / "pipeline.toml").write_text(f"[plan]\n{line}\n")
+        with pytest.raises(reproduce.PipelineError, match=re.escape(message)):
+            reproduce.load_plan(tmp_path, quick=False)
 
 
 def test_a_plan_that_cannot_run_is_refused_before_any_stage(tmp_path: Path):
