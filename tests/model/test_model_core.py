@@ -13,6 +13,8 @@ VOCAB = 61
 
 def tiny(arch: str, window: int = 0, *extra: str):
     # N = 5 slots, S = 8, d = 32, d_m = 12: no size tied to another.
+    if arch == "lm2-normalized":  # LM2 with the bounded bank update (memory.update)
+        arch, extra = "lm2", ("memory.update=normalized", *extra)
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
@@ -24,7 +26,7 @@ def tiny(arch: str, window: int = 0, *extra: str):
     return build_model(recipe)
 
 
-ARCHS = [("lm2", 0), ("lm2", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
+ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
 
 
 @pytest.mark.parametrize("arch,window", ARCHS)
