@@ -279,6 +279,24 @@ def test_next_stage_starts_from_the_best_checkpoint_not_the_newest(cli, tiny_dat
     assert any(not torch.equal(best[k], newest[k]) for k in best)  # the two candidates really differ
 
 
+def test_init_from_says_which_checkpoint_of_a_run_it_takes(cli, tiny_data, babilong_dir, tmp_path):
+    """A run directory gives its best checkpoint (by validation loss), and the log says so; a checkpoint directory
+    is taken as named (the way to continue from the newest when the best is an early step)."""
+    pre = tmp_path / "pre"
+    assert cli("pretrain", *finetune_args(tiny_data, pre, "train.steps=4")).code == 0
+    root = pre / "checkpoints"
+    best = layout.read_pointer(root, "best")
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "a", f"finetune.init_from={pre}",
+                                         f"finetune.data={babilong_dir}", "train.steps=1"))
+    assert res.code == 0, res.err
+    assert f"starting from {root / best} (the run's best by validation loss;" in res.out
+    named = root / "step_00000004"
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "b", f"finetune.init_from={named}",
+                                         f"finetune.data={babilong_dir}", "train.steps=1"))
+    assert res.code == 0, res.err
+    assert f"starting from {named}, weights only" in res.out
+
+
 def test_init_from_a_checkpoint_of_another_shape_is_one_error(cli, tiny_data, babilong_dir, tmp_path):
     pre = tmp_path / "pre"
     assert cli("pretrain", *finetune_args(tiny_data, pre, "train.steps=1")).code == 0
