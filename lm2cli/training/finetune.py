@@ -199,14 +199,10 @@ def resolve_start(recipe, rt, verify_checksums: bool = True):
 
 
 def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
-    from lm2cli.checkpoint import (find_checkpoint, is_checkpoint_dir, load_recipe_of, load_tokenizer_of,
-                                   read_pointer, read_weights, verify_checkpoint)
+    from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of, read_weights, verify_checkpoint
     from lm2cli.training.session import compare_recipes
 
     ckpt = find_checkpoint(path, "best")
-    chosen = "" if is_checkpoint_dir(path) else (
-        " (the run's best by validation loss; name a checkpoint directory to start from another)"
-        if read_pointer(ckpt.parent, "best") == ckpt.name else " (the run's newest)")
     verify_checkpoint(ckpt, checksums=verify_checksums)
     saved = load_recipe_of(ckpt)
     tokenizer = load_tokenizer_of(ckpt)
@@ -222,8 +218,19 @@ def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
     def load(model) -> None:
         load_partial(model, read_weights(ckpt), str(ckpt), rt)
 
-    info(rt, f"starting from {ckpt}{chosen}, weights only")
+    info(rt, f"starting from {ckpt}{_which_of_the_run(path, ckpt)}, weights only")
     return recipe, tokenizer, load
+
+
+def _which_of_the_run(given: Path, ckpt: Path) -> str:
+    """Why `ckpt` was taken when `given` named a run: a continuation from an early `best` should not surprise."""
+    from lm2cli.checkpoint import is_checkpoint_dir, read_pointer
+
+    if is_checkpoint_dir(given):
+        return ""
+    if read_pointer(ckpt.parent, "best") == ckpt.name:
+        return " (the run's best by validation loss; name a checkpoint directory to start from another)"
+    return " (the run's newest)"
 
 
 def _start_from_hf(recipe, rt, path: Path, answer_token: str):
