@@ -88,6 +88,10 @@ class MemoryConfig:
     # yet (at 0 its read after the first write is as loud as the embeddings); it opens when the read helps.
     out_gate_bias: float = opt(-4.0, "Initial output-gate bias; negative starts the memory path nearly closed")
     forget_gate_bias: float = opt(1.0, "Initial forget-gate bias; positive remembers by default")
+    # Measured on qa1 at 1k-16k: without it the 16 slots of every trained LM2 wrote the same tokens with the same
+    # weights (a bank whose rows are equal has equal keys, so its rows get equal writes and stay equal).
+    slot_keys: bool = opt(
+        False, "Add a learned per-slot vector to every slot's key, so slots stay distinguishable after writes")
     update: Literal["sum", "normalized"] = opt(
         "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; its entries can grow with every segment), "
                "normalized = the same divided by g_in + g_f (a weighted mean: entries stay within [-1, 1])")

@@ -54,12 +54,12 @@ def most_attended(read: Tensor, window: tuple[int, int], k: int, always: list[in
 
 def read_against(memory, inputs: Tensor, bank: Tensor, heads: str | int) -> Tensor:
     """The read attention (rows, N) of memory inputs `inputs` (rows, d) against `bank` (N, d_m): the LM2 read
-    spelled out (queries W_Q x, keys W_K M scaled by 1/√dh, softmax over slots), heads reduced."""
+    spelled out (queries W_Q x, keys W_K M (+ slot keys) scaled by 1/√dh, softmax over slots), heads reduced."""
     device = memory.qu_proj.weight.device
     x, bank = inputs.to(device), bank.to(device)
     h, d = memory.heads, memory.d_model
     q = memory.qu_proj(x)[:, :d].view(len(x), h, d // h).transpose(0, 1)  # (h, rows, dh)
-    keys = memory.kv_proj(bank).view(len(bank), h, -1).transpose(0, 1).chunk(2, dim=-1)[0] * memory.scale
+    keys = memory.bank_keys_values(bank.unsqueeze(0))[0][0]  # (h, N, dh), scaled, slot keys included
     return reduce_heads(torch.matmul(q, keys.transpose(-1, -2)).softmax(dim=-1), heads).cpu()
 
 

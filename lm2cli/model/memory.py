@@ -3,7 +3,7 @@
 Causal, segment-recurrent and well-typed version of Kang et al. 2025 (see docs/architecture.md):
 
     read  (every token of segment k, from the bank M as it stood after segment k-1)
-        P      = softmax_slots(Q Kᵀ/√dh)          Q = x W_Q, K = M W_K, V = M W_V
+        P      = softmax_slots(Q Kᵀ/√dh)          Q = x W_Q, K = M W_K (+ E with memory.slot_keys), V = M W_V
         E_mem  = merge_heads(P V);   g_out = σ(E_mem W_out + b_out);   block adds g_out ⊙ E_mem
     write (after the S tokens of segment k, slot-side, reusing the read scores transposed)
         P_w    = softmax_tokens(Q Kᵀ/√dh)          each slot's view of the segment
@@ -45,7 +45,7 @@ class MemoryState:
 
 class LM2Memory(nn.Module):
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
-                 out_gate_bias: float, forget_gate_bias: float, update: str = "sum"):
+                 out_gate_bias: float, forget_gate_bias: float, update: str = "sum", slot_keys: bool = False):
         super().__init__()
         if d_model % heads or slot_dim % heads:
             raise ValueError("memory heads must divide d_model and slot_dim")
@@ -63,6 +63,9 @@ class LM2Memory(nn.Module):
             self.bank0 = nn.Parameter(bank0)
         else:
             self.register_buffer("bank0", bank0, persistent=False)
+        # K = M W_K + E: a learned vector per slot (and head) in the key. Without it the keys are a function of the
+        # bank's rows alone, so rows that become equal get equal reads and equal writes and stay equal for good.
+        self.slot_keys = nn.Parameter(torch.zeros(slots, d_model)) if slot_keys else None  # drawn in reset_parameters
         self._out_gate_bias, self._forget_gate_bias = out_gate_bias, forget_gate_bias
         if update not in ("sum", "normalized"):
             raise ValueError(f"memory update {update!r}: expected 'sum' or 'normalized'")
@@ -95,6 +98,8 @@ class LM2Memory(nn.Module):
         if shared:
             kv = kv.expand(bank.shape[0], -1, -1, -1)
         keys, values = kv.chunk(2, dim=-1)
+        if self.slot_keys is not None:  # (N, h·dh) -> (h, N, dh), broadcast over the batch
+            keys = keys + self._split_heads(self.slot_keys.unsqueeze(0).to(keys.dtype))
         return keys * self.scale, values
 
     def _split_heads(self, t: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ class ModelArgs:
     out_gate_bias: float
     forget_gate_bias: float
     memory_update: str
+    slot_keys: bool = False
 
     def __post_init__(self):
         # Width-aware default. A fixed 0.02 (GPT-2's value for d 768) starves attention in narrow models: at d 128
@@ -80,6 +81,7 @@ class ModelArgs:
             slot_dim=mem.slot_dim or m.d_model, memory_heads=mem.heads, segment_len=mem.segment_len,
             bptt=mem.bptt, memory_init=mem.init, out_gate_bias=mem.out_gate_bias,
             forget_gate_bias=mem.forget_gate_bias, memory_update=mem.update,
+            slot_keys=mem.slot_keys,
         )
 
 
@@ -210,7 +212,8 @@ class Block(nn.Module):
             # backbone's), so the same seed gives LM2 and vanilla the same backbone: see reset_parameters.
             with torch.random.fork_rng(devices=[]):
                 self.memory = LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len,
-                                        a.memory_init, a.out_gate_bias, a.forget_gate_bias, a.memory_update)
+                                        a.memory_init, a.out_gate_bias, a.forget_gate_bias, a.memory_update,
+                                        a.slot_keys)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, causal: bool, st: LayerState,
                 writes_kept: int | None, recorder, start_pos: int,

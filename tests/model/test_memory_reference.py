@@ -14,7 +14,7 @@ import torch
 
 from lm2cli import build_model, load_recipe
 from lm2cli.model import MemoryRecorder
-from lm2cli.model.memory import LM2Memory
+from lm2cli.model.memory import LM2Memory, MemoryState
 
 D, HEADS, SLOTS, SLOT_DIM, S, T = 4, 2, 3, 2, 3, 7
 
@@ -217,3 +217,36 @@ def test_the_recipe_chooses_the_update():
             "memory.heads=2", "memory.segment_len=2"]
     assert not build_model(load_recipe(None, base)).blocks[0].memory.normalized_update
     assert build_model(load_recipe(None, [*base, "memory.update=normalized"])).blocks[0].memory.normalized_update
+
+
+def test_slot_keys_add_a_learned_vector_to_each_slots_key(setup):
+    """memory.slot_keys: K = M W_K + E (E: one row per slot, split into heads like the keys); values unchanged."""
+    _, w, _ = setup
+    plain = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 1.0)
+    keyed = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 1.0, slot_keys=True)
+    load_equation_weights(plain, w)
+    load_equation_weights(keyed, w)
+    extra = torch.randint(-6, 7, (SLOTS, D), generator=torch.Generator().manual_seed(5)).float() / 4
+    with torch.no_grad():
+        keyed.slot_keys.copy_(extra)
+    bank = torch.rand(1, SLOTS, SLOT_DIM, generator=torch.Generator().manual_seed(6))
+    keys, values = keyed.bank_keys_values(bank)
+    plain_keys, plain_values = plain.bank_keys_values(bank)
+    expected = (bank[0] @ w["W_K"] + extra).view(SLOTS, HEADS, D // HEADS).transpose(0, 1) / math.sqrt(D // HEADS)
+    assert close(keys[0], expected) and close(values, plain_values) and not close(keys, plain_keys)
+
+
+@pytest.mark.parametrize("slot_keys", [False, True])
+def test_only_slot_keys_tell_equal_slots_apart(slot_keys):
+    """Slots whose rows are equal have equal keys without slot keys: every token reads them alike and they get
+    the same write, so they stay copies for good (what the trained qa1 LM2s did). Slot keys break the tie."""
+    torch.manual_seed(0)
+    module = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 1.0, slot_keys=slot_keys)
+    if slot_keys:
+        torch.nn.init.normal_(module.slot_keys, std=1.0)
+    equal_rows = torch.full((1, SLOTS, SLOT_DIM), 0.3)
+    x = torch.randn(1, 4 * S, D, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, state = module(x, MemoryState(equal_rows))
+    spread = (state.bank[0] - state.bank[0, :1]).abs().max().item()
+    assert (spread > 1e-3) if slot_keys else (spread < 1e-6)
