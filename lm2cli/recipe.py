@@ -206,6 +206,8 @@ class FinetuneConfig:
     """What `lm2 finetune` starts from and trains on (the loop itself is `[train]`)."""
 
     init_from: str = opt("", "An lm2 checkpoint or run directory, or a Hugging Face Llama directory")
+    init_checkpoint: Literal["best", "latest"] = opt(
+        "best", "Which checkpoint of a run directory init_from takes: best (lowest validation loss) or latest")
     format: Literal["babilong", "jsonl"] = opt(
         "babilong", "babilong: rows {input, question, target}; jsonl: rows {prompt, response}")
     data: str = opt("data/babilong-train", "BABILong directory (hub layout) or .jsonl file")

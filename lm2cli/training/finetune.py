@@ -202,7 +202,7 @@ def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
     from lm2cli.checkpoint import find_checkpoint, load_recipe_of, load_tokenizer_of, read_weights, verify_checkpoint
     from lm2cli.training.session import compare_recipes
 
-    ckpt = find_checkpoint(path, "best")
+    ckpt = find_checkpoint(path, recipe.finetune.init_checkpoint)
     verify_checkpoint(ckpt, checksums=verify_checksums)
     saved = load_recipe_of(ckpt)
     tokenizer = load_tokenizer_of(ckpt)
@@ -218,19 +218,22 @@ def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
     def load(model) -> None:
         load_partial(model, read_weights(ckpt), str(ckpt), rt)
 
-    info(rt, f"starting from {ckpt}{_which_of_the_run(path, ckpt)}, weights only")
+    info(rt, f"starting from {ckpt}{_which_of_the_run(path, ckpt, recipe.finetune.init_checkpoint)}, weights only")
     return recipe, tokenizer, load
 
 
-def _which_of_the_run(given: Path, ckpt: Path) -> str:
+def _which_of_the_run(given: Path, ckpt: Path, wanted: str) -> str:
     """Why `ckpt` was taken when `given` named a run: a continuation from an early `best` should not surprise."""
     from lm2cli.checkpoint import is_checkpoint_dir, read_pointer
 
     if is_checkpoint_dir(given):
         return ""
-    if read_pointer(ckpt.parent, "best") == ckpt.name:
-        return " (the run's best by validation loss; name a checkpoint directory to start from another)"
-    return " (the run's newest)"
+    if wanted == "best" and read_pointer(ckpt.parent, "best") == ckpt.name:
+        return (' (the run\'s best by validation loss; finetune.init_checkpoint = "latest" takes its newest, '
+                'or name a checkpoint directory)')
+    if wanted == "best":
+        return " (the run's newest: it has no best pointer)"
+    return ' (the run\'s newest: finetune.init_checkpoint = "latest")'
 
 
 def _start_from_hf(recipe, rt, path: Path, answer_token: str):

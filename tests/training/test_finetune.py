@@ -281,7 +281,7 @@ def test_next_stage_starts_from_the_best_checkpoint_not_the_newest(cli, tiny_dat
 
 def test_init_from_says_which_checkpoint_of_a_run_it_takes(cli, tiny_data, babilong_dir, tmp_path):
     """A run directory gives its best checkpoint (by validation loss), and the log says so; a checkpoint directory
-    is taken as named (the way to continue from the newest when the best is an early step)."""
+    is taken as named; finetune.init_checkpoint = "latest" takes the run's newest."""
     pre = tmp_path / "pre"
     assert cli("pretrain", *finetune_args(tiny_data, pre, "train.steps=4")).code == 0
     root = pre / "checkpoints"
@@ -295,6 +295,11 @@ def test_init_from_says_which_checkpoint_of_a_run_it_takes(cli, tiny_data, babil
                                          f"finetune.data={babilong_dir}", "train.steps=1"))
     assert res.code == 0, res.err
     assert f"starting from {named}, weights only" in res.out
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "c", f"finetune.init_from={pre}",
+                                         "finetune.init_checkpoint=latest", f"finetune.data={babilong_dir}",
+                                         "train.steps=1"))
+    assert res.code == 0, res.err
+    assert f'starting from {named} (the run\'s newest: finetune.init_checkpoint = "latest")' in res.out
 
 
 def test_init_from_a_checkpoint_of_another_shape_is_one_error(cli, tiny_data, babilong_dir, tmp_path):
