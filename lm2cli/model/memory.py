@@ -65,11 +65,19 @@ class LM2Memory(nn.Module):
             self.register_buffer("bank0", bank0, persistent=False)
         # K = M W_K + E: a learned vector per slot (and head) in the key. Without it the keys are a function of the
         # bank's rows alone, so rows that become equal get equal reads and equal writes and stay equal for good.
-        self.slot_keys = nn.Parameter(torch.zeros(slots, d_model)) if slot_keys else None  # drawn in reset_parameters
+        self.slot_keys = nn.Parameter(torch.zeros(slots, d_model)) if slot_keys else None  # see reset_slot_keys
         self._out_gate_bias, self._forget_gate_bias = out_gate_bias, forget_gate_bias
         if update not in ("sum", "normalized"):
             raise ValueError(f"memory update {update!r}: expected 'sum' or 'normalized'")
         self.normalized_update = update == "normalized"
+
+    def reset_slot_keys(self) -> None:
+        """E ~ N(0, 1). Queries have unit scale at init, so a token's logits over the slots then differ by ~1 and
+        each slot's write attention picks its own tokens from the first write on. At the matrices' scale (0.088
+        at d 128) the slots of a qa1 LM2 were near-copies after 15 writes at init (participation ratio of the
+        bank 1.02 in block 0, against 3.7 with N(0, 1)), and equal slots get equal gradients."""
+        if self.slot_keys is not None:
+            nn.init.normal_(self.slot_keys, std=1.0)
 
     def reset_gate_biases(self) -> None:
         """Gate biases from the recipe: output gate (negative = start nearly closed), forget gate +1 (remember)."""

@@ -352,7 +352,8 @@ class LanguageModel(nn.Module):
         slowly as LM2, docs/results.md).
         """
         std = self.args.init_std
-        named = [(n, p) for n, p in self.named_parameters() if p.dim() >= 2 and not n.endswith("bank0")]
+        named = [(n, p) for n, p in self.named_parameters()
+                 if p.dim() >= 2 and not n.endswith(("bank0", "slot_keys"))]
         backbone = [(n, p) for n, p in named if not self.is_memory_param(n)]
         memory = [(n, p) for n, p in named if self.is_memory_param(n)]
         for name, p in backbone + memory:
@@ -361,6 +362,7 @@ class LanguageModel(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std * scale)
         for block in self.blocks:
             if block.memory is not None:
+                block.memory.reset_slot_keys()
                 block.memory.reset_gate_biases()
 
     @staticmethod
