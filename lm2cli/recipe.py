@@ -88,8 +88,9 @@ class MemoryConfig:
     # yet (at 0 its read after the first write is as loud as the embeddings); it opens when the read helps.
     out_gate_bias: float = opt(-4.0, "Initial output-gate bias; negative starts the memory path nearly closed")
     forget_gate_bias: float = opt(1.0, "Initial forget-gate bias; positive remembers by default")
-    # Measured on qa1 at 1k-16k: without it the 16 slots of every trained LM2 wrote the same tokens with the same
-    # weights (a bank whose rows are equal has equal keys, so its rows get equal writes and stay equal).
+    # Without it the 16 slots of every qa1 LM2 are copies of one vector, from init on (equal rows have equal keys,
+    # so they get equal writes and gradients). With it block 0's slots stay apart after training, blocks 1-3 still
+    # collapse, and accuracy did not move consistently (docs/results.md): an option for research, off by default.
     slot_keys: bool = opt(
         False, "Add a learned per-slot vector to every slot's key, so slots stay distinguishable after writes")
     update: Literal["sum", "normalized"] = opt(
