@@ -228,7 +228,8 @@ CKPT_FILES = ["model.safetensors", "recipe.toml", "tokenizer.model"]
 
 @st.composite
 def damage(draw):
-    how = draw(st.sampled_from(["truncate", "flip", "delete", "state json", "state bytes", "recipe", "header"]))
+    how = draw(st.sampled_from(["truncate", "flip", "delete", "state json", "state bytes", "recipe", "header",
+                                "memory option"]))
     name = draw(st.sampled_from(CKPT_FILES))
     return how, name, draw(st.integers(0, 10**9)), draw(st.binary(min_size=1, max_size=64))
 
@@ -259,6 +260,11 @@ def apply_damage(ckpt: Path, how: str, name: str, n: int, noise: bytes) -> int:
         state_path.write_text(json.dumps(state))
     elif how == "state bytes":
         state_path.write_bytes(noise)
+    elif how == "memory option":  # re-signed, valid recipe whose memory has tensors the weights lack (slot keys)
+        recipe = (ckpt / "recipe.toml").read_text()
+        assert "slot_keys = false" in recipe
+        (ckpt / "recipe.toml").write_text(recipe.replace("slot_keys = false", "slot_keys = true"))
+        write_state_file(ckpt, state)
     elif how == "recipe":  # re-signed: only the recipe checks can refuse it
         (ckpt / "recipe.toml").write_text(f"[model]\nd_model = {'{ x = 1 }' if n % 2 else 'inf'}\n")
         write_state_file(ckpt, state)
@@ -278,6 +284,18 @@ def test_damaged_checkpoints(cli, tmp_path, gen_run, case):
     ckpt = run / "checkpoints" / "step_00000020"
     problems = apply_damage(ckpt, *case)
     check(cli("generate", run, "--prompt", "Mary", "--max-new-tokens", "2"), problems)
+
+
+def test_a_recipe_claiming_memory_tensors_the_weights_lack_is_one_line(cli, tmp_path, gen_run):
+    """The damage kind above, spelled out: the refusal names the tensors, so the user sees which option differs."""
+    import shutil
+
+    run = case_dir(tmp_path) / "run"
+    shutil.copytree(gen_run, run)
+    problems = apply_damage(run / "checkpoints" / "step_00000020", "memory option", "recipe.toml", 0, b"x")
+    res = cli("generate", run, "--prompt", "Mary")
+    check(res, problems)
+    assert "memory.slot_keys" in res.err
 
 
 def test_the_fuzzers_cover_every_recipe_key_with_a_defect():
