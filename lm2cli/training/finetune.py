@@ -228,12 +228,12 @@ def _which_of_the_run(given: Path, ckpt: Path, wanted: str) -> str:
 
     if is_checkpoint_dir(given):
         return ""
-    if wanted == "best" and read_pointer(ckpt.parent, "best") == ckpt.name:
+    if wanted == "latest":
+        return ' (the run\'s newest: finetune.init_checkpoint = "latest")'
+    if read_pointer(ckpt.parent, "best") == ckpt.name:
         return (' (the run\'s best by validation loss; finetune.init_checkpoint = "latest" takes its newest, '
                 'or name a checkpoint directory)')
-    if wanted == "best":
-        return " (the run's newest: it has no best pointer)"
-    return ' (the run\'s newest: finetune.init_checkpoint = "latest")'
+    return " (the run's newest: it has no best pointer)"
 
 
 def _start_from_hf(recipe, rt, path: Path, answer_token: str):
