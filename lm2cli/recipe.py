@@ -93,6 +93,12 @@ class MemoryConfig:
     # collapse, and accuracy did not move consistently (docs/results.md): an option for research, off by default.
     slot_keys: bool = opt(
         False, "Add a learned per-slot vector to every slot's key, so slots stay distinguishable after writes")
+    # attend: with slots alike every write overwrites the whole bank, and the qa1 LM2s answered the story's last
+    # place (docs/results.md); compete lets a write address some slots and leave the others.
+    write: Literal["attend", "compete"] = opt(
+        "attend", "Write: attend = each slot takes a softmax over the segment's tokens (the paper); compete = each "
+                  "token's weight is split over the slots it reads from, and a slot moves as much as it was chosen "
+                  "(slots no token chose keep their content)")
     update: Literal["sum", "normalized"] = opt(
         "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; its entries can grow with every segment), "
                "normalized = the same divided by g_in + g_f (a weighted mean: entries stay within [-1, 1])")

@@ -6,10 +6,13 @@ Causal, segment-recurrent and well-typed version of Kang et al. 2025 (see docs/a
         P      = softmax_slots(Q Kᵀ/√dh)          Q = x W_Q, K = M W_K (+ E with memory.slot_keys), V = M W_V
         E_mem  = merge_heads(P V);   g_out = σ(E_mem W_out + b_out);   block adds g_out ⊙ E_mem
     write (after the S tokens of segment k, slot-side, reusing the read scores transposed)
-        P_w    = softmax_tokens(Q Kᵀ/√dh)          each slot's view of the segment
+        P_w    = softmax_tokens(Q Kᵀ/√dh)          each slot's view of the segment (memory.write = "attend")
+               = A / Σ_tokens A,  A = softmax_slots(Q Kᵀ/√dh)   (memory.write = "compete": every token's weight
+                 is shared out over the slots it reads from, and each slot takes the mean of what it received)
         U      = merge_heads(P_w (x W_U))
         g_in   = σ([U, M] W_in + b_in);   g_f = σ([U, M] W_f + b_f)
         M'     = g_in ⊙ tanh(U) + g_f ⊙ M
+                 (compete: g_in ⊙ w, w = N · Σ_tokens A / S per slot and head: how much of the segment chose the slot)
 
 Memory only ever holds the past, so causality holds by construction. The bank is kept in float32 even under
 autocast: it is a recurrence over many segments and bf16 rounding would accumulate.
@@ -45,7 +48,8 @@ class MemoryState:
 
 class LM2Memory(nn.Module):
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
-                 out_gate_bias: float, forget_gate_bias: float, update: str = "sum", slot_keys: bool = False):
+                 out_gate_bias: float, forget_gate_bias: float, update: str = "sum", slot_keys: bool = False,
+                 write: str = "attend"):
         super().__init__()
         if d_model % heads or slot_dim % heads:
             raise ValueError("memory heads must divide d_model and slot_dim")
@@ -70,6 +74,9 @@ class LM2Memory(nn.Module):
         if update not in ("sum", "normalized"):
             raise ValueError(f"memory update {update!r}: expected 'sum' or 'normalized'")
         self.normalized_update = update == "normalized"
+        if write not in ("attend", "compete"):
+            raise ValueError(f"memory write {write!r}: expected 'attend' or 'compete'")
+        self.competitive_write = write == "compete"
 
     def reset_slot_keys(self) -> None:
         """E ~ N(0, 1). Queries have unit scale at init, so a token's logits over the slots then differ by ~1 and
@@ -206,10 +213,12 @@ class LM2Memory(nn.Module):
     def updated_bank(self, scores: Tensor, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The write of one segment: (new bank, write attention, g_in, g_f) from the segment's read scores
         (B, h, S, N), its write contents (B, h, S, d_m/h) and the bank before it (B, N, d_m, float32)."""
-        probs_w = scores.softmax(dim=-2).transpose(-1, -2)  # (B, h, N, S): each slot attends over the tokens
+        probs_w, strength = self.write_attention(scores)  # (B, h, N, S): each slot's weights over the tokens
         update = self._merge_heads(torch.matmul(probs_w, content)).float()  # (B, N, d_m)
         gates = torch.sigmoid(self.in_forget_gate.forward(torch.cat([update, bank], dim=-1).to(content.dtype))).float()
         g_in, g_forget = gates.chunk(2, dim=-1)
+        if strength is not None:  # compete: a slot is written as much as the segment chose it (g_in as recorded)
+            g_in = g_in * strength
         new_bank = g_in * torch.tanh(update) + g_forget * bank
         if self.normalized_update:
             # A weighted mean of the new content and the old slot: every entry stays within [-1, 1] (tanh and the
@@ -217,6 +226,28 @@ class LM2Memory(nn.Module):
             # sits near 1 grows with every write (measured: bank norm 2.6 after one segment, 172 after 62).
             new_bank = new_bank / (g_in + g_forget)
         return new_bank, probs_w, g_in, g_forget
+
+    def write_attention(self, scores: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Each slot's weights over the segment's tokens (B, h, N, S), summing to 1, from the read scores (B, h, S, N),
+        and (compete only) how strongly each slot is written, (B, N, d_m).
+
+        attend: every slot takes its own softmax over the tokens and is written in full. Slots whose keys are alike
+        then take the same mean and are overwritten together: the qa1 LM2s kept one vector, the latest fact (their
+        wrong answers were mostly the story's last place, docs/results.md).
+        compete: each token's weight is split over the slots by the read softmax (a token writes where it reads
+        from, as in Slot Attention); a slot takes the mean of what it received, with strength = its share of the
+        segment x N (1 when the tokens spread evenly, as at init; 0 for a slot no token chose, which keeps its
+        content; up to N for a slot that took the whole segment).
+        """
+        if not self.competitive_write:
+            return scores.softmax(dim=-2).transpose(-1, -2), None
+        shares = scores.float().softmax(dim=-1).transpose(-1, -2)  # (B, h, N, S): each token's shares sum to 1
+        received = shares.sum(dim=-1, keepdim=True)  # (B, h, N, 1)
+        # clamp: a slot no token chose (all shares underflowed) gets a zero update, not 0/0
+        probs = (shares / received.clamp_min(1e-12)).to(scores.dtype)
+        strength = received * (self.slots / scores.shape[-2])  # (B, h, N, 1) -> each head's d_m/h channels
+        strength = self._merge_heads(strength.expand(-1, -1, -1, self.slot_dim // self.heads))
+        return probs, strength
 
     def _write(self, scores: Tensor, content: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
                end_pos: int) -> MemoryState:

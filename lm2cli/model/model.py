@@ -57,6 +57,7 @@ class ModelArgs:
     forget_gate_bias: float
     memory_update: str
     slot_keys: bool = False
+    memory_write: str = "attend"
 
     def __post_init__(self):
         # Width-aware default. A fixed 0.02 (GPT-2's value for d 768) starves attention in narrow models: at d 128
@@ -81,7 +82,7 @@ class ModelArgs:
             slot_dim=mem.slot_dim or m.d_model, memory_heads=mem.heads, segment_len=mem.segment_len,
             bptt=mem.bptt, memory_init=mem.init, out_gate_bias=mem.out_gate_bias,
             forget_gate_bias=mem.forget_gate_bias, memory_update=mem.update,
-            slot_keys=mem.slot_keys,
+            slot_keys=mem.slot_keys, memory_write=mem.write,
         )
 
 
@@ -213,7 +214,7 @@ class Block(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 self.memory = LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len,
                                         a.memory_init, a.out_gate_bias, a.forget_gate_bias, a.memory_update,
-                                        a.slot_keys)
+                                        a.slot_keys, a.memory_write)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, causal: bool, st: LayerState,
                 writes_kept: int | None, recorder, start_pos: int,

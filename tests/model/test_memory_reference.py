@@ -60,8 +60,10 @@ def softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
     return e / e.sum(dim=dim, keepdim=True)
 
 
-def reference(x: torch.Tensor, w: dict[str, torch.Tensor], bank0: torch.Tensor) -> dict:
-    """The read and write equations, segment by segment and head by head, in float64."""
+def reference(x: torch.Tensor, w: dict[str, torch.Tensor], bank0: torch.Tensor, write: str = "attend") -> dict:
+    """The read and write equations, segment by segment and head by head, in float64. write = "compete": each
+    token's read softmax over the slots is its share of the write; a slot takes the mean of its shares and its
+    input gate is scaled by N x (its shares' sum) / S."""
     x = x.double()
     w = {k: v.double() for k, v in w.items()}
     batch = x.shape[0]
@@ -73,6 +75,7 @@ def reference(x: torch.Tensor, w: dict[str, torch.Tensor], bank0: torch.Tensor) 
         q, k, v, c = seg @ w["W_Q"], memory @ w["W_K"], memory @ w["W_V"], seg @ w["W_U"]
         e_mem = torch.zeros(batch, seg.shape[1], D, dtype=torch.float64)
         update = torch.zeros(batch, SLOTS, SLOT_DIM, dtype=torch.float64)
+        strength = torch.ones(batch, SLOTS, SLOT_DIM, dtype=torch.float64)
         probs_read, probs_write = [], []
         for h in range(HEADS):
             cols, ucols = slice(h * dh, (h + 1) * dh), slice(h * uh, (h + 1) * uh)
@@ -81,6 +84,10 @@ def reference(x: torch.Tensor, w: dict[str, torch.Tensor], bank0: torch.Tensor) 
             e_mem[..., cols] = p @ v[..., cols]
             probs_read.append(p)
             p_w = softmax(scores, dim=1).transpose(1, 2)  # (B, N, t): each slot over the segment's tokens
+            if write == "compete":
+                received = p.sum(dim=1)  # (B, N): the shares the slots got from the segment's tokens
+                p_w = (p / received.unsqueeze(1)).transpose(1, 2)
+                strength[..., ucols] = (received * SLOTS / seg.shape[1]).unsqueeze(-1)
             update[..., ucols] = p_w @ c[..., ucols]
             probs_write.append(p_w)
         g_out = torch.sigmoid(e_mem @ w["W_out"] + w["b_out"])
@@ -89,7 +96,7 @@ def reference(x: torch.Tensor, w: dict[str, torch.Tensor], bank0: torch.Tensor) 
         read_attention.append(torch.stack(probs_read, dim=1))
         if seg.shape[1] == S:  # the segment is complete: write it
             um = torch.cat([update, memory], dim=-1)
-            g_in = torch.sigmoid(um @ w["W_in"] + w["b_in"])
+            g_in = torch.sigmoid(um @ w["W_in"] + w["b_in"]) * strength
             g_f = torch.sigmoid(um @ w["W_f"] + w["b_f"])
             memory = g_in * torch.tanh(update) + g_f * memory
             writes.append({"end_pos": start + S, "attention": torch.stack(probs_write, dim=1), "in_gate": g_in,
@@ -250,3 +257,46 @@ def test_only_slot_keys_tell_equal_slots_apart(slot_keys):
         _, state = module(x, MemoryState(equal_rows))
     spread = (state.bank[0] - state.bank[0, :1]).abs().max().item()
     assert (spread > 1e-3) if slot_keys else (spread < 1e-6)
+
+
+@pytest.mark.parametrize("slot_keys", [False, True])
+def test_the_competitive_write_matches_the_equations(setup, slot_keys):
+    """memory.write = "compete": same reads, the write attention is the read softmax normalised over the tokens,
+    and the input gate carries each slot's share of the segment (recorded as applied)."""
+    _, w, x = setup
+    module = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 1.0, slot_keys=slot_keys, write="compete")
+    load_equation_weights(module, w)
+    ref = reference(x, w, module.bank0, write="compete")
+    attend = reference(x, w, module.bank0)
+    assert not close(ref["bank"], attend["bank"])  # the two writes differ on these weights
+    rec = MemoryRecorder()
+    out, state = module(x, module.init_state(2), recorder=rec, layer=0)
+    assert close(out, ref["out"]) and close(state.bank, ref["bank"])
+    for got, want in zip(rec.writes[0], ref["writes"], strict=True):
+        assert close(got.attention, want["attention"]) and close(got.in_gate, want["in_gate"])
+        assert close(got.bank, want["bank"])
+
+
+@pytest.mark.parametrize("write, kept", [("attend", False), ("compete", True)])
+def test_a_slot_no_token_chooses_keeps_its_content_only_when_tokens_compete(write, kept):
+    """Every token of the segment reads (and so writes) slot 0. Attending slots each take a full mean of the
+    segment and are all overwritten (the trained qa1 LM2s kept only the latest fact); competing slots that no
+    token chose keep their rows (normalized update: exactly)."""
+    module = LM2Memory(D, SLOTS, SLOT_DIM, HEADS, S, "identity", 0.0, 1.0, update="normalized", write=write)
+    load_equation_weights(module, weights())
+    scores = torch.zeros(1, HEADS, S, SLOTS)
+    scores[..., 0] = 30.0
+    content = torch.randn(1, HEADS, S, SLOT_DIM // HEADS, generator=torch.Generator().manual_seed(2))
+    bank = torch.rand(1, SLOTS, SLOT_DIM, generator=torch.Generator().manual_seed(3)) - 0.5
+    with torch.no_grad():
+        new_bank, *_ = module.updated_bank(scores, content, bank)
+    moved = (new_bank - bank).abs().amax(dim=-1)[0]  # per slot
+    assert moved[0] > 0.05
+    assert (moved[1:].max() < 1e-6) if kept else (moved[1:].min() > 0.05), moved
+
+
+def test_the_recipe_chooses_the_write():
+    base = ["model.d_model=8", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=11", "memory.slots=3",
+            "memory.heads=2", "memory.segment_len=2"]
+    assert not build_model(load_recipe(None, base)).blocks[0].memory.competitive_write
+    assert build_model(load_recipe(None, [*base, "memory.write=compete"])).blocks[0].memory.competitive_write

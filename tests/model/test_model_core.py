@@ -17,6 +17,8 @@ def tiny(arch: str, window: int = 0, *extra: str):
         arch, extra = "lm2", ("memory.update=normalized", *extra)
     if arch == "lm2-slot-keys":  # LM2 with a learned per-slot key term (memory.slot_keys)
         arch, extra = "lm2", ("memory.slot_keys=true", *extra)
+    if arch == "lm2-compete":  # LM2 whose tokens share their write over the slots (memory.write), slot keys on
+        arch, extra = "lm2", ("memory.write=compete", "memory.slot_keys=true", "memory.update=normalized", *extra)
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
@@ -28,7 +30,7 @@ def tiny(arch: str, window: int = 0, *extra: str):
     return build_model(recipe)
 
 
-ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
+ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
 
 
 @pytest.mark.parametrize("arch,window", ARCHS)
@@ -90,7 +92,7 @@ def test_memory_layers_subset_and_params():
     assert [b.memory is not None for b in first_two.blocks] == [True, True, False]
 
 
-@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "rmt"])
+@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "rmt"])
 def test_every_memory_parameter_gets_a_gradient(arch):
     model = tiny(arch, 4, "memory.init=learned")
     x = torch.randint(0, VOCAB, (2, 33))  # 4 full segments + 1 token: memory written and read several times
@@ -99,7 +101,7 @@ def test_every_memory_parameter_gets_a_gradient(arch):
     memory_params = [(n, p) for n, p in model.named_parameters() if model.is_memory_param(n)]
     assert memory_params
     assert any(n.endswith("bank0") for n, _ in memory_params) == arch.startswith("lm2")  # the learned initial bank
-    assert any(n.endswith("slot_keys") for n, _ in memory_params) == (arch == "lm2-slot-keys")
+    assert any(n.endswith("slot_keys") for n, _ in memory_params) == (arch in ("lm2-slot-keys", "lm2-compete"))
     for name, p in memory_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
