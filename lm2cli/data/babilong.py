@@ -363,6 +363,18 @@ def load_babilong(source: str | Path, length: str, task: str, keep_extra: bool =
                       keep_extra)
 
 
+def support_is_last_fact(row: dict) -> bool | None:
+    """Whether the newest supporting fact is also the story's last fact (rows built by `lm2 babilong` say where
+    their facts are); None when the row does not say, or says it in a form that does not add up. A model that
+    keeps only the latest fact answers the True rows and fails the others: `lm2 eval` reports both."""
+    spans, support = row.get("fact_spans"), row.get("support")
+    if not (isinstance(spans, list) and spans and isinstance(support, list) and support):
+        return None
+    if not all(type(i) is int and 0 <= i < len(spans) for i in support):
+        return None
+    return max(support) == len(spans) - 1
+
+
 def _read_json_rows(path: Path) -> list:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))

@@ -161,7 +161,7 @@ def babilong_command_hint(data: str, tasks: list[str], lengths: list[str], recip
 def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
     """Read every (task, length) the settings ask for, keeping the first `samples` rows; any missing file, task
     or length is reported before a model runs."""
-    from lm2cli.data.babilong import HUB_ALIASES, load_babilong
+    from lm2cli.data.babilong import HUB_ALIASES, ROW_KEYS, load_babilong, support_is_last_fact
 
     if not cfg.tasks or not cfg.lengths:
         raise Lm2Error("eval.tasks and eval.lengths must not be empty when eval.run includes babilong")
@@ -182,7 +182,7 @@ def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
     for task in plan.tasks:
         for length in plan.lengths:
             try:
-                rows = load_babilong(source, length, task)[:plan.samples]
+                rows = load_babilong(source, length, task, keep_extra=True)[:plan.samples]
             except Lm2Error as e:
                 if root.is_dir():
                     raise
@@ -190,9 +190,17 @@ def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
                                f"build a local set instead: {hint}") from None
             if not rows:
                 raise Lm2Error(f"eval.data = {source}: {task} at {length} has no rows")
-            plan.rows[(task, length)] = rows
+            plan.rows[(task, length)] = [_eval_row(r, support_is_last_fact(r), ROW_KEYS) for r in rows]
     plan.data = describe_source(root, HUB_ALIASES.get(source, source), plan.rows)
     return plan
+
+
+def _eval_row(row: dict, support_last: bool | None, keys: tuple[str, ...]) -> dict:
+    """The text fields, plus where the supporting fact lies when the row says (see support_is_last_fact)."""
+    out = {k: row[k] for k in keys}
+    if support_last is not None:
+        out["support_last"] = support_last
+    return out
 
 
 def looks_like_hub_name(source: str) -> bool:
@@ -255,10 +263,27 @@ class Cell:
         return 100.0 * self.correct / self.n
 
     def summary(self) -> dict:
-        lo, hi = wilson_interval(self.correct, self.n)
-        return {"model": self.model, "task": self.task, "length": self.length, "n": self.n,
-                "correct": self.correct, "accuracy": round(self.accuracy, 4), "ci95": [round(lo, 4), round(hi, 4)],
-                "samples_per_s": round(self.n / self.seconds, 3) if self.seconds > 0 else None}
+        out = {"model": self.model, "task": self.task, "length": self.length, **counts(self.correct, self.n),
+               "samples_per_s": round(self.n / self.seconds, 3) if self.seconds > 0 else None}
+        split = self.by_support()
+        if split:
+            out["by_support"] = split
+        return out
+
+    def by_support(self) -> dict:
+        """Accuracy where the newest supporting fact is the story's last fact ("last") and where other facts
+        follow it ("earlier"), over the rows that say; {} when none does."""
+        out = {}
+        for key, value in (("last", True), ("earlier", False)):
+            group = [p["correct"] for p in self.predictions if p.get("support_last") is value]
+            if group:
+                out[key] = counts(sum(group), len(group))
+        return out
+
+
+def counts(correct: int, n: int) -> dict:
+    lo, hi = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": round(100.0 * correct / n, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def variant_name(model_name: str, variant: str, k: int) -> str:
@@ -285,6 +310,8 @@ def evaluate_cell(runner, tokenizer, plan: BabilongPlan, task: str, length: str,
         ok = score_answer(plan.mode, task, row["target"], text, row["question"])
         predictions.append({"model": name, "task": task, "length": length, "index": i, "question": row["question"],
                             "target": row["target"], "output": text, "correct": ok})
+        if "support_last" in row:
+            predictions[-1]["support_last"] = row["support_last"]
     return Cell(name, task, length, len(rows), sum(p["correct"] for p in predictions), seconds, predictions)
 
 

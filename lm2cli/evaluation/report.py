@@ -5,7 +5,8 @@
     results.csv        one row per number (long format)
     results.md         the tables (BABILong as the paper's Table 1: rows = tasks, columns = lengths, plus the
                        qa1-qa5 and qa1-qa10 averages), rendered from results.json (`render_markdown`)
-    predictions.jsonl  one line per answer: model, task, length, question, target, output, correct
+    predictions.jsonl  one line per answer: model, task, length, question, target, output, correct (and
+                       support_last where the row says whether its newest supporting fact is the last fact)
     *.png              accuracy against length (one line per model), loss against position (extra "plot")
 
 Every file is written atomically after each finished cell, so whatever is on disk is consistent.
@@ -79,6 +80,21 @@ def babilong_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def support_section(cells: list[dict]) -> list[str]:
+    """Accuracy split by where the newest supporting fact lies, for the cells whose rows say (built sets)."""
+    split = [c for c in cells if c.get("by_support")]
+    if not split:
+        return []
+    rows = [[c["task"], c["model"], c["length"]]
+            + [f"{fmt_accuracy(p)}, {p['n']} rows" if p else "—" for p in (c["by_support"].get(k) for k in
+                                                                            ("last", "earlier"))]
+            for c in split]
+    return ["", "### Where the supporting fact lies", "",
+            "Accuracy % (95 % interval) where the newest supporting fact is the story's last fact, and where other "
+            "facts follow it. A model that keeps only the latest fact answers the first kind and fails the second.",
+            ""] + _table(["task", "model", "length", "supporting fact = last fact", "other facts follow"], rows)
+
+
 def render_markdown(results: dict) -> str:
     lines = ["# lm2 eval", ""]
     if not results.get("complete"):
@@ -99,6 +115,7 @@ def render_markdown(results: dict) -> str:
         if data.get("note"):
             lines[-2] += f" {data['note']}."
         lines += _table(*babilong_rows(results))
+        lines += support_section(b["cells"])
     p = results.get("perplexity")
     if p and p["results"]:
         labels = p["data"]["buckets"]
@@ -154,6 +171,9 @@ def csv_rows(results: dict) -> list[dict]:
         for c in b["cells"] + b["averages"]:
             add("babilong", c["model"], c["task"], c["length"], f"accuracy ({b['mode']})", c["accuracy"], c["n"],
                 c["correct"], c["ci95"])
+            for where, part in c.get("by_support", {}).items():
+                add("babilong", c["model"], c["task"], c["length"], f"accuracy ({b['mode']}), support {where}",
+                    part["accuracy"], part["n"], part["correct"], part["ci95"])
     p = results.get("perplexity")
     if p:
         for r in p["results"]:

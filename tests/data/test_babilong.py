@@ -317,3 +317,20 @@ def test_hub_loader_offline_and_bad_rows(monkeypatch, tmp_path):
         load_babilong(tmp_path, "1k", "qa1")
     with pytest.raises(Lm2Error, match="no qa2/1k.json"):
         load_babilong(tmp_path, "1k", "qa2")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"fact_spans": [[0, 5], [6, 9]], "support": [1]}, True),
+    ({"fact_spans": [[0, 5], [6, 9]], "support": [0]}, False),
+    ({"fact_spans": [[0, 5], [6, 9], [10, 12]], "support": [0, 1]}, False),  # qa2: the newest support counts
+    ({}, None),  # hub rows say nothing
+    ({"fact_spans": [[0, 5]], "support": [True]}, None),  # a bool is not an index
+    ({"fact_spans": [[0, 5]], "support": [1]}, None),  # out of range
+    ({"fact_spans": [[0, 5]], "support": [-1]}, None),
+    ({"fact_spans": "0-5", "support": [0]}, None),
+    ({"fact_spans": [[0, 5]], "support": []}, None),
+])
+def test_support_is_last_fact_reads_only_rows_that_add_up(extra, expected):
+    from lm2cli.data.babilong import support_is_last_fact
+
+    assert support_is_last_fact({"input": "x", "question": "q", "target": "t", **extra}) is expected

@@ -161,3 +161,31 @@ def test_average_rows_need_every_task_of_their_range():
     assert row["task"] == "qa1-qa5" and row["accuracy"] == 30.0 and (row["n"], row["correct"]) == (50, 15)
     assert row["ci95"] == [round(x, 4) for x in wilson_interval(15, 50)]
     assert averages(cells[:4], ["qa1", "qa2", "qa3", "qa4"], ["0k"]) == []  # qa1-qa5 incomplete: no row
+
+
+def test_accuracy_is_split_by_where_the_supporting_fact_lies(tmp_path, tokenizer):
+    """Rows that say where their facts are (built by `lm2 babilong`) are scored twice more: where the newest
+    supporting fact is the story's last fact, and where others follow. A model that answers the last fact's
+    place scores 100 % and 0 %; rows that do not say (hub rows, malformed support) are in neither group."""
+    facts = ["Mary went to the kitchen.", "John went to the garden."]
+    text = " ".join(facts)
+    spans = [[0, len(facts[0])], [len(facts[0]) + 1, len(text)]]
+    rows = [{"input": text, "question": f"Where is {who}? ", "target": place, "fact_spans": spans, "support": [i % 2]}
+            for i, (who, place) in enumerate([("Mary", "kitchen"), ("John", "garden")] * 3)]
+    rows += [{"input": text, "question": "Where is John? ", "target": "garden"},
+             {"input": text, "question": "Where is John? ", "target": "garden", "fact_spans": spans, "support": ["1"]}]
+    (tmp_path / "qa1").mkdir()
+    (tmp_path / "qa1" / "0k.json").write_text(json.dumps(rows))
+    plan = plan_babilong(load_recipe(None, [f"eval.data={json.dumps(str(tmp_path))}", 'eval.tasks=["qa1"]',
+                                            'eval.lengths=["0k"]']).eval, "RECIPE")
+    runner = table_runner(tokenizer, plan, lambda task, row: "garden")
+    cell = evaluate_cell(runner, tokenizer, plan, "qa1", "0k", "latest-fact")
+    assert [p.get("support_last") for p in cell.predictions] == [False, True] * 3 + [None, None]
+    split = cell.summary()["by_support"]
+    assert (split["last"]["n"], split["last"]["correct"], split["earlier"]["n"], split["earlier"]["correct"]) == (3, 3, 3, 0)
+    assert cell.correct == 5  # the two rows that do not say still count in the cell
+
+    from lm2cli.evaluation.report import support_section
+
+    section = "\n".join(support_section([cell.summary()]))
+    assert "| qa1 | latest-fact | 0k | 100.0 (" in section and ", 3 rows | 0.0 (" in section
