@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm2cli.data.babilong import ROW_KEYS, support_is_last_fact
 from lm2cli.data.examples import babilong_example
 from lm2cli.errors import Lm2Error
 from lm2cli.evaluation.metrics import score_answer, wilson_interval
@@ -161,7 +162,7 @@ def babilong_command_hint(data: str, tasks: list[str], lengths: list[str], recip
 def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
     """Read every (task, length) the settings ask for, keeping the first `samples` rows; any missing file, task
     or length is reported before a model runs."""
-    from lm2cli.data.babilong import HUB_ALIASES, ROW_KEYS, load_babilong, support_is_last_fact
+    from lm2cli.data.babilong import HUB_ALIASES, load_babilong
 
     if not cfg.tasks or not cfg.lengths:
         raise Lm2Error("eval.tasks and eval.lengths must not be empty when eval.run includes babilong")
@@ -227,7 +228,9 @@ def check_local_files(root: Path, tasks: list[str], lengths: list[str], hint: st
 
 def describe_source(root: Path, name: str, rows: dict) -> dict:
     """Where the rows came from, with fingerprints: the builder's (lm2 sets) and one of the rows evaluated."""
-    digest = hashlib.sha256(json.dumps(sorted((f"{t}/{n}", r) for (t, n), r in rows.items()),
+    # the text fields only: the same rows keep the same digest whatever is derived from them (support_last)
+    texts = {key: [{k: row[k] for k in ROW_KEYS} for row in r] for key, r in rows.items()}
+    digest = hashlib.sha256(json.dumps(sorted((f"{t}/{n}", r) for (t, n), r in texts.items()),
                                        ensure_ascii=False).encode()).hexdigest()
     if not root.is_dir():
         return {"kind": "hub", "name": name, "rows_sha256": digest,

@@ -189,3 +189,17 @@ def test_accuracy_is_split_by_where_the_supporting_fact_lies(tmp_path, tokenizer
 
     section = "\n".join(support_section([cell.summary()]))
     assert "| qa1 | latest-fact | 0k | 100.0 (" in section and ", 3 rows | 0.0 (" in section
+
+
+def test_the_rows_digest_is_of_their_text_only(tmp_path):
+    """results.json's rows_sha256 names the rows evaluated: the same texts give the same digest whether or not
+    the rows also say where their facts are (so results before and after the support split compare)."""
+    rows = [{"input": "Mary went to the kitchen.", "question": "Where is Mary? ", "target": "kitchen"}]
+    plans = []
+    for name, extra in (("plain", {}), ("located", {"fact_spans": [[0, 25]], "support": [0]})):
+        (tmp_path / name / "qa1").mkdir(parents=True)
+        (tmp_path / name / "qa1" / "0k.json").write_text(json.dumps([dict(r, **extra) for r in rows]))
+        plans.append(plan_babilong(load_recipe(None, [f"eval.data={json.dumps(str(tmp_path / name))}",
+                                                      'eval.tasks=["qa1"]', 'eval.lengths=["0k"]']).eval, "RECIPE"))
+    assert plans[1].rows[("qa1", "0k")][0]["support_last"] is True
+    assert plans[0].data["rows_sha256"] == plans[1].data["rows_sha256"]
