@@ -322,3 +322,26 @@ def test_damaged_checkpoints_refused_by_every_reader(cli, tmp_path, gen_run, cas
 def test_fact_curriculum_conflicts_are_one_line(cli, tmp_path, sets):
     args = [a for s in sets for a in ("--set", s)]
     check(cli("finetune", TINY, *args, "--out", str(case_dir(tmp_path) / "run")), 1)
+
+
+# ---------------------------------------------------------------------- fact annotations in data files
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-3, 12) | st.floats(allow_nan=True) | st.text(max_size=3)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+    max_leaves=10)
+
+
+@FUZZ
+@given(spans=JSON_VALUES, support=JSON_VALUES)
+def test_fact_annotations_of_any_shape_never_raise(spans, support):
+    """fact_spans / support come from data files a stranger may write: whatever JSON they hold, lm2 eval's support
+    split reads True / False only from a non-empty list of in-range integer indices, and None from anything else."""
+    from lm2cli.data.babilong import support_is_last_fact
+
+    got = support_is_last_fact({"input": "x", "question": "q", "target": "t", "fact_spans": spans,
+                                "support": support})
+    valid = (isinstance(spans, list) and spans and isinstance(support, list) and support
+             and all(type(i) is int and 0 <= i < len(spans) for i in support))
+    assert got is (None if not valid else max(support) == len(spans) - 1)

@@ -256,3 +256,23 @@ def test_without_matplotlib_the_plots_are_skipped_with_the_extra_named(cli, worl
     assert r.code == 0, r.err
     assert 'plots skipped: they need matplotlib (pip install "lm2[plot]")' in r.err
     assert read_results(out)["complete"] is True and not list(out.glob("*.png"))
+
+
+def test_fact_annotations_from_a_stranger_are_checked_not_trusted(cli, world, tmp_path):
+    """A data file whose rows carry damaged fact_spans / support (wrong types, out-of-range or negative indices,
+    bools, nesting): the evaluation still runs (the annotations are optional), those rows are in neither group
+    of the support split, and the well-formed rows are."""
+    rows = json.loads((world / "bl" / "qa1" / "0k.json").read_text())[:6]
+    damage = [{"fact_spans": "0-5", "support": [0]}, {"fact_spans": [[0, 5]], "support": [True]},
+              {"fact_spans": [[0, 5]], "support": [7]}, {"fact_spans": [[0, 5]], "support": [-1]},
+              {"fact_spans": [[0, 5]], "support": {"0": 1}}, {"fact_spans": [[0, 5], [6, 9]], "support": [1]}]
+    (tmp_path / "bl" / "qa1").mkdir(parents=True)
+    (tmp_path / "bl" / "qa1" / "0k.json").write_text(json.dumps([dict(r, **d) for r, d in zip(rows, damage)]))
+    out = tmp_path / "res"
+    r = cli("eval", world / "runs" / "lm2", "--set", f"eval.data={json.dumps(str(tmp_path / 'bl'))}", "--set",
+            'eval.run=["babilong"]', "--set", 'eval.tasks=["qa1"]', "--set", 'eval.lengths=["0k"]', "--out", out)
+    assert r.code == 0 and "Traceback" not in r.err, r.err
+    cell = read_results(out)["babilong"]["cells"][0]
+    assert cell["n"] == 6 and cell["by_support"]["last"]["n"] == 1 and "earlier" not in cell["by_support"]
+    marks = [json.loads(ln).get("support_last") for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert marks == [None] * 5 + [True]
