@@ -267,7 +267,8 @@ def test_fact_annotations_from_a_stranger_are_checked_not_trusted(cli, world, tm
               {"fact_spans": [[0, 5]], "support": [7]}, {"fact_spans": [[0, 5]], "support": [-1]},
               {"fact_spans": [[0, 5]], "support": {"0": 1}}, {"fact_spans": [[0, 5], [6, 9]], "support": [1]}]
     (tmp_path / "bl" / "qa1").mkdir(parents=True)
-    (tmp_path / "bl" / "qa1" / "0k.json").write_text(json.dumps([dict(r, **d) for r, d in zip(rows, damage)]))
+    damaged = [dict(r, **d) for r, d in zip(rows, damage, strict=True)]
+    (tmp_path / "bl" / "qa1" / "0k.json").write_text(json.dumps(damaged))
     out = tmp_path / "res"
     r = cli("eval", world / "runs" / "lm2", "--set", f"eval.data={json.dumps(str(tmp_path / 'bl'))}", "--set",
             'eval.run=["babilong"]', "--set", 'eval.tasks=["qa1"]', "--set", 'eval.lengths=["0k"]', "--out", out)
