@@ -26,7 +26,7 @@ from pathlib import Path
 from lm2cli.data.babilong import ROW_KEYS, support_is_last_fact
 from lm2cli.data.examples import babilong_example
 from lm2cli.errors import Lm2Error
-from lm2cli.evaluation.metrics import score_answer, wilson_interval
+from lm2cli.evaluation.metrics import accuracy_counts, score_answer, wilson_interval
 
 DEFAULT_MAX_NEW_TOKENS = {"finetune-em": 10, "prompt-compat": 20, "prompt-strict": 20}  # upstream's values
 
@@ -266,7 +266,7 @@ class Cell:
         return 100.0 * self.correct / self.n
 
     def summary(self) -> dict:
-        out = {"model": self.model, "task": self.task, "length": self.length, **counts(self.correct, self.n),
+        out = {"model": self.model, "task": self.task, "length": self.length, **accuracy_counts(self.correct, self.n),
                "samples_per_s": round(self.n / self.seconds, 3) if self.seconds > 0 else None}
         split = self.by_support()
         if split:
@@ -280,13 +280,8 @@ class Cell:
         for key, value in (("last", True), ("earlier", False)):
             group = [p["correct"] for p in self.predictions if p.get("support_last") is value]
             if group:
-                out[key] = counts(sum(group), len(group))
+                out[key] = accuracy_counts(sum(group), len(group))
         return out
-
-
-def counts(correct: int, n: int) -> dict:
-    lo, hi = wilson_interval(correct, n)
-    return {"n": n, "correct": correct, "accuracy": round(100.0 * correct / n, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def variant_name(model_name: str, variant: str, k: int) -> str:

@@ -4,6 +4,7 @@
     compare_answers(target, output, question, task)  prompt-compat: upstream's label-set metric, quirks and all
     compare_answers(..., strict=True)                prompt-strict: the same pipeline with the quirks fixed
     wilson_interval(correct, n)                      95 % Wilson score interval, in percent
+    accuracy_counts(correct, n)                      {n, correct, accuracy, ci95} as results files store them
 
 The compat metric reproduces upstream's algorithm on purpose, including what it gets wrong, so that our numbers
 compare with published BABILong prompt-mode results:
@@ -106,6 +107,12 @@ def score_answer(mode: str, task: str, target: str, output: str, question: str) 
     if task not in TASK_LABELS:
         raise ValueError(f"no label set for task {task}")
     return compare_answers(target, output, question, TASK_LABELS[task], strict=mode == "prompt-strict")
+
+
+def accuracy_counts(correct: int, n: int) -> dict:
+    """n, correct, accuracy % and its 95 % Wilson interval, rounded as every results file stores them."""
+    lo, hi = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": round(100.0 * correct / n, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm2cli.errors import Lm2Error
-from lm2cli.evaluation.metrics import wilson_interval
+from lm2cli.evaluation.metrics import accuracy_counts
 
 LETTERS = ["A", "B", "C", "D"]
 RECORD_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -262,9 +262,7 @@ def evaluate_multiple_choice(runner, tokenizer, plan: MultipleChoicePlan, name: 
 
 
 def _accuracy(name: str, label: str, hits: list[bool]) -> dict:
-    lo, hi = wilson_interval(sum(hits), len(hits))
-    return {"model": name, "name": label, "n": len(hits), "correct": sum(hits),
-            "accuracy": round(100.0 * sum(hits) / len(hits), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return {"model": name, "name": label, **accuracy_counts(sum(hits), len(hits))}
 
 
 def summarize(name: str, questions: list[Question], correct: list[bool], picks: list[int]) -> dict:
