@@ -191,14 +191,15 @@ def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
                                f"build a local set instead: {hint}") from None
             if not rows:
                 raise Lm2Error(f"eval.data = {source}: {task} at {length} has no rows")
-            plan.rows[(task, length)] = [_eval_row(r, support_is_last_fact(r), ROW_KEYS) for r in rows]
+            plan.rows[(task, length)] = [_eval_row(r) for r in rows]
     plan.data = describe_source(root, HUB_ALIASES.get(source, source), plan.rows)
     return plan
 
 
-def _eval_row(row: dict, support_last: bool | None, keys: tuple[str, ...]) -> dict:
+def _eval_row(row: dict) -> dict:
     """The text fields, plus where the supporting fact lies when the row says (see support_is_last_fact)."""
-    out = {k: row[k] for k in keys}
+    out = {k: row[k] for k in ROW_KEYS}
+    support_last = support_is_last_fact(row)
     if support_last is not None:
         out["support_last"] = support_last
     return out

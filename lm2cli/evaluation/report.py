@@ -85,10 +85,11 @@ def support_section(cells: list[dict]) -> list[str]:
     split = [c for c in cells if c.get("by_support")]
     if not split:
         return []
-    rows = [[c["task"], c["model"], c["length"]]
-            + [f"{fmt_accuracy(p)}, {p['n']} rows" if p else "—" for p in (c["by_support"].get(k) for k in
-                                                                            ("last", "earlier"))]
-            for c in split]
+    def group(part: dict | None) -> str:
+        return f"{fmt_accuracy(part)}, {part['n']} rows" if part else "—"
+
+    rows = [[c["task"], c["model"], c["length"], group(c["by_support"].get("last")),
+             group(c["by_support"].get("earlier"))] for c in split]
     return ["", "### Where the supporting fact lies", "",
             "Accuracy % (95 % interval) where the newest supporting fact is the story's last fact, and where other "
             "facts follow it. A model that keeps only the latest fact answers the first kind and fails the second.",
