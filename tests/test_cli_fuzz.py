@@ -229,7 +229,7 @@ CKPT_FILES = ["model.safetensors", "recipe.toml", "tokenizer.model"]
 @st.composite
 def damage(draw):
     how = draw(st.sampled_from(["truncate", "flip", "delete", "state json", "state bytes", "recipe", "header",
-                                "memory option"]))
+                                "memory option", "memory choice"]))
     name = draw(st.sampled_from(CKPT_FILES))
     return how, name, draw(st.integers(0, 10**9)), draw(st.binary(min_size=1, max_size=64))
 
@@ -265,6 +265,11 @@ def apply_damage(ckpt: Path, how: str, name: str, n: int, noise: bytes) -> int:
         assert "slot_keys = false" in recipe
         (ckpt / "recipe.toml").write_text(recipe.replace("slot_keys = false", "slot_keys = true"))
         write_state_file(ckpt, state)
+    elif how == "memory choice":  # re-signed: a memory.write the schema does not know (no code picked by name)
+        recipe = (ckpt / "recipe.toml").read_text()
+        assert 'write = "attend"' in recipe
+        (ckpt / "recipe.toml").write_text(recipe.replace('write = "attend"', 'write = "__import__"'))
+        write_state_file(ckpt, state)
     elif how == "recipe":  # re-signed: only the recipe checks can refuse it
         (ckpt / "recipe.toml").write_text(f"[model]\nd_model = {'{ x = 1 }' if n % 2 else 'inf'}\n")
         write_state_file(ckpt, state)
@@ -296,6 +301,17 @@ def test_a_recipe_claiming_memory_tensors_the_weights_lack_is_one_line(cli, tmp_
     res = cli("generate", run, "--prompt", "Mary")
     check(res, problems)
     assert "memory.slot_keys" in res.err
+
+
+def test_a_checkpoint_recipe_with_an_unknown_memory_write_is_one_line(cli, tmp_path, gen_run):
+    import shutil
+
+    run = case_dir(tmp_path) / "run"
+    shutil.copytree(gen_run, run)
+    problems = apply_damage(run / "checkpoints" / "step_00000020", "memory choice", "recipe.toml", 0, b"x")
+    res = cli("generate", run, "--prompt", "Mary")
+    check(res, problems)
+    assert "memory.write" in res.err and '"attend" | "compete"' in res.err
 
 
 def test_the_fuzzers_cover_every_recipe_key_with_a_defect():
