@@ -291,27 +291,20 @@ def test_damaged_checkpoints(cli, tmp_path, gen_run, case):
     check(cli("generate", run, "--prompt", "Mary", "--max-new-tokens", "2"), problems)
 
 
-def test_a_recipe_claiming_memory_tensors_the_weights_lack_is_one_line(cli, tmp_path, gen_run):
-    """The damage kind above, spelled out: the refusal names the tensors, so the user sees which option differs."""
+@pytest.mark.parametrize("how, named", [
+    ("memory option", ["memory.slot_keys"]),  # tensors the weights lack: the refusal names them
+    ("memory choice", ["memory.write", '"attend" | "compete"']),  # a value the schema does not know
+])
+def test_memory_options_in_a_checkpoint_recipe_are_one_line(cli, tmp_path, gen_run, how, named):
+    """The memory damage kinds above, spelled out: the refusal names the option, so the user sees what differs."""
     import shutil
 
     run = case_dir(tmp_path) / "run"
     shutil.copytree(gen_run, run)
-    problems = apply_damage(run / "checkpoints" / "step_00000020", "memory option", "recipe.toml", 0, b"x")
+    problems = apply_damage(run / "checkpoints" / "step_00000020", how, "recipe.toml", 0, b"x")
     res = cli("generate", run, "--prompt", "Mary")
     check(res, problems)
-    assert "memory.slot_keys" in res.err
-
-
-def test_a_checkpoint_recipe_with_an_unknown_memory_write_is_one_line(cli, tmp_path, gen_run):
-    import shutil
-
-    run = case_dir(tmp_path) / "run"
-    shutil.copytree(gen_run, run)
-    problems = apply_damage(run / "checkpoints" / "step_00000020", "memory choice", "recipe.toml", 0, b"x")
-    res = cli("generate", run, "--prompt", "Mary")
-    check(res, problems)
-    assert "memory.write" in res.err and '"attend" | "compete"' in res.err
+    assert all(text in res.err for text in named)
 
 
 def test_the_fuzzers_cover_every_recipe_key_with_a_defect():
