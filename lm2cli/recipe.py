@@ -96,10 +96,12 @@ class MemoryConfig:
     # attend: with slots alike every write overwrites the whole bank, and the qa1 LM2s answered the story's last
     # place (docs/results.md); compete lets a write address some slots and leave the others. Measured on qa1 at
     # 1k (one seed): the slots stay apart, but they all still write the fact's place, and accuracy did not move.
-    write: Literal["attend", "compete"] = opt(
+    write: Literal["attend", "compete", "delta"] = opt(
         "attend", "Write: attend = each slot takes a softmax over the segment's tokens (the paper); compete = each "
                   "token's weight is split over the slots it reads from, and a slot moves as much as it was chosen "
-                  "(slots no token chose keep their content)")
+                  "(slots no token chose keep their content); delta = no slots: an associative matrix per head, "
+                  "each token writes a value under its own key by the delta rule and reads with its query "
+                  "(memory.slots, slot_dim, slot_keys, update and the gate biases but out_gate_bias do not apply)")
     update: Literal["sum", "normalized"] = opt(
         "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; its entries can grow with every segment), "
                "normalized = the same divided by g_in + g_f (a weighted mean: entries stay within [-1, 1])")

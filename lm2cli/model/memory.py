@@ -58,6 +58,7 @@ class LM2Memory(nn.Module):
         self.head_dim = d_model // heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         # Token side, fused into one matmul over the whole input: read queries W_Q and write contents W_U.
+        self.content_width = slot_dim  # what each token contributes to the write (W_U)
         self.qu_proj = nn.Linear(d_model, d_model + slot_dim, bias=False)
         self.kv_proj = nn.Linear(slot_dim, 2 * d_model, bias=False)  # keys and values from the slots
         self.out_gate = nn.Linear(d_model, d_model)
@@ -151,7 +152,7 @@ class LM2Memory(nn.Module):
                 and state.pending_len + 1 < self.segment_len):
             return self._decode_one(x, state)
         sizes = self._chunk_sizes(state.pending_len, x.shape[1])
-        queries, contents = self.qu_proj.forward(x).split([self.d_model, self.slot_dim], dim=-1)
+        queries, contents = self.qu_proj.forward(x).split([self.d_model, self.content_width], dim=-1)
         queries, contents = self._split_heads(queries), self._split_heads(contents)
         if len(sizes) > 1:  # split, not slicing: one cheap backward
             queries, contents = queries.split(sizes, dim=2), contents.split(sizes, dim=2)
@@ -163,7 +164,7 @@ class LM2Memory(nn.Module):
             t = q.shape[2]
             completes = state.pending_len + t == self.segment_len
             if not completes:  # e.g. decoding: one fused kernel, scores not needed
-                reads.append(F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0))
+                reads.append(self._read_open(q, state))
                 if recorder is not None:  # the same weights spelled out for the record; the output stays SDPA's
                     recorder.on_read(layer, pos, torch.matmul(q, state.keys.transpose(-1, -2)).softmax(dim=-1))
                 state = MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
@@ -173,10 +174,8 @@ class LM2Memory(nn.Module):
             if state.pending_queries:  # the segment began in an earlier call: score its earlier tokens too
                 q = torch.cat([*state.pending_queries, q], dim=2)
                 content = torch.cat([*state.pending_contents, content], dim=2)
-            scores = torch.matmul(q, state.keys.transpose(-1, -2))  # (B, h, t, N); keys carry 1/√dh
-            # Slice only when earlier tokens were prepended: a no-op slice still costs a zero-filled gradient.
-            probs = (scores if scores.shape[2] == t else scores[:, :, -t:]).softmax(dim=-1)
-            reads.append(torch.matmul(probs, state.values))
+            read, probs, scores = self._read_closing(q, t, state)
+            reads.append(read)
             if recorder is not None:
                 recorder.on_read(layer, pos, probs)
             pos += t
@@ -204,11 +203,23 @@ class LM2Memory(nn.Module):
         (B, h, 1, d_m/h), gated output (B, 1, d)). With a single token, (B, 1, h·c) reshapes to (B, h, 1, c)
         without a transpose. Shared by eager decoding and the static-shape decode step."""
         b = x.shape[0]
-        q, content = self.qu_proj.forward(x).split([self.d_model, self.slot_dim], dim=-1)
+        q, content = self.qu_proj.forward(x).split([self.d_model, self.content_width], dim=-1)
         q = q.reshape(b, self.heads, 1, self.head_dim)
-        content = content.reshape(b, self.heads, 1, self.slot_dim // self.heads)
-        read = F.scaled_dot_product_attention(q, keys, values, scale=1.0).reshape(b, 1, self.d_model)
+        content = content.reshape(b, self.heads, 1, self.content_width // self.heads)
+        read = self._read_open(q, MemoryState(None, keys=keys, values=values)).reshape(b, 1, self.d_model)
         return q, content, torch.sigmoid(self.out_gate.forward(read)).mul_(read)
+
+    def _read_open(self, q: Tensor, state: MemoryState) -> Tensor:
+        """The read (B, h, t, dh) of tokens whose segment is still open: one fused kernel, no weights kept."""
+        return F.scaled_dot_product_attention(q, state.keys, state.values, scale=1.0)
+
+    def _read_closing(self, q: Tensor, t: int, state: MemoryState) -> tuple[Tensor, Tensor, Tensor]:
+        """The last t tokens' read when `q` (B, h, S, dh) completes a segment: (read (B, h, t, dh), their read
+        weights over the slots (B, h, t, N), the whole segment's scores (B, h, S, N), which the write reuses)."""
+        scores = torch.matmul(q, state.keys.transpose(-1, -2))  # (B, h, S, N); keys carry 1/√dh
+        # Slice only when earlier tokens were prepended: a no-op slice still costs a zero-filled gradient.
+        probs = (scores if scores.shape[2] == t else scores[:, :, -t:]).softmax(dim=-1)
+        return torch.matmul(probs, state.values), probs, scores
 
     def updated_bank(self, scores: Tensor, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The write of one segment: (new bank, write attention, g_in, g_f) from the segment's read scores
@@ -264,3 +275,77 @@ def identity_bank(slots: int, slot_dim: int) -> Tensor:
     bank = torch.zeros(slots, slot_dim)
     bank[torch.arange(slots), torch.arange(slots) % slot_dim] = 1.0
     return bank
+
+
+class AssociativeMemory(LM2Memory):
+    """memory.write = "delta": the bank is an associative matrix per head, written by the delta rule.
+
+    The slot bank's write is addressed by the slots: every qa1 LM2 learned to store the latest fact's place and
+    not whose place it is (docs/results.md). Here the address comes from the tokens, as in fast-weight and
+    associative memories (DeltaNet, ARMT): each token t of a segment proposes a key k_t (unit norm), a value v_t
+    and a strength β_t = σ(·), and the segment's write applies, in token order,
+
+        S ← S + β_t k_tᵀ (v_t − k_t S)        (S: d_h × d_h per head; writing v under k_t replaces what k_t held)
+
+    so "Mary" can address what was stored under "Mary". A token reads r_t = q_t S (q_t unit norm), gated by the
+    same output gate as the slot read. The bank keeps the slot module's shape contract, (B, h·d_h, d_h) in float32
+    (h·d_h rows), so carrying, checkpoints and the segment bookkeeping are shared; memory.slots and
+    memory.slot_dim do not apply. The S sequential updates of a segment are computed at once (the WY form of
+    DeltaNet, Yang et al. 2024): with K, V, β the segment's keys, values and strengths,
+
+        (I + tril₋₁(diag(β) K Kᵀ)) U = diag(β) (V − K S),      S' = S + Kᵀ U,
+
+    one unit-triangular solve of S × S per head.
+    """
+
+    def __init__(self, d_model: int, heads: int, segment_len: int, out_gate_bias: float):
+        nn.Module.__init__(self)
+        if d_model % heads:
+            raise ValueError("memory heads must divide d_model")
+        self.d_model, self.heads, self.segment_len = d_model, heads, segment_len
+        self.head_dim = d_model // heads
+        # Per head the matrix has d_h rows ("slots") of width d_h; the bank stacks the heads: (h·d_h, d_h).
+        self.slots, self.slot_dim = self.head_dim, self.head_dim
+        self.scale = 1.0
+        self.content_width = heads * (2 * self.head_dim + 1)  # per head: key, value, strength
+        self.qu_proj = nn.Linear(d_model, d_model + self.content_width, bias=False)
+        self.out_gate = nn.Linear(d_model, d_model)
+        self.register_buffer("bank0", torch.zeros(d_model, self.head_dim), persistent=False)
+        self.slot_keys = None
+        self._out_gate_bias = out_gate_bias
+
+    def reset_gate_biases(self) -> None:
+        with torch.no_grad():
+            self.out_gate.bias.fill_(self._out_gate_bias)
+
+    def bank_keys_values(self, bank: Tensor) -> tuple[Tensor, Tensor]:
+        """S as (B, h, d_h, d_h), twice: the matrix is read directly, nothing is projected. It stands in for the
+        keys too, so the slot bank's caching and static-decoding bookkeeping apply unchanged (the keys go unused)."""
+        matrix = bank.reshape(bank.shape[0], self.heads, self.head_dim, self.head_dim)
+        return matrix, matrix
+
+    def forward(self, x: Tensor, state: MemoryState, writes_kept: int | None = None, recorder=None, layer: int = 0,
+                start_pos: int = 0, keep_state: bool = True) -> tuple[Tensor, MemoryState]:
+        if recorder is not None:  # the recorder's records are slot attention weights, which this bank has not
+            raise ValueError('memory.write = "delta" has no slots to record (inspect-memory needs a slot bank)')
+        return super().forward(x, state, writes_kept, None, layer, start_pos, keep_state)
+
+    def _read_open(self, q: Tensor, state: MemoryState) -> Tensor:
+        return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype)
+
+    def _read_closing(self, q: Tensor, t: int, state: MemoryState) -> tuple[Tensor, None, None]:
+        return self._read_open(q if q.shape[2] == t else q[:, :, -t:], state), None, None
+
+    def updated_bank(self, scores, content: Tensor, bank: Tensor) -> tuple[Tensor, None, Tensor, None]:
+        """The delta-rule write of one segment: (new bank, None, the tokens' strengths β (B, h, S, 1), None)."""
+        b, dh = bank.shape[0], self.head_dim
+        keys, values, beta = content.float().split([dh, dh, 1], dim=-1)  # (B, h, S, ·)
+        keys, beta = F.normalize(keys, dim=-1), torch.sigmoid(beta)
+        matrix = bank.reshape(b, self.heads, dh, dh)
+        size = keys.shape[2]
+        lower = torch.tril(beta * torch.matmul(keys, keys.transpose(-1, -2)), diagonal=-1)
+        system = lower + torch.eye(size, dtype=lower.dtype, device=lower.device)
+        residuals = torch.linalg.solve_triangular(system, beta * (values - torch.matmul(keys, matrix)), upper=False,
+                                                  unitriangular=True)
+        new = matrix + torch.matmul(keys.transpose(-1, -2), residuals)
+        return new.reshape(b, self.heads * dh, dh), None, beta, None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lm2cli.model.memory import LM2Memory, MemoryState
+from lm2cli.model.memory import AssociativeMemory, LM2Memory, MemoryState
 
 
 @dataclass
@@ -212,7 +212,8 @@ class Block(nn.Module):
             # Built without touching the global RNG (its weights are drawn in reset_parameters, after the
             # backbone's), so the same seed gives LM2 and vanilla the same backbone: see reset_parameters.
             with torch.random.fork_rng(devices=[]):
-                self.memory = LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len,
+                self.memory = AssociativeMemory(a.d_model, a.memory_heads, a.segment_len, a.out_gate_bias) \
+                    if a.memory_write == "delta" else LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len,
                                         a.memory_init, a.out_gate_bias, a.forget_gate_bias, a.memory_update,
                                         a.slot_keys, a.memory_write)
 

@@ -115,7 +115,7 @@ class StaticDecoder(nn.Module):
             self.register_buffer(f"mvalues{i}", torch.zeros(kv_shape, dtype=keys.dtype, device=dev), persistent=False)
             self.register_buffer(f"queries{i}", torch.zeros(b, mem.heads, self.segment, mem.head_dim,
                                                             dtype=keys.dtype, device=dev), persistent=False)
-            self.register_buffer(f"contents{i}", torch.zeros(b, mem.heads, self.segment, mem.slot_dim // mem.heads,
+            self.register_buffer(f"contents{i}", torch.zeros(b, mem.heads, self.segment, mem.content_width // mem.heads,
                                                              dtype=keys.dtype, device=dev), persistent=False)
         if self.arch == "rmt":
             self.register_buffer("rmt_memory", torch.zeros(b, self.n_mem_tokens, m.args.d_model,

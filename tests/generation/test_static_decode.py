@@ -18,8 +18,9 @@ SEGMENT, VOCAB = 8, 53
 
 def tiny_model(arch: str, window: int):
     extra = {"lm2-slot-keys": ["memory.slot_keys=true"],
-             "lm2-compete": ["memory.slot_keys=true", "memory.write=compete"]}.get(arch, [])
-    arch = arch.removesuffix("-slot-keys").removesuffix("-compete")
+             "lm2-compete": ["memory.slot_keys=true", "memory.write=compete"],
+             "lm2-delta": ["memory.write=delta"]}.get(arch, [])
+    arch = arch.removesuffix("-slot-keys").removesuffix("-compete").removesuffix("-delta")
     recipe = load_recipe(None, [*extra,
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "model.init_std=0.3", "memory.slots=4", "memory.heads=2",

@@ -19,6 +19,8 @@ def tiny(arch: str, window: int = 0, *extra: str):
         arch, extra = "lm2", ("memory.slot_keys=true", *extra)
     if arch == "lm2-compete":  # LM2 whose tokens share their write over the slots (memory.write), slot keys on
         arch, extra = "lm2", ("memory.write=compete", "memory.slot_keys=true", "memory.update=normalized", *extra)
+    if arch == "lm2-delta":  # LM2 with the associative bank written by the delta rule (memory.write)
+        arch, extra = "lm2", ("memory.write=delta", *extra)
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
@@ -30,7 +32,7 @@ def tiny(arch: str, window: int = 0, *extra: str):
     return build_model(recipe)
 
 
-ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6),
+ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6), ("lm2-delta", 0), ("lm2-delta", 6),
          ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
 
 
@@ -101,7 +103,8 @@ def test_every_memory_parameter_gets_a_gradient(arch):
     logits.float().logsumexp(-1).mean().backward()
     memory_params = [(n, p) for n, p in model.named_parameters() if model.is_memory_param(n)]
     assert memory_params
-    assert any(n.endswith("bank0") for n, _ in memory_params) == arch.startswith("lm2")  # the learned initial bank
+    # the learned initial bank (the delta rule's matrix starts empty: nothing to learn)
+    assert any(n.endswith("bank0") for n, _ in memory_params) == (arch.startswith("lm2") and arch != "lm2-delta")
     assert any(n.endswith("slot_keys") for n, _ in memory_params) == (arch in ("lm2-slot-keys", "lm2-compete"))
     for name, p in memory_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
