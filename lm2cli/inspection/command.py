@@ -52,6 +52,9 @@ def inspectable_blocks(model, where: Path) -> list[int]:
     if arch == "vanilla" or not blocks:
         raise Lm2Error(f"{where}: model.arch = {arch} has no memory to inspect; inspect-memory reads lm2 and rmt "
                        f"runs")
+    if model.args.memory_write == "delta":  # its figures are slot attention, read and write
+        raise Lm2Error(f'{where}: memory.write = "delta" keeps an associative matrix, not slots; inspect-memory '
+                       f'reads slot banks ("attend", "compete") and rmt runs')
     return blocks
 
 

@@ -134,6 +134,19 @@ def test_vanilla_is_refused_in_one_line(cli, runs):
                                     f"has no memory to inspect; inspect-memory reads lm2 and rmt runs"]
 
 
+def test_an_associative_bank_is_refused_in_one_line(tmp_path):
+    from lm2cli import build_model, load_recipe
+    from lm2cli.errors import Lm2Error
+    from lm2cli.inspection.command import inspectable_blocks
+
+    model = build_model(load_recipe(None, ["model.d_model=8", "model.n_layers=1", "model.n_heads=2",
+                                           "model.vocab_size=11", "memory.heads=2", "memory.write=delta"]))
+    with pytest.raises(Lm2Error) as err:
+        inspectable_blocks(model, tmp_path)
+    assert str(err.value) == (f'{tmp_path}: memory.write = "delta" keeps an associative matrix, not slots; '
+                              f'inspect-memory reads slot banks ("attend", "compete") and rmt runs')
+
+
 def test_a_recipe_names_its_run(cli, runs, tmp_path, no_figures):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'[output]\ndir = "{runs["lm2"]}"\n')

@@ -32,8 +32,8 @@ def tiny(arch: str, window: int = 0, *extra: str):
     return build_model(recipe)
 
 
-ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6), ("lm2-delta", 0), ("lm2-delta", 6),
-         ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
+ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6),
+         ("lm2-delta", 0), ("lm2-delta", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
 
 
 @pytest.mark.parametrize("arch,window", ARCHS)
@@ -95,7 +95,7 @@ def test_memory_layers_subset_and_params():
     assert [b.memory is not None for b in first_two.blocks] == [True, True, False]
 
 
-@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "rmt"])
+@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "lm2-delta", "rmt"])
 def test_every_memory_parameter_gets_a_gradient(arch):
     model = tiny(arch, 4, "memory.init=learned")
     x = torch.randint(0, VOCAB, (2, 33))  # 4 full segments + 1 token: memory written and read several times

@@ -1,0 +1,97 @@
+"""memory.write = "delta": the associative bank against the delta rule written token by token in float64.
+
+The module computes a segment's S updates at once (a unit-triangular solve); the reference applies them one token
+at a time, S ← S + β k̂ᵀ(v − k̂ S), so an error in the solve, the order of the updates or the read shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm2cli import build_model, load_recipe
+from lm2cli.model.memory import AssociativeMemory, LM2Memory
+
+D, HEADS, S = 8, 2, 4
+DH = D // HEADS
+
+
+@pytest.fixture
+def module() -> AssociativeMemory:
+    torch.manual_seed(0)
+    m = AssociativeMemory(D, HEADS, S, out_gate_bias=0.5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.5)
+    return m
+
+
+def reference(m: AssociativeMemory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gated read (B, T, D), final matrices (B, h, d_h, d_h)), token by token in float64."""
+    w = m.qu_proj.weight.double()
+    proj = x.double() @ w.T
+    q, content = proj[..., :D], proj[..., D:]
+    batch, length = x.shape[:2]
+    matrix = torch.zeros(batch, HEADS, DH, DH, dtype=torch.float64)
+    reads = torch.zeros(batch, length, D, dtype=torch.float64)
+    for start in range(0, length, S):
+        end = min(start + S, length)
+        for t in range(start, end):  # every token of the segment reads the matrix as it was before the segment
+            for h in range(HEADS):
+                q_h = F.normalize(q[:, t, h * DH:(h + 1) * DH], dim=-1)
+                reads[:, t, h * DH:(h + 1) * DH] = torch.einsum("bi,bij->bj", q_h, matrix[:, h])
+        if end - start < S:
+            break  # an open segment is not written yet
+        for t in range(start, end):  # then the segment writes, in token order
+            for h in range(HEADS):
+                k, v, b = content[:, t, h * (2 * DH + 1):(h + 1) * (2 * DH + 1)].split([DH, DH, 1], dim=-1)
+                k, b = F.normalize(k, dim=-1), torch.sigmoid(b)
+                old = torch.einsum("bi,bij->bj", k, matrix[:, h])
+                matrix[:, h] = matrix[:, h] + b.unsqueeze(-1) * k.unsqueeze(-1) * (v - old).unsqueeze(1)
+    gate = torch.sigmoid(reads @ m.out_gate.weight.double().T + m.out_gate.bias.double())
+    return gate * reads, matrix
+
+
+@pytest.mark.parametrize("length", [3, 8, 11])  # no write; two writes; two writes and an open segment
+def test_the_delta_write_and_read_match_the_rule_token_by_token(module, length):
+    x = torch.randn(2, length, D, generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        out, state = module(x, module.init_state(2))
+    want_out, want_matrix = reference(module, x)
+    assert torch.allclose(out.double(), want_out, atol=1e-5)
+    assert torch.allclose(state.bank.double().view(2, HEADS, DH, DH), want_matrix, atol=1e-5)
+    if length >= S:
+        assert want_matrix.abs().max() > 0.05  # the write did something: the check above is not 0 == 0
+
+
+def test_a_key_written_again_holds_only_its_latest_value(module):
+    """The property qa1 needs ("where is Mary" = her latest move): writing v2 under a key that holds v1, at full
+    strength, leaves v2 there, and a key orthogonal to it is untouched."""
+    matrix = torch.zeros(1, D, DH)
+    key = torch.zeros(DH)
+    key[0] = 1.0
+    other = torch.zeros(DH)
+    other[1] = 1.0
+    v_other, v1, v2 = torch.randn(3, DH, generator=torch.Generator().manual_seed(3))
+    strong = torch.tensor([30.0])  # σ(30) = 1: a full-strength write
+    tokens = [(other, v_other), (key, v1), (key, v2)]
+    content = torch.stack([torch.cat([k, v, strong]) for k, v in tokens])  # (S-1, 2 d_h + 1), head 0
+    content = torch.cat([content, torch.cat([torch.zeros(2 * DH), torch.tensor([-30.0])]).unsqueeze(0)])  # β = 0
+    content = content.unsqueeze(0).unsqueeze(0).expand(1, HEADS, S, 2 * DH + 1)
+    with torch.no_grad():
+        new, *_ = module.updated_bank(None, content, matrix)
+    head0 = new.view(1, HEADS, DH, DH)[0, 0]
+    assert torch.allclose(key @ head0, v2, atol=1e-5) and torch.allclose(other @ head0, v_other, atol=1e-5)
+
+
+def test_the_recipe_chooses_the_associative_bank():
+    base = ["model.d_model=8", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=11", "memory.heads=2",
+            "memory.segment_len=2"]
+    assert type(build_model(load_recipe(None, base)).blocks[0].memory) is LM2Memory
+    model = build_model(load_recipe(None, [*base, "memory.write=delta"]))
+    memory = model.blocks[0].memory
+    assert isinstance(memory, AssociativeMemory)
+    assert memory.init_state(3).bank.shape == (3, 8, 4)  # h·d_h rows of width d_h, empty
+    assert memory.init_state(3).bank.abs().sum() == 0
+    assert memory.out_gate.bias.eq(-4.0).all()  # the recipe's out_gate_bias, as for the slot bank
