@@ -199,6 +199,14 @@ class SwiGLU(nn.Module):
         return self.w_down.forward(F.silu(gate) * up)
 
 
+def memory_module(a: ModelArgs) -> nn.Module:
+    """The memory of an lm2 block: the slot bank (memory.write attend / compete) or the associative matrix."""
+    if a.memory_write == "delta":
+        return AssociativeMemory(a.d_model, a.memory_heads, a.segment_len, a.out_gate_bias)
+    return LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len, a.memory_init, a.out_gate_bias,
+                     a.forget_gate_bias, a.memory_update, a.slot_keys, a.memory_write)
+
+
 class Block(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
@@ -212,10 +220,7 @@ class Block(nn.Module):
             # Built without touching the global RNG (its weights are drawn in reset_parameters, after the
             # backbone's), so the same seed gives LM2 and vanilla the same backbone: see reset_parameters.
             with torch.random.fork_rng(devices=[]):
-                self.memory = AssociativeMemory(a.d_model, a.memory_heads, a.segment_len, a.out_gate_bias) \
-                    if a.memory_write == "delta" else LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len,
-                                        a.memory_init, a.out_gate_bias, a.forget_gate_bias, a.memory_update,
-                                        a.slot_keys, a.memory_write)
+                self.memory = memory_module(a)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, causal: bool, st: LayerState,
                 writes_kept: int | None, recorder, start_pos: int,
