@@ -26,7 +26,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from lm2cli.errors import RecipeError
 
 BABI_TASKS = [f"qa{i}" for i in range(1, 11)]
-BABILONG_LENGTHS = ["0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k"]
+BABILONG_LENGTHS = ["0k", "256", "512", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k"]
 EVAL_KINDS = ["babilong", "perplexity", "multiple-choice", "harness"]
 PROMPT_PARTS = ["instruction", "examples", "post_prompt"]
 

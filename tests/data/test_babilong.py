@@ -9,6 +9,7 @@ import random
 import pytest
 
 from lm2cli.data.babi import Sample
+from lm2cli.data.examples import babilong_lengths
 from lm2cli.data.babilong import build_row, inject_facts, length_tokens, load_babilong
 from lm2cli.data.haystack import BuiltinHaystack, SentenceSampler, split_sentences
 from lm2cli.errors import Lm2Error
@@ -189,6 +190,19 @@ def test_command_places_facts_within_the_fact_window(cli, tmp_path, small_tokeni
     assert all(0.0 <= x <= 0.25 for x in shares)
     assert min(shares) < 0.1 and max(shares) > 0.15  # spread over the window, from its start
     assert json.loads((tmp_path / "bl" / "meta.json").read_text())["fact_window"] == [0.0, 0.25]
+
+
+def test_intermediate_lengths_for_a_gentle_curriculum(cli, tmp_path, small_tokenizer):
+    """256 and 512 tokens: rows between 0k (facts only) and 1k, within their token budget, in length order."""
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["256", "512"], samples=6, margin=20)
+    assert cli("babilong", recipe).code == 0
+    meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
+    assert meta["lengths"] == {"256": 256, "512": 512}
+    for name, budget in meta["lengths"].items():
+        rows = json.loads((tmp_path / "bl" / "qa1" / f"{name}.json").read_text())
+        sizes = [len(small_tokenizer.encode(r["input"])) for r in rows]
+        assert len(rows) == 6 and max(sizes) <= budget - 20 and min(sizes) > budget // 2, (name, sizes)
+    assert babilong_lengths(str(tmp_path / "bl"), ["qa1"], None) == ["256", "512"]
 
 
 def test_identical_seeds_identical_files_and_train_differs_from_test(cli, tmp_path, small_tokenizer):
