@@ -9,8 +9,8 @@ import random
 import pytest
 
 from lm2cli.data.babi import Sample
-from lm2cli.data.examples import babilong_lengths
 from lm2cli.data.babilong import build_row, inject_facts, length_tokens, load_babilong
+from lm2cli.data.examples import babilong_lengths
 from lm2cli.data.haystack import BuiltinHaystack, SentenceSampler, split_sentences
 from lm2cli.errors import Lm2Error
 
