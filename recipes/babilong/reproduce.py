@@ -54,7 +54,7 @@ class PipelineError(Exception):
 class Plan:
     """What a run does; `pipeline.toml`'s [plan] table sets these keys and [quick] overrides them for --quick."""
 
-    models: list[str] = field(default_factory=lambda: ["lm2", "rmt", "vanilla", "vanilla-window"])
+    models: list[str] = field(default_factory=lambda: ["lm2", "lm2-delta", "rmt", "vanilla", "vanilla-window"])
     inspect_model: str = "lm2"     # the model `lm2 inspect-memory` reads, on row 0 of inspect_task at inspect_length
     inspect_task: str = "qa1"
     inspect_length: str = "4k"

@@ -15,7 +15,7 @@ from lm2cli.recipe import load_recipe
 
 from .conftest import BABILONG, load_reproduce
 
-MODELS = ["lm2", "rmt", "vanilla", "vanilla-window"]
+MODELS = ["lm2", "lm2-delta", "rmt", "vanilla", "vanilla-window"]
 DIRS = {"shipped": BABILONG, "smoke": BABILONG / "smoke"}
 SHARED_SECTIONS = ["tokenizer", "data", "babilong", "train", "finetune", "eval"]
 
@@ -30,8 +30,11 @@ def recipes(request):
     return {m: load_recipe(where / f"{m}.toml") for m in MODELS}
 
 
-def test_the_four_architectures_are_what_their_names_say(recipes):
-    assert recipes["lm2"].model.arch == "lm2"
+def test_the_five_architectures_are_what_their_names_say(recipes):
+    assert recipes["lm2"].model.arch == "lm2" and recipes["lm2"].memory.write == "attend"  # the paper's write
+    assert recipes["lm2-delta"].model.arch == "lm2" and recipes["lm2-delta"].memory.write == "delta"
+    assert recipes["lm2-delta"].memory.segment_len == recipes["lm2"].memory.segment_len
+    assert recipes["lm2-delta"].attention == recipes["lm2"].attention
     assert recipes["rmt"].model.arch == "rmt"
     assert recipes["vanilla"].model.arch == "vanilla" and recipes["vanilla"].attention.window == 0
     assert recipes["vanilla-window"].model.arch == "vanilla"
@@ -100,7 +103,7 @@ def test_fairness_problems_names_each_unfairness(model, section, changes, expect
     assert any(expected in p for p in problems), problems
 
 
-def test_pipeline_plans_load_and_name_the_four_models():
+def test_pipeline_plans_load_and_name_the_five_models():
     reproduce = load_reproduce()
     for where in DIRS.values():
         if not (where / "pipeline.toml").is_file():
