@@ -229,7 +229,7 @@ CKPT_FILES = ["model.safetensors", "recipe.toml", "tokenizer.model"]
 @st.composite
 def damage(draw):
     how = draw(st.sampled_from(["truncate", "flip", "delete", "state json", "state bytes", "recipe", "header",
-                                "memory option", "memory choice"]))
+                                "memory option", "memory choice", "memory kind"]))
     name = draw(st.sampled_from(CKPT_FILES))
     return how, name, draw(st.integers(0, 10**9)), draw(st.binary(min_size=1, max_size=64))
 
@@ -270,6 +270,11 @@ def apply_damage(ckpt: Path, how: str, name: str, n: int, noise: bytes) -> int:
         assert 'write = "attend"' in recipe
         (ckpt / "recipe.toml").write_text(recipe.replace('write = "attend"', 'write = "__import__"'))
         write_state_file(ckpt, state)
+    elif how == "memory kind":  # re-signed: a valid memory.write whose bank has other tensors than the weights
+        recipe = (ckpt / "recipe.toml").read_text()
+        assert 'write = "attend"' in recipe
+        (ckpt / "recipe.toml").write_text(recipe.replace('write = "attend"', 'write = "delta"'))
+        write_state_file(ckpt, state)
     elif how == "recipe":  # re-signed: only the recipe checks can refuse it
         (ckpt / "recipe.toml").write_text(f"[model]\nd_model = {'{ x = 1 }' if n % 2 else 'inf'}\n")
         write_state_file(ckpt, state)
@@ -293,7 +298,8 @@ def test_damaged_checkpoints(cli, tmp_path, gen_run, case):
 
 @pytest.mark.parametrize("how, named", [
     ("memory option", ["memory.slot_keys"]),  # tensors the weights lack: the refusal names them
-    ("memory choice", ["memory.write", '"attend" | "compete"']),  # a value the schema does not know
+    ("memory choice", ["memory.write", '"attend" | "compete" | "delta"']),  # a value the schema does not know
+    ("memory kind", ["memory.in_forget_gate"]),  # the associative bank on slot-bank weights: names what differs
 ])
 def test_memory_options_in_a_checkpoint_recipe_are_one_line(cli, tmp_path, gen_run, how, named):
     """The memory damage kinds above, spelled out: the refusal names the option, so the user sees what differs."""
