@@ -216,10 +216,14 @@ class LM2Memory(nn.Module):
     def _read_closing(self, q: Tensor, t: int, state: MemoryState) -> tuple[Tensor, Tensor, Tensor]:
         """The last t tokens' read when `q` (B, h, S, dh) completes a segment: (read (B, h, t, dh), their read
         weights over the slots (B, h, t, N), the whole segment's scores (B, h, S, N), which the write reuses)."""
-        scores = torch.matmul(q, state.keys.transpose(-1, -2))  # (B, h, S, N); keys carry 1/√dh
+        scores = self.write_scores(q, state.keys)
         # Slice only when earlier tokens were prepended: a no-op slice still costs a zero-filled gradient.
         probs = (scores if scores.shape[2] == t else scores[:, :, -t:]).softmax(dim=-1)
         return torch.matmul(probs, state.values), probs, scores
+
+    def write_scores(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """The segment's read scores (B, h, S, N), which the slot write reuses; keys carry 1/√dh."""
+        return torch.matmul(queries, keys.transpose(-1, -2))
 
     def updated_bank(self, scores: Tensor, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The write of one segment: (new bank, write attention, g_in, g_f) from the segment's read scores
@@ -332,6 +336,10 @@ class AssociativeMemory(LM2Memory):
 
     def _read_open(self, q: Tensor, state: MemoryState) -> Tensor:
         return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype)
+
+    def write_scores(self, queries: Tensor, keys: Tensor) -> None:
+        """None: the delta rule's write needs only the tokens' keys, values and strengths (static decoding asks)."""
+        return None
 
     def _read_closing(self, q: Tensor, t: int, state: MemoryState) -> tuple[Tensor, None, None]:
         return self._read_open(q if q.shape[2] == t else q[:, :, -t:], state), None, None

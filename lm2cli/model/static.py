@@ -247,7 +247,7 @@ class StaticDecoder(nn.Module):
         for i in self.memory_blocks:
             mem = self.model.blocks[i].memory
             keys = self.buffer("mkeys", i)
-            scores = torch.matmul(self.buffer("queries", i), keys.transpose(-1, -2))  # keys carry 1/√dh
+            scores = mem.write_scores(self.buffer("queries", i), keys)
             bank, _, _, _ = mem.updated_bank(scores, self.buffer("contents", i), self.buffer("bank", i))
             new_keys, new_values = mem.bank_keys_values(bank)
             self.buffer("bank", i).copy_(bank)
