@@ -9,6 +9,9 @@ is a fact; 3 means fact tokens get three times their share. A slot is a *fact sl
 the segments that contain facts, is at least FACT_SLOT_RATIO (a clear preference, not noise around 1); the
 answer position's read mass on the fact slots is compared with what a reader that spreads its attention
 evenly would give them (their count / N). No slot above the threshold: no answer number.
+
+The associative bank (memory.write = "delta") has no slots: its blocks are summarised by
+lm2cli/inspection/associative.py (write strengths, and the answer's read taken apart token by token).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from lm2cli.inspection import associative
 
 FACT_SLOT_RATIO = 1.25
 
@@ -121,6 +126,9 @@ def summarize(ins, top_tokens: int) -> dict:
     if ins.facts_note:
         summary["facts"] = ins.facts_note
     for layer, tensors in sorted(ins.layers.items()):
+        if associative.is_associative(tensors):  # memory.write = "delta": no slots, its own numbers
+            summary["layers"][str(layer)] = associative.summary_entry(ins, tensors, top_tokens)
+            continue
         # rmt: the memory tokens' norm and change are the model's, shared by every block
         per_segment = tensors | {k: v for k, v in ins.memory.items() if k in ("slot_norm", "slot_change")}
         entry = {"ranking": slot_ranking(per_segment, ins.n_prompt),
@@ -145,6 +153,10 @@ def explainer_records(ins, summary: dict, tokenizer_decode, k: int, context: int
     """One JSON-able record per (block, slot) for an automatic explainer: the slot's rankings and its top
     written tokens with their weights, each with a few tokens of context around it ([[token]] marked)."""
     for layer, tensors in sorted(ins.layers.items()):
+        if associative.is_associative(tensors):  # one record per head instead of per slot
+            yield from associative.head_records(ins, layer, tensors, k,
+                                                lambda p: _context(ins.tokens, p, context, tokenizer_decode))
+            continue
         ranking = summary["layers"][str(layer)]["ranking"]
         facts = (summary["layers"][str(layer)].get("facts") or {}).get("slot_ratio")
         by_read = {s: r for r, s in enumerate(ranking["by_read"])}

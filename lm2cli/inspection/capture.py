@@ -94,6 +94,8 @@ def capture(model, tokenizer, text, *, checkpoint: str, layers: list[int], heads
         generated_text=tokenizer.decode(generated))
     always = [] if text.answer_pos is None else [text.answer_pos]
     for layer, tensors in result.layers.items():
+        if "read" not in tensors:  # the associative bank: no read weights over slots, no heatmap
+            continue
         rows = most_attended(tensors["read"][:result.n_prompt], slot_window, top_tokens, always)
         result.heatmap_rows[layer] = rows
         inputs = tensors.pop("inputs", None)

@@ -52,9 +52,6 @@ def inspectable_blocks(model, where: Path) -> list[int]:
     if arch == "vanilla" or not blocks:
         raise Lm2Error(f"{where}: model.arch = {arch} has no memory to inspect; inspect-memory reads lm2 and rmt "
                        f"runs")
-    if model.args.memory_write == "delta":  # its figures are slot attention, read and write
-        raise Lm2Error(f'{where}: memory.write = "delta" keeps an associative matrix, not slots; inspect-memory '
-                       f'reads slot banks ("attend", "compete") and rmt runs')
     return blocks
 
 
@@ -168,6 +165,8 @@ def write_outputs(ins, tokenizer, top_tokens: int, out_dir: Path) -> tuple[list[
 
 def summary_table(summary: dict) -> str:
     """A few lines per block: top slots by read and by change, gate means, fact numbers."""
+    if any(entry.get("memory") == "associative" for entry in summary["layers"].values()):
+        return associative_table(summary)
     rmt = summary["arch"] == "rmt"
     head = ["block", "top read " + ("memory tokens" if rmt else "slots") + " (share)", "top change"]
     head += ["write on prefix/segment/suffix"] if rmt else ["g_in", "g_f", "g_out"]
@@ -193,14 +192,48 @@ def summary_table(summary: dict) -> str:
             row.append(f"{f['answer_read_on_fact_slots']:.2f} ({f['answer_read_even']:.2f})"
                        if "answer_read_on_fact_slots" in f else "-")
         rows.append([str(c) for c in row])
+    return "\n".join(aligned(head, rows, f"{summary['arch']} | {summary['prompt_tokens']} tokens | heads: "
+                                       f"{summary['heads']} | slot window {summary['slot_window'][0]}:"
+                                       f"{summary['slot_window'][1]}") + summary_tail(summary))
+
+
+def associative_table(summary: dict) -> str:
+    """memory.write = "delta": per block the mean write strength β, the output gate, the tokens the read of the
+    answer position (else the last token) takes most from, and with facts the write ratio and the read's share
+    on (supporting) facts against their share of the tokens held."""
+    facts = any(entry.get("facts") for entry in summary["layers"].values())
+    head = ["block", "β", "g_out", "top read tokens (share)"]
+    head += ["write ratio facts", "read on facts (even)", "on supporting facts (even)"] if facts else []
+    rows = []
+    for layer, entry in summary["layers"].items():
+        gate = [s["out_gate"] for s in entry["segments"] if "out_gate" in s]
+        row = [layer, "-" if entry["beta_mean"] is None else f"{entry['beta_mean']:.2f}",
+               f"{sum(gate) / len(gate):.2f}" if gate else "-",
+               " ".join(f"{t['token'].strip() or repr(t['token'])}@{t['position']}:{t['share']:.2f}"
+                        for t in entry["read"]["top"][:3]) or "-"]
+        if facts:
+            f, s = entry.get("facts") or {}, entry.get("supporting_facts") or {}
+            row.append(f"{f['write_ratio']:.2f}" if "write_ratio" in f else "-")
+            row += [f"{x['answer_read_on_facts']:.2f} ({x['answer_read_even']:.2f})" if "answer_read_on_facts" in x
+                    else "-" for x in (f, s)]
+        rows.append([str(c) for c in row])
+    read_at = next(iter(summary["layers"].values()))["read"]["position"] if summary["layers"] else "-"
+    title = (f"{summary['arch']} (associative memory) | {summary['prompt_tokens']} tokens | heads: "
+             f"{summary['heads']} | read taken apart at position {read_at}")
+    return "\n".join(aligned(head, rows, title) + summary_tail(summary))
+
+
+def aligned(head: list[str], rows: list[list[str]], title: str) -> list[str]:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
-    lines.insert(0, f"{summary['arch']} | {summary['prompt_tokens']} tokens | heads: {summary['heads']} | "
-                    f"slot window {summary['slot_window'][0]}:{summary['slot_window'][1]}")
+    return [title] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
+
+
+def summary_tail(summary: dict) -> list[str]:
+    lines = []
     if "generated_text" in summary:
         lines.append(f"generated ({summary['generated_tokens']} tokens): {summary['generated_text']!r}")
     if "target" in summary:
         lines.append(f"target: {summary['target']!r}")
     if "facts" in summary:
         lines.append(f"facts: {summary['facts']}")
-    return "\n".join(lines)
+    return lines

@@ -5,6 +5,8 @@
     write_L<l>.png        slot x token write attention of up to six segments (those with facts first)
     gates_L<l>.png        lm2: gates, memory norm and per-slot change across segments
     memory.png            rmt: each memory token's change and the memory norm across segments
+    associative_L<l>.png  memory.write = "delta": each written token's strength β, its share of the answer's
+                          read (lm2cli/inspection/associative.py), and each head's matrix norm across segments
 
 Fact tokens are drawn in red (supporting facts bold), the answer position in blue. Drawn with matplotlib's
 object API (no pyplot state, no display needed).
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch
 
 from lm2cli.inspection.analysis import written_positions
+from lm2cli.inspection.associative import is_associative, read_shares
+from lm2cli.inspection.recording import reduce_heads
 
 MAX_WRITE_PANELS = 6
 MAX_TOKEN_LABELS = 96  # per write panel; longer segments get no token labels
@@ -36,6 +40,9 @@ def have_matplotlib() -> bool:
 def draw_all(ins, summary: dict, out_dir: Path) -> list[Path]:
     written = []
     for layer in sorted(ins.layers):
+        if is_associative(ins.layers[layer]):
+            written.append(_save(associative_panels(ins, layer, summary), out_dir / f"associative_L{layer}.png"))
+            continue
         written.append(_save(read_heatmap(ins, layer), out_dir / f"read_L{layer}.png"))
         if layer in ins.reread:
             written.append(_save(before_after(ins, layer), out_dir / f"before_after_L{layer}.png"))
@@ -137,7 +144,62 @@ def rmt_memory(ins):
     return fig
 
 
+def associative_panels(ins, layer: int, summary: dict):
+    tensors = ins.layers[layer]
+    entry = summary["layers"][str(layer)]
+    pos = entry["read"]["position"]
+    beta = reduce_heads(tensors["beta"].T, ins.heads)
+    shares = reduce_heads(read_shares(tensors, pos), ins.heads)
+    fig, axes = _figure(nrows=3, width=9, height=8.5)
+    facts = _marked(ins.fact_mask, len(beta))
+    support = _marked(ins.support_mask, len(beta))
+    axes[0].plot(range(len(beta)), beta.numpy(), color="0.55", lw=0.6, label="β")
+    axes[0].scatter(facts, beta[facts].numpy(), s=8, color=FACT, label="fact tokens", zorder=3)
+    axes[0].scatter(support, beta[support].numpy(), s=16, color=FACT, edgecolors="black", lw=0.6,
+                    label="supporting facts", zorder=4)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title(f"block {layer}: write strength β of each written token ({_heads(ins)})", fontsize=9)
+    axes[0].legend(fontsize=7, ncols=3)
+    colors = ["0.55"] * len(shares)
+    for p in facts:
+        if p < len(shares):
+            colors[p] = FACT
+    # stems, not bars: a bar one position wide is thinner than a pixel on a long text and may not be drawn
+    axes[1].vlines(range(len(shares)), 0, shares.numpy(), colors=colors, lw=1.2)
+    axes[1].axhline(0, color="black", lw=0.5)
+    for rank, item in enumerate(entry["read"]["top"][:5]):
+        axes[1].annotate(f"{item['token'].strip() or repr(item['token'])}@{item['position']}",
+                         (item["position"], item["share"]), fontsize=7, xytext=(3, 2 + 7 * rank),
+                         textcoords="offset points")
+    what = "the answer position" if pos == ins.answer_pos else "the last token"
+    axes[1].set_title(f"share of each written token in the read of {what} (position {pos}, "
+                      f"{len(shares)} tokens held; fact tokens red)", fontsize=9)
+    for ax in axes[:2]:
+        ax.set_xlim(-0.5, max(len(beta), 1) - 0.5)
+        ax.set_xlabel("text position", fontsize=8)
+    norms = tensors["matrix_norm"]  # (W, h)
+    for head in range(norms.shape[1]):
+        axes[2].plot(norms[:, head].numpy(), marker=".", lw=0.8, label=f"head {head}")
+    gate = [s["out_gate"] for s in entry["segments"] if not s.get("open") and "out_gate" in s]
+    if gate:
+        twin = axes[2].twinx()
+        twin.plot(gate, color="tab:purple", ls="--", label="output gate mean")
+        twin.set_ylim(0, 1)
+        twin.legend(fontsize=7, loc="lower right")
+    axes[2].set_title("|S| of each head after each write", fontsize=9)
+    axes[2].set_xlabel("segment", fontsize=8)
+    axes[2].legend(fontsize=7, ncols=4, loc="upper left")
+    _segment_ticks(axes[2:])
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _marked(mask: list[bool] | None, n: int) -> list[int]:
+    """Positions below n where `mask` is set."""
+    return [] if mask is None else [p for p in range(min(n, len(mask))) if mask[p]]
+
 
 
 def _figure(nrows: int = 1, ncols: int = 1, width: float = 6, height: float = 4, squeeze: bool = True):

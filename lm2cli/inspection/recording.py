@@ -17,6 +17,17 @@ so a 16k-token text costs a few megabytes per block (T·N + W·N·S numbers) rat
 d-wide gates and banks. `full=True` also keeps the per-head and full-width tensors (read_heads, write_heads,
 out_gate, in_gate, forget_gate, bank).
 
+The associative bank (memory.write = "delta") has no read weights and no slots. Its blocks keep every head:
+
+    query          (T, h, dh)  each token's unit read query q̂
+    write_key      (T_w, h, dh) each written token's unit key k̂      (T_w: tokens of the written segments)
+    beta           (T_w, h)    its write strength β
+    write_update   (T_w, h, dh) what it added under its key, u (S' = S + Σ k̂ᵀu over a segment)
+    write_end      (W,)        position just after written segment w
+    matrix_norm / matrix_change  (W, h)  |S| per head after write w and |S' - S| at it
+
+so that a read q̂ S = Σ_t (q̂·k̂_t) u_t splits exactly over the written tokens (lm2cli/inspection/associative.py).
+
 RMT has no bank: `recording()` attaches forward pre-hooks to its blocks that spell out the attention weights
 (lm2cli/inspection/rmt.py). Its "slots" are the m memory tokens: `read` is each token's attention on the read
 prefix, `write` the write suffix's attention on the segment's tokens, and `memory` (model-level) holds their
@@ -35,7 +46,8 @@ from torch import Tensor
 
 from lm2cli.model.recorder import MemoryRecorder
 
-TOKEN_SERIES = {"read", "out_gate_mean", "out_gate_open", "inputs", "read_heads", "out_gate"}
+TOKEN_SERIES = {"read", "out_gate_mean", "out_gate_open", "inputs", "read_heads", "out_gate",
+                "query", "write_key", "beta", "write_update"}
 
 
 def reduce_heads(t: Tensor, heads: str | int) -> Tensor:
@@ -67,7 +79,7 @@ class Trace:
         return {name: self.get(name) for name, parts in self.parts.items() if parts}
 
     def n_tokens(self) -> int:
-        return sum(p.shape[0] for p in self.parts["read"])
+        return sum(p.shape[0] for p in self.parts["read" if self.parts["read"] else "query"])
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for parts in self.parts.values() for p in parts)
@@ -128,6 +140,33 @@ class TraceRecorder(MemoryRecorder):
             for name, value in (("write_heads", a), ("in_gate", g_in), ("forget_gate", g_f), ("bank", m)):
                 trace.add(name, value)
 
+    def on_delta_read(self, layer: int, start_pos: int, queries: Tensor) -> None:
+        if not self.records(layer):
+            return
+        trace = self.traces[layer]
+        if start_pos != trace.n_tokens():
+            raise RuntimeError(f"block {layer}: read at position {start_pos} after {trace.n_tokens()} tokens; a "
+                               f"TraceRecorder follows one sequence from its start")
+        trace.add("query", _one(queries).transpose(0, 1))  # (t, h, dh): every head, the analysis needs them
+
+    def on_delta_write(self, layer: int, end_pos: int, keys: Tensor, beta: Tensor, updates: Tensor,
+                       bank: Tensor) -> None:
+        if not self.records(layer):
+            return
+        trace = self.traces[layer]
+        trace.add("write_key", _one(keys).transpose(0, 1))  # (S, h, dh)
+        trace.add("beta", _one(beta)[..., 0].T)  # (S, h)
+        trace.add("write_update", _one(updates).transpose(0, 1))  # (S, h, dh)
+        trace.add("write_end", torch.tensor(end_pos))
+        heads = _one(keys).shape[0]
+        matrix = _one(bank).float().reshape(heads, -1, bank.shape[-1])  # (h, dh, dh)
+        before = self._previous[layer].reshape(matrix.shape)
+        trace.add("matrix_norm", matrix.flatten(1).norm(dim=-1))
+        trace.add("matrix_change", (matrix - before).flatten(1).norm(dim=-1))
+        self._previous[layer] = matrix.detach().cpu()
+        if self.full:
+            trace.add("bank", matrix)
+
     def on_rmt_write(self, end_pos: int, memory: Tensor) -> None:
         self.memory.add("write_end", torch.tensor(end_pos))
         self._add_bank_change(self.memory, -1, _one(memory).float())
@@ -167,7 +206,7 @@ class TraceRecorder(MemoryRecorder):
 
                 hook = partial(_bound_hook, block, partial(record_block, self, model.args, block))
                 handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-            elif self.keep_inputs and block.memory is not None:
+            elif self.keep_inputs and block.memory is not None and model.args.memory_write != "delta":
                 hook = partial(_bound_hook, block.memory, partial(self._record_input, block.layer))
                 handles.append(block.memory.register_forward_pre_hook(hook, with_kwargs=True))
         try:

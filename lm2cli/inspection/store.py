@@ -4,6 +4,7 @@
     index.json            what each key holds (shape, axes, meaning) and the token facts (pieces, positions)
     summary.json          the analysis (lm2cli/inspection/analysis.py)
     slots.jsonl           one line per (block, slot): rankings and top written tokens, for an explainer
+                          (associative bank: one line per (block, head): top written and top read tokens)
 
 `load(directory)` gives back the `Inspection`, so the analysis and the figures can be redone from files.
 """
@@ -39,6 +40,13 @@ MEANINGS = {
     "heatmap_rows": "(K,) text positions of the tokens in the read heatmap",
     "reread_before": "(K, N) heatmap tokens' read attention against the memory after the text",
     "reread_after": "(K, N) the same tokens against the memory after the generated tokens",
+    "query": "(T, h, dh) associative bank: each token's unit read query, every head",
+    "write_key": "(T_w, h, dh) associative bank: each written token's unit write key",
+    "beta": "(T_w, h) associative bank: each written token's write strength",
+    "write_update": "(T_w, h, dh) associative bank: what each written token added under its key (S' = S + K^T U)",
+    "matrix_norm": "(W, h) associative bank: norm of each head's matrix after write w",
+    "matrix_change": "(W, h) associative bank: norm of each head's matrix change at write w",
+    "bank": "(W, ...) the memory after write w (full recording only; associative bank: (W, h, dh, dh))",
     "tokens": "(T,) token ids of the text (BOS first) and of the generated tokens",
     "fact_mask": "(T_text,) 1 where the token lies inside a bAbI fact",
     "support_mask": "(T_text,) 1 where the token lies inside a supporting fact of the question",

@@ -165,8 +165,8 @@ class LM2Memory(nn.Module):
             completes = state.pending_len + t == self.segment_len
             if not completes:  # e.g. decoding: one fused kernel, scores not needed
                 reads.append(self._read_open(q, state))
-                if recorder is not None:  # the same weights spelled out for the record; the output stays SDPA's
-                    recorder.on_read(layer, pos, torch.matmul(q, state.keys.transpose(-1, -2)).softmax(dim=-1))
+                if recorder is not None:
+                    self._record_read(recorder, layer, pos, q, None, state)
                 state = MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
                                     state.pending_len + t, state.keys, state.values)
                 pos += t
@@ -177,7 +177,7 @@ class LM2Memory(nn.Module):
             read, probs, scores = self._read_closing(q, t, state)
             reads.append(read)
             if recorder is not None:
-                recorder.on_read(layer, pos, probs)
+                self._record_read(recorder, layer, pos, q if q.shape[2] == t else q[:, :, -t:], probs, state)
             pos += t
             if completes and (keep_state or pos < start_pos + x.shape[1] or recorder is not None):
                 detach = writes_kept is not None and write_idx < n_writes - writes_kept
@@ -190,6 +190,14 @@ class LM2Memory(nn.Module):
         if recorder is not None:
             recorder.on_out_gate(layer, start_pos, gate)
         return gate * read, state
+
+    def _record_read(self, recorder, layer: int, pos: int, q: Tensor, probs: Tensor | None,
+                     state: MemoryState) -> None:
+        """Hand the recorder the read weights (B, h, t, N) of the tokens `q` (B, h, t, dh) from `pos` on. An open
+        segment's read ran fused (no weights): they are spelled out here, the output stays SDPA's."""
+        if probs is None:
+            probs = torch.matmul(q, state.keys.transpose(-1, -2)).softmax(dim=-1)
+        recorder.on_read(layer, pos, probs)
 
     def _decode_one(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         """The generic path specialised to one token inside a segment (token-by-token decoding): the same
@@ -328,11 +336,10 @@ class AssociativeMemory(LM2Memory):
         matrix = bank.reshape(bank.shape[0], self.heads, self.head_dim, self.head_dim)
         return matrix, matrix
 
-    def forward(self, x: Tensor, state: MemoryState, writes_kept: int | None = None, recorder=None, layer: int = 0,
-                start_pos: int = 0, keep_state: bool = True) -> tuple[Tensor, MemoryState]:
-        if recorder is not None:  # the recorder's records are slot attention weights, which this bank has not
-            raise ValueError('memory.write = "delta" has no slots to record (inspect-memory needs a slot bank)')
-        return super().forward(x, state, writes_kept, None, layer, start_pos, keep_state)
+    def _record_read(self, recorder, layer: int, pos: int, q: Tensor, probs, state: MemoryState) -> None:
+        """No read weights here: the recorder gets the unit read queries q̂ (B, h, t, dh), from which (with the
+        recorded writes) inspect-memory takes the read apart token by token (lm2cli/inspection/associative.py)."""
+        recorder.on_delta_read(layer, pos, F.normalize(q.float(), dim=-1))
 
     def _read_open(self, q: Tensor, state: MemoryState) -> Tensor:
         return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype)
@@ -346,6 +353,22 @@ class AssociativeMemory(LM2Memory):
 
     def updated_bank(self, scores, content: Tensor, bank: Tensor) -> tuple[Tensor, None, Tensor, None]:
         """The delta-rule write of one segment: (new bank, None, the tokens' strengths β (B, h, S, 1), None)."""
+        new_bank, _, beta, _ = self.delta_write(content, bank)
+        return new_bank, None, beta, None
+
+    def _write(self, scores, content: Tensor, state: MemoryState, detach: bool, recorder, layer: int,
+               end_pos: int) -> MemoryState:
+        new_bank, keys, beta, updates = self.delta_write(content, state.bank)
+        if detach:
+            new_bank = new_bank.detach()
+        if recorder is not None:
+            recorder.on_delta_write(layer, end_pos, keys, beta, updates, new_bank)
+        return self._with_keys(MemoryState(new_bank))
+
+    def delta_write(self, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One segment's write from its tokens' contents (B, h, S, 2·d_h + 1) and the bank before it: (new bank,
+        unit keys K (B, h, S, d_h), strengths β (B, h, S, 1), updates U (B, h, S, d_h)) with S' = S + Kᵀ U, so
+        that the matrix after any number of writes from S₀ = 0 is Σ_t k_tᵀ u_t over every written token."""
         b, dh = bank.shape[0], self.head_dim
         keys, values, beta = content.float().split([dh, dh, 1], dim=-1)  # (B, h, S, ·)
         keys, beta = F.normalize(keys, dim=-1), torch.sigmoid(beta)
@@ -356,4 +379,4 @@ class AssociativeMemory(LM2Memory):
         residuals = torch.linalg.solve_triangular(system, beta * (values - torch.matmul(keys, matrix)), upper=False,
                                                   unitriangular=True)
         new = matrix + torch.matmul(keys.transpose(-1, -2), residuals)
-        return new.reshape(b, self.heads * dh, dh), None, beta, None
+        return new.reshape(b, self.heads * dh, dh), keys, beta, residuals

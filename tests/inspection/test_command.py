@@ -134,17 +134,39 @@ def test_vanilla_is_refused_in_one_line(cli, runs):
                                     f"has no memory to inspect; inspect-memory reads lm2 and rmt runs"]
 
 
-def test_an_associative_bank_is_refused_in_one_line(tmp_path):
-    from lm2cli import build_model, load_recipe
-    from lm2cli.errors import Lm2Error
-    from lm2cli.inspection.command import inspectable_blocks
+def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_path):
+    """memory.write = "delta": no slots; per block the write strengths, the answer's read split over the written
+    tokens (shares summing to 1), fact numbers, one explainer record per head and one figure per block."""
+    from .conftest import save_run
 
-    model = build_model(load_recipe(None, ["model.d_model=8", "model.n_layers=1", "model.n_heads=2",
-                                           "model.vocab_size=11", "memory.heads=2", "memory.write=delta"]))
-    with pytest.raises(Lm2Error) as err:
-        inspectable_blocks(model, tmp_path)
-    assert str(err.value) == (f'{tmp_path}: memory.write = "delta" keeps an associative matrix, not slots; '
-                              f'inspect-memory reads slot banks ("attend", "compete") and rmt runs')
+    run = save_run(tmp_path / "delta", tokenizer, "lm2", "memory.write=delta")
+    out = tmp_path / "o"
+    res = cli("inspect-memory", run, "--babilong", f"{babilong_dir}:qa2:1k:1", "--layer", "1", "--top-tokens", "4",
+              "--generate", "3", "--out", out)
+    assert res.code == 0, res.err
+    assert "associative memory" in res.out and "read on facts (even)" in res.out
+    entry = json.loads((out / "summary.json").read_text())["layers"]["1"]
+    ins = store.load(out)
+    assert entry["memory"] == "associative" and entry["read"]["position"] == ins.answer_pos
+    held = entry["read"]["tokens_held"]
+    assert held == ins.answer_pos // 32 * 32 > 0  # tiny recipe: segments of 32 tokens
+    assert len(entry["read"]["top"]) == 4
+    for key in ("facts", "supporting_facts"):
+        numbers = entry[key]
+        assert numbers["write_ratio"] > 0 and -1 <= numbers["answer_read_on_facts"] <= 1
+        assert 0 < numbers["answer_read_even"] < 1
+    assert entry["supporting_facts"]["fact_tokens_written"] < entry["facts"]["fact_tokens_written"]
+    tensors = ins.layers[1]
+    # every fed token read (a generated end-of-text token is not fed back)
+    assert tensors["query"].shape[1:] == (2, 32) and ins.n_prompt < len(tensors["query"]) <= len(ins.tokens)
+    assert tensors["beta"].shape[1] == 2
+    assert tensors["write_key"].shape[0] == tensors["beta"].shape[0] == len(tensors["write_end"]) * 32
+    records = [json.loads(line) for line in (out / "slots.jsonl").read_text().splitlines()]
+    assert [(r["layer"], r["head"]) for r in records] == [(1, 0), (1, 1)]
+    assert all(len(r["top_written"]) == len(r["top_read"]) == 4 for r in records)
+    png = out / "associative_L1.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert {p.name for p in out.glob("*.png")} == {"associative_L1.png"}
 
 
 def test_a_recipe_names_its_run(cli, runs, tmp_path, no_figures):

@@ -205,3 +205,63 @@ def test_long_text_fits_the_byte_budget_on_the_small_recipe():
     assert reduced < 2 * 2**30 / 100  # 9.3 MB: far inside the 2 GB budget
     assert drive(TraceRecorder(), 1024, heads=16, d=512) == expected(1024, 512)
     assert drive(TraceRecorder(full=True), 1024, heads=4, d=128) > 10 * expected(1024, 128)  # what it saves
+
+
+# ------------------------------------------------------------------------- the associative bank ("delta")
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 1])
+def test_associative_recording_leaves_logits_bit_identical(tokenizer, chunk):
+    model = tiny_model(tokenizer, "lm2", "memory.write=delta", "attention.window=24")
+    length = 40 if chunk == 1 else T
+    ids = torch.randint(0, tokenizer.vocab_size, (1, length), generator=torch.Generator().manual_seed(4))
+    plain, _ = run(model, ids, chunk=chunk)
+    recorder = TraceRecorder(heads="mean", full=True)
+    recorded, state = run(model, ids, recorder, chunk=chunk)
+    assert torch.equal(plain, recorded)
+    for layer in (0, 1):
+        trace = recorder.traces[layer]
+        writes = length // 32
+        assert trace.get("query").shape == (length, 2, 32)
+        assert trace.get("write_key").shape == (32 * writes, 2, 32) and trace.get("beta").shape == (32 * writes, 2)
+        assert trace.get("write_end").tolist() == list(range(32, length + 1, 32))
+        assert torch.equal(trace.get("bank")[-1].flatten(0, 1), state.layers[layer].memory.bank[0])
+
+
+def test_a_read_is_the_sum_of_its_written_tokens_terms(tokenizer):
+    """S₀ = 0 and each write adds Kᵀ U, so the read q̂ S at any token equals Σ_t (q̂·k̂_t) u_t over the tokens written
+    before its segment (the decomposition inspect-memory reports), and each head's shares sum to 1."""
+    from lm2cli.inspection.associative import read_shares, read_terms
+
+    model = tiny_model(tokenizer, "lm2", "memory.write=delta")
+    recorder = TraceRecorder(full=True)
+    run(model, torch.randint(0, tokenizer.vocab_size, (1, T), generator=torch.Generator().manual_seed(5)),
+        recorder)
+    tensors = recorder.traces[1].tensors()
+    banks = tensors["bank"]  # (W, h, dh, dh) after each write
+    for pos in (5, 31, 32, 70, T - 1):
+        writes = pos // 32
+        coefficients, read = read_terms(tensors, pos)
+        assert coefficients.shape == (2, 32 * writes)
+        direct = (torch.einsum("hd,hde->he", tensors["query"][pos], banks[writes - 1]) if writes
+                  else torch.zeros(2, 32))
+        assert torch.allclose(read, direct, atol=1e-5), pos
+        shares = read_shares(tensors, pos)
+        assert torch.allclose(shares.sum(-1), torch.ones(2) if writes else torch.zeros(2), atol=1e-4), pos
+
+
+def test_shares_and_fact_numbers_on_hand_made_tensors():
+    """Orthogonal keys: a query equal to token 2's key reads only token 2's update (share 1 there)."""
+    from lm2cli.inspection.associative import fact_numbers, read_shares
+
+    eye = torch.eye(4)
+    tensors = {"query": eye[[2, 2, 2, 2, 2]].unsqueeze(1), "write_key": eye.unsqueeze(1),
+               "write_update": torch.randn(4, 1, 4), "beta": torch.tensor([[0.2], [0.2], [0.8], [0.2]]),
+               "write_end": torch.tensor([4])}
+    shares = read_shares(tensors, 4)[0]
+    assert torch.allclose(shares, torch.tensor([0.0, 0.0, 1.0, 0.0]), atol=1e-6)
+    assert read_shares(tensors, 3).shape == (1, 0)  # before the first write: nothing held
+    numbers = fact_numbers(tensors["beta"][:, 0], shares, [False, False, True, False, False])
+    assert numbers == {"fact_tokens_written": 1, "tokens_written": 4, "write_ratio": 4.0,
+                       "answer_read_on_facts": 1.0, "answer_read_even": 0.25}
+    assert fact_numbers(tensors["beta"][:, 0], shares, [False] * 5) is None
