@@ -614,6 +614,8 @@ def summary_text(summary: dict) -> str:
 def inspect_table(summary: dict) -> list[str]:
     """Per memory block: gate means over the written segments, fact attention ratios (1 = facts written like
     any other token), the answer position's read on the fact slots against the even share."""
+    if any(entry.get("memory") == "associative" for entry in summary["layers"].values()):
+        return associative_inspect_table(summary)
     rows = []
     for layer, entry in summary["layers"].items():
         gates = [_mean([s[g] for s in entry["segments"] if g in s]) for g in ("in_gate", "forget_gate", "out_gate")]
@@ -623,6 +625,21 @@ def inspect_table(summary: dict) -> list[str]:
         rows.append([layer, _num(facts.get("ratio")), _num(support.get("ratio")), answer, *map(_num, gates)])
     return md_table(["block", "fact attention ratio", "supporting facts ratio", "answer read on fact slots (even)",
                      "g_in", "g_f", "g_out"], rows)
+
+
+def associative_inspect_table(summary: dict) -> list[str]:
+    """memory.write = "delta" (docs/inspection.md): per block the write ratio of the (supporting) facts and the
+    answer read's share on them against their share of the tokens held, the mean β and output gate."""
+    rows = []
+    for layer, entry in summary["layers"].items():
+        facts, support = entry.get("facts") or {}, entry.get("supporting_facts") or {}
+        shares = [f"{x['answer_read_on_facts']:.3f} ({x['answer_read_even']:.3f})" if "answer_read_on_facts" in x
+                  else "—" for x in (facts, support)]
+        gate = _mean([s["out_gate"] for s in entry["segments"] if "out_gate" in s])
+        rows.append([layer, _num(facts.get("write_ratio")), _num(support.get("write_ratio")), *shares,
+                     _num(entry.get("beta_mean")), _num(gate)])
+    return md_table(["block", "write ratio facts", "write ratio supporting", "answer read on facts (even)",
+                     "on supporting facts (even)", "β", "g_out"], rows)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -61,3 +61,19 @@ def test_write_section_replaces_its_own_markers_only_and_appends_when_absent(tmp
     new = tmp_path / "sub" / "new.md"
     reproduce.write_section(new, "full", "x\n")
     assert new.read_text() == "<!-- reproduce:full:start -->\nx\n<!-- reproduce:full:end -->\n"
+
+
+def test_the_inspection_table_reads_slot_and_associative_summaries():
+    reproduce = load_reproduce()
+    slot = {"layers": {"0": {"segments": [{"in_gate": 0.5, "forget_gate": 0.75, "out_gate": 0.25}],
+                             "facts": {"ratio": 1.5, "answer_read_on_fact_slots": 0.4, "answer_read_even": 0.25},
+                             "supporting_facts": {"ratio": 2.0}}}}
+    assert reproduce.inspect_table(slot)[2:] == ["| 0 | 1.500 | 2.000 | 0.400 (0.250) | 0.500 | 0.750 | 0.250 |"]
+    associative = {"layers": {"1": {"memory": "associative", "beta_mean": 0.5,
+                                    "segments": [{"out_gate": 0.2}, {"out_gate": 0.4, "open": True}],
+                                    "facts": {"write_ratio": 1.25, "answer_read_on_facts": 0.9,
+                                              "answer_read_even": 0.01},
+                                    "supporting_facts": {"write_ratio": 1.5}}}}
+    table = reproduce.inspect_table(associative)
+    assert table[0].startswith("| block | write ratio facts |")
+    assert table[2:] == ["| 1 | 1.250 | 1.500 | 0.900 (0.010) | — | 0.500 | 0.300 |"]
