@@ -67,6 +67,9 @@ def check_against_model(model, layers: list[int], heads, window, where: Path) ->
     if isinstance(heads, int) and heads >= n_heads:
         raise Lm2Error(f"--heads {heads}: the {'memory ' if a.arch == 'lm2' else ''}attention has {n_heads} heads "
                        f"(0 ... {n_heads - 1}); or use mean or max")
+    if a.arch == "lm2" and a.memory_write == "delta" and window is not None:
+        raise Lm2Error(f'--slots {window[0]}:{window[1]}: memory.write = "delta" keeps an associative matrix, '
+                       f'not slots; its reads are taken apart token by token (leave out --slots)')
     if window is None:
         window = (0, min(a.slots, DEFAULT_WINDOW))
     elif window[1] > a.slots:

@@ -167,6 +167,10 @@ def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_pa
     png = out / "associative_L1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert {p.name for p in out.glob("*.png")} == {"associative_L1.png"}
+    res = cli("inspect-memory", run, "--prompt", "Mary went", "--slots", "0:4")
+    assert res.code == 2 and res.err.splitlines() == [
+        'error: --slots 0:4: memory.write = "delta" keeps an associative matrix, not slots; its reads are taken '
+        'apart token by token (leave out --slots)']
 
 
 def test_a_recipe_names_its_run(cli, runs, tmp_path, no_figures):
