@@ -104,6 +104,11 @@ class MemoryConfig:
                   "(slots no token chose keep their content); delta = no slots: an associative matrix per head, "
                   "each token writes a value under its own key by the delta rule and reads with its query "
                   "(memory.slots, slot_dim, slot_keys, update and the gate biases but out_gate_bias do not apply)")
+    # Every token of a trained qa1 LM2-delta wrote with β 0.3-0.9, haystack as much as facts (docs/results.md): the
+    # matrix fills with haystack. A negative offset makes writing the exception the model has to learn.
+    write_strength_bias: float = opt(
+        0.0, "delta: offset added to every token's write-strength logit, β = σ(x W_β + b); negative writes sparsely "
+             "from the start (-3: β ≈ 0.05), 0 = the plain delta rule")
     update: Literal["sum", "normalized"] = opt(
         "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; its entries can grow with every segment), "
                "normalized = the same divided by g_in + g_f (a weighted mean: entries stay within [-1, 1])")

@@ -295,7 +295,7 @@ class AssociativeMemory(LM2Memory):
     The slot bank's write is addressed by the slots: every qa1 LM2 learned to store the latest fact's place and
     not whose place it is (docs/results.md). Here the address comes from the tokens, as in fast-weight and
     associative memories (DeltaNet, ARMT): each token t of a segment proposes a key k_t (unit norm), a value v_t
-    and a strength β_t = σ(·), and the segment's write applies, in token order,
+    and a strength β_t = σ(· + memory.write_strength_bias), and the segment's write applies, in token order,
 
         S ← S + β_t k_tᵀ (v_t − k_t S)        (S: d_h × d_h per head; writing v under k_t replaces what k_t held)
 
@@ -310,7 +310,8 @@ class AssociativeMemory(LM2Memory):
     one unit-triangular solve of S × S per head.
     """
 
-    def __init__(self, d_model: int, heads: int, segment_len: int, out_gate_bias: float):
+    def __init__(self, d_model: int, heads: int, segment_len: int, out_gate_bias: float,
+                 write_strength_bias: float = 0.0):
         nn.Module.__init__(self)
         if d_model % heads:
             raise ValueError("memory heads must divide d_model")
@@ -325,6 +326,8 @@ class AssociativeMemory(LM2Memory):
         self.register_buffer("bank0", torch.zeros(d_model, self.head_dim), persistent=False)
         self.slot_keys = None
         self._out_gate_bias = out_gate_bias
+        # A constant, not a parameter: the logit's weights can still move it, and checkpoints keep their tensors.
+        self.write_strength_bias = write_strength_bias
 
     def reset_gate_biases(self) -> None:
         with torch.no_grad():
@@ -371,7 +374,7 @@ class AssociativeMemory(LM2Memory):
         that the matrix after any number of writes from S₀ = 0 is Σ_t k_tᵀ u_t over every written token."""
         b, dh = bank.shape[0], self.head_dim
         keys, values, beta = content.float().split([dh, dh, 1], dim=-1)  # (B, h, S, ·)
-        keys, beta = F.normalize(keys, dim=-1), torch.sigmoid(beta)
+        keys, beta = F.normalize(keys, dim=-1), torch.sigmoid(beta + self.write_strength_bias)
         matrix = bank.reshape(b, self.heads, dh, dh)
         size = keys.shape[2]
         lower = torch.tril(beta * torch.matmul(keys, keys.transpose(-1, -2)), diagonal=-1)

@@ -58,6 +58,7 @@ class ModelArgs:
     memory_update: str
     slot_keys: bool = False
     memory_write: str = "attend"
+    write_strength_bias: float = 0.0
 
     def __post_init__(self):
         # Width-aware default. A fixed 0.02 (GPT-2's value for d 768) starves attention in narrow models: at d 128
@@ -82,7 +83,7 @@ class ModelArgs:
             slot_dim=mem.slot_dim or m.d_model, memory_heads=mem.heads, segment_len=mem.segment_len,
             bptt=mem.bptt, memory_init=mem.init, out_gate_bias=mem.out_gate_bias,
             forget_gate_bias=mem.forget_gate_bias, memory_update=mem.update,
-            slot_keys=mem.slot_keys, memory_write=mem.write,
+            slot_keys=mem.slot_keys, memory_write=mem.write, write_strength_bias=mem.write_strength_bias,
         )
 
 
@@ -202,7 +203,7 @@ class SwiGLU(nn.Module):
 def memory_module(a: ModelArgs) -> nn.Module:
     """The memory of an lm2 block: the slot bank (memory.write attend / compete) or the associative matrix."""
     if a.memory_write == "delta":
-        return AssociativeMemory(a.d_model, a.memory_heads, a.segment_len, a.out_gate_bias)
+        return AssociativeMemory(a.d_model, a.memory_heads, a.segment_len, a.out_gate_bias, a.write_strength_bias)
     return LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len, a.memory_init, a.out_gate_bias,
                      a.forget_gate_bias, a.memory_update, a.slot_keys, a.memory_write)
 

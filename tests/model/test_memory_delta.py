@@ -46,15 +46,16 @@ def reference(m: AssociativeMemory, x: torch.Tensor) -> tuple[torch.Tensor, torc
         for t in range(start, end):  # then the segment writes, in token order
             for h in range(HEADS):
                 k, v, b = content[:, t, h * (2 * DH + 1):(h + 1) * (2 * DH + 1)].split([DH, DH, 1], dim=-1)
-                k, b = F.normalize(k, dim=-1), torch.sigmoid(b)
+                k, b = F.normalize(k, dim=-1), torch.sigmoid(b + m.write_strength_bias)
                 old = torch.einsum("bi,bij->bj", k, matrix[:, h])
                 matrix[:, h] = matrix[:, h] + b.unsqueeze(-1) * k.unsqueeze(-1) * (v - old).unsqueeze(1)
     gate = torch.sigmoid(reads @ m.out_gate.weight.double().T + m.out_gate.bias.double())
     return gate * reads, matrix
 
 
-@pytest.mark.parametrize("length", [3, 8, 11])  # no write; two writes; two writes and an open segment
-def test_the_delta_write_and_read_match_the_rule_token_by_token(module, length):
+@pytest.mark.parametrize("length,bias", [(3, 0.0), (8, 0.0), (11, 0.0), (8, -2.0)])  # no write; two writes; an open
+def test_the_delta_write_and_read_match_the_rule_token_by_token(module, length, bias):  # segment; a β offset
+    module.write_strength_bias = bias
     x = torch.randn(2, length, D, generator=torch.Generator().manual_seed(length))
     with torch.no_grad():
         out, state = module(x, module.init_state(2))
@@ -95,3 +96,7 @@ def test_the_recipe_chooses_the_associative_bank():
     assert memory.init_state(3).bank.shape == (3, 8, 4)  # h·d_h rows of width d_h, empty
     assert memory.init_state(3).bank.abs().sum() == 0
     assert memory.out_gate.bias.eq(-4.0).all()  # the recipe's out_gate_bias, as for the slot bank
+    assert memory.write_strength_bias == 0.0
+    biased = build_model(load_recipe(None, [*base, "memory.write=delta", "memory.write_strength_bias=-3"]))
+    assert biased.blocks[0].memory.write_strength_bias == -3.0
+    assert biased.state_dict().keys() == model.state_dict().keys()  # a constant: checkpoints keep their tensors
