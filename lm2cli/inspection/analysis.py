@@ -21,8 +21,6 @@ import math
 import torch
 from torch import Tensor
 
-from lm2cli.inspection import associative
-
 FACT_SLOT_RATIO = 1.25
 
 
@@ -56,7 +54,8 @@ def top_written_tokens(tensors: dict[str, Tensor], segment_len: int, k: int) -> 
 
 def segment_stats(tensors: dict[str, Tensor], segment_len: int, n_tokens: int) -> list[dict]:
     """Per written segment: gates (mean and share of units above 0.5; the output gate over the segment's
-    tokens), memory norm (root mean square slot norm) and mean slot change; then the open segment, if any."""
+    tokens), memory norm (root mean square slot norm; associative bank: over the heads' |S|) and mean change,
+    the associative bank's mean write strength β; then the open segment, if any."""
     rows = []
     ends = tensors["write_end"].long().tolist() if "write_end" in tensors else []
     for w, end in enumerate(ends):
@@ -65,9 +64,14 @@ def segment_stats(tensors: dict[str, Tensor], segment_len: int, n_tokens: int) -
             if f"{gate}_mean" in tensors:
                 row[gate] = _round(tensors[f"{gate}_mean"][w].mean())
                 row[f"{gate}_open"] = _round(tensors[f"{gate}_open"][w].mean())
+        if "beta" in tensors:  # the associative bank: its tokens' mean write strength
+            row["beta"] = _round(tensors["beta"][end - segment_len:end].mean())
         row |= _out_gate(tensors, end - segment_len, end)
-        row["memory_norm"] = _round(tensors["slot_norm"][w].pow(2).mean().sqrt())
-        row["mean_change"] = _round(tensors["slot_change"][w].mean())
+        # slot bank: per slot; associative bank: |S| per head
+        norm, change = ((tensors["matrix_norm"], tensors["matrix_change"]) if "matrix_norm" in tensors else
+                        (tensors["slot_norm"], tensors["slot_change"]))
+        row["memory_norm"] = _round(norm[w].pow(2).mean().sqrt())
+        row["mean_change"] = _round(change[w].mean())
         rows.append(row)
     last = ends[-1] if ends else 0
     if last < n_tokens:
@@ -125,6 +129,8 @@ def summarize(ins, top_tokens: int) -> dict:
         summary["answer_position"] = ins.answer_pos
     if ins.facts_note:
         summary["facts"] = ins.facts_note
+    from lm2cli.inspection import associative
+
     for layer, tensors in sorted(ins.layers.items()):
         if associative.is_associative(tensors):  # memory.write = "delta": no slots, its own numbers
             summary["layers"][str(layer)] = associative.summary_entry(ins, tensors, top_tokens)
@@ -152,6 +158,8 @@ def summarize(ins, top_tokens: int) -> dict:
 def explainer_records(ins, summary: dict, tokenizer_decode, k: int, context: int = 8):
     """One JSON-able record per (block, slot) for an automatic explainer: the slot's rankings and its top
     written tokens with their weights, each with a few tokens of context around it ([[token]] marked)."""
+    from lm2cli.inspection import associative
+
     for layer, tensors in sorted(ins.layers.items()):
         if associative.is_associative(tensors):  # one record per head instead of per slot
             yield from associative.head_records(ins, layer, tensors, k,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lm2cli.inspection.analysis import _round, segment_stats
 from lm2cli.inspection.recording import reduce_heads
 
 
@@ -100,31 +101,6 @@ def fact_numbers(beta: Tensor, shares: Tensor, mask: list[bool]) -> dict | None:
     return out
 
 
-def segment_stats(tensors: dict[str, Tensor], segment_len: int, n_tokens: int) -> list[dict]:
-    """Per written segment: its tokens' mean β, the matrix norm after it (root mean square over heads) and its
-    change, the output gate over its tokens; then the open segment, if any."""
-    rows = []
-    ends = tensors["write_end"].long().tolist() if "write_end" in tensors else []
-    for w, end in enumerate(ends):
-        row = {"segment": w, "tokens": [end - segment_len, end],
-               "beta": _round(tensors["beta"][end - segment_len:end].mean()),
-               "memory_norm": _round(tensors["matrix_norm"][w].pow(2).mean().sqrt()),
-               "mean_change": _round(tensors["matrix_change"][w].mean())}
-        rows.append(row | _out_gate(tensors, end - segment_len, end))
-    last = ends[-1] if ends else 0
-    if last < n_tokens:
-        rows.append({"segment": len(ends), "tokens": [last, n_tokens], "open": True}
-                    | _out_gate(tensors, last, n_tokens))
-    return rows
-
-
-def _out_gate(tensors: dict[str, Tensor], start: int, end: int) -> dict:
-    if "out_gate_mean" not in tensors:
-        return {}
-    return {"out_gate": _round(tensors["out_gate_mean"][start:end].mean()),
-            "out_gate_open": _round(tensors["out_gate_open"][start:end].mean())}
-
-
 def head_records(ins, layer: int, tensors: dict[str, Tensor], k: int, context):
     """One JSON-able record per (block, head) for an explainer: the tokens it writes most strongly (β) and the
     tokens the read of `read_position` takes most from, each with context (`context(pos)`)."""
@@ -143,9 +119,3 @@ def head_records(ins, layer: int, tensors: dict[str, Tensor], k: int, context):
             record[name] = [{"position": p, "token": ins.pieces[p], key: _round(v, 5), "context": context(p)}
                             for v, p in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         yield record
-
-
-def _round(value, digits: int = 4) -> float:
-    from lm2cli.inspection.analysis import _round as rounded
-
-    return rounded(value, digits)

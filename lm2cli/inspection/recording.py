@@ -102,13 +102,20 @@ class TraceRecorder(MemoryRecorder):
         return self.wanted is None or layer in self.wanted
 
     # hooks called by the model ------------------------------------------------------------------------
-    def on_read(self, layer: int, start_pos: int, probs: Tensor) -> None:
+    def _reading_trace(self, layer: int, start_pos: int) -> Trace | None:
+        """The block's trace for reads starting at `start_pos` (None: the block is not recorded)."""
         if not self.records(layer):
-            return
+            return None
         trace = self.traces[layer]
         if start_pos != trace.n_tokens():
             raise RuntimeError(f"block {layer}: read at position {start_pos} after {trace.n_tokens()} tokens; a "
                                f"TraceRecorder follows one sequence from its start")
+        return trace
+
+    def on_read(self, layer: int, start_pos: int, probs: Tensor) -> None:
+        trace = self._reading_trace(layer, start_pos)
+        if trace is None:
+            return
         p = _one(probs)  # (h, t, N)
         trace.add("read", reduce_heads(p, self.heads))
         if self.full:
@@ -141,12 +148,9 @@ class TraceRecorder(MemoryRecorder):
                 trace.add(name, value)
 
     def on_delta_read(self, layer: int, start_pos: int, queries: Tensor) -> None:
-        if not self.records(layer):
+        trace = self._reading_trace(layer, start_pos)
+        if trace is None:
             return
-        trace = self.traces[layer]
-        if start_pos != trace.n_tokens():
-            raise RuntimeError(f"block {layer}: read at position {start_pos} after {trace.n_tokens()} tokens; a "
-                               f"TraceRecorder follows one sequence from its start")
         trace.add("query", _one(queries).transpose(0, 1))  # (t, h, dh): every head, the analysis needs them
 
     def on_delta_write(self, layer: int, end_pos: int, keys: Tensor, beta: Tensor, updates: Tensor,
