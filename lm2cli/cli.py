@@ -237,6 +237,10 @@ def inspect_memory(
         "--slots", metavar="A:B", help="Slot window of the figures (default 0:20)")] = None,
     top_tokens: Annotated[int, typer.Option(
         "--top-tokens", metavar="K", help="Tokens per heatmap and top written tokens per slot")] = 20,
+    read_at: Annotated[Optional[int], typer.Option(
+        "--read-at", metavar="POS",
+        help="Text position whose read is taken apart (associative bank) and always shown in the heatmap; "
+             "default: the answer position, else the last token")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Output directory (default <run>/inspect/<name>)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object")] = False,
@@ -252,7 +256,7 @@ def inspect_memory(
     global _debug
     _debug = _debug or debug
     inspect_command(target, prompt=prompt, file=file, babilong=babilong, generate=generate, layers=layer,
-                    heads=heads, slots=slots, top_tokens=top_tokens, out=out, json_output=json_output,
+                    heads=heads, slots=slots, top_tokens=top_tokens, read_at=read_at, out=out, json_output=json_output,
                     verify_checksums=not no_verify_checksums)
 
 

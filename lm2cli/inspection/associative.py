@@ -59,7 +59,10 @@ def read_shares(tensors: dict[str, Tensor], pos: int) -> Tensor:
 
 
 def read_position(ins) -> int:
-    """The token whose read is taken apart: the answer position of a BABILong row, else the text's last token."""
+    """The token whose read is taken apart: --read-at, else the answer position of a BABILong row, else the
+    text's last token."""
+    if ins.read_at is not None:
+        return ins.read_at
     return ins.answer_pos if ins.answer_pos is not None else ins.n_prompt - 1
 
 

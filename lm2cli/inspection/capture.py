@@ -37,6 +37,7 @@ class Inspection:
     generated_text: str = ""
     heatmap_rows: dict[int, list[int]] = field(default_factory=dict)  # token positions, per block
     reread: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # block -> before/after (rows, N)
+    read_at: int | None = None  # --read-at: the position taken apart (associative) and always in the heatmap
 
 
 def piece_text(tokenizer, token_id: int) -> str:
@@ -66,7 +67,7 @@ def read_against(memory, inputs: Tensor, bank: Tensor, heads: str | int) -> Tens
 @torch.no_grad()
 def capture(model, tokenizer, text, *, checkpoint: str, layers: list[int], heads: str | int,
             slot_window: tuple[int, int], top_tokens: int, generate: int = 0, chunk_len: int = 256,
-            device=None) -> Inspection:
+            device=None, read_at: int | None = None) -> Inspection:
     """Record `text` (an inputs.TextInput) through `model` and return what inspection keeps."""
     args = model.args
     device = device or next(model.parameters()).device
@@ -91,8 +92,8 @@ def capture(model, tokenizer, text, *, checkpoint: str, layers: list[int], heads
         n_prompt=len(text.ids), layers={layer: recorder.traces[layer].tensors() for layer in layers},
         memory=recorder.memory.tensors(), fact_mask=text.fact_mask, support_mask=text.support_mask,
         answer_pos=text.answer_pos, target=text.target, facts_note=text.facts_note,
-        generated_text=tokenizer.decode(generated))
-    always = [] if text.answer_pos is None else [text.answer_pos]
+        generated_text=tokenizer.decode(generated), read_at=read_at)
+    always = [p for p in (text.answer_pos, read_at) if p is not None]
     for layer, tensors in result.layers.items():
         if "read" not in tensors:  # the associative bank: no read weights over slots, no heatmap
             continue

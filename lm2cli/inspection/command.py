@@ -106,7 +106,8 @@ def text_input(raw: str | None, spec, prompt, file, babilong, tokenizer, generat
 
 def inspect_command(target: Path | None, *, prompt: str | None = None, file: Path | None = None,
                     babilong: str | None = None, generate: int = 0, layers: list[str] | None = None,
-                    heads: str = "mean", slots: str | None = None, top_tokens: int = 20, out: Path | None = None,
+                    heads: str = "mean", slots: str | None = None, top_tokens: int = 20, read_at: int | None = None,
+                    out: Path | None = None,
                     json_output: bool = False, verify_checksums: bool = True) -> Path:
     # Syntax first: nothing is loaded for a malformed option.
     head_mode = parse_heads(heads)
@@ -116,6 +117,8 @@ def inspect_command(target: Path | None, *, prompt: str | None = None, file: Pat
     if generate < 0 or top_tokens < 1:
         raise Lm2Error(f"--generate {generate}: expected 0 or more tokens" if generate < 0 else
                        f"--top-tokens {top_tokens}: expected 1 or more")
+    if read_at is not None and read_at < 0:
+        raise Lm2Error(f"--read-at {read_at}: expected a text position, 0 (the BOS token) or more")
 
     import torch
 
@@ -132,11 +135,14 @@ def inspect_command(target: Path | None, *, prompt: str | None = None, file: Pat
     generator = Generator(model.to(device), tokenizer, recipe, device)
     text = text_input(raw, spec, prompt, file, babilong, tokenizer, generator)
     generator.check_length(len(text.ids), SamplingParams(max_new_tokens=generate), text.where)
+    if read_at is not None and read_at >= len(text.ids):
+        raise Lm2Error(f"--read-at {read_at}: {text.where} has {len(text.ids)} tokens (positions 0 ... "
+                       f"{len(text.ids) - 1}, BOS first)")
     print(f"lm2 inspect-memory: {checkpoint} ({model.args.arch}), {len(text.ids)} tokens from {text.where}"
           + (f", then {generate} generated" if generate else "") + f", blocks {', '.join(map(str, wanted))}",
           file=sys.stderr)
     ins = capture(model, tokenizer, text, checkpoint=str(checkpoint), layers=wanted, heads=head_mode,
-                  slot_window=window, top_tokens=top_tokens, generate=generate,
+                  slot_window=window, top_tokens=top_tokens, generate=generate, read_at=read_at,
                   chunk_len=prefill_chunk_len(model.args.segment_len), device=device)
     out_dir = out if out is not None else resolved.run_dir / "inspect" / text.name
     written, summary, note = write_outputs(ins, tokenizer, top_tokens, out_dir)

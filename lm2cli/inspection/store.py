@@ -53,6 +53,7 @@ MEANINGS = {
 }
 FIELDS = ("arch", "checkpoint", "heads", "slots", "segment_len", "n_prompt", "answer_pos", "target", "facts_note",
           "generated_text")
+OPTIONAL_FIELDS = ("read_at",)  # absent from the index of an earlier version: None
 
 
 def flat_tensors(ins: Inspection) -> dict[str, torch.Tensor]:
@@ -83,7 +84,7 @@ def save(ins: Inspection, summary: dict, records, out_dir: Path, draw=None) -> l
     atomic_write_json(out_dir / SUMMARY, summary)
     atomic_write_text(out_dir / SLOTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     written = [out_dir / name for name in (TENSORS, SUMMARY, SLOTS)] + (draw() if draw is not None else [])
-    index = {"format": FORMAT, "version": VERSION, **{f: getattr(ins, f) for f in FIELDS},
+    index = {"format": FORMAT, "version": VERSION, **{f: getattr(ins, f) for f in FIELDS + OPTIONAL_FIELDS},
              "slot_window": list(ins.slot_window), "layers": sorted(ins.layers), "pieces": ins.pieces,
              "files": [p.name for p in written],
              "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
@@ -119,7 +120,8 @@ def load(out_dir: str | Path) -> Inspection:
     if index.get("format") != FORMAT:
         raise Lm2Error(f"{out_dir / INDEX}: not an lm2 inspect-memory index")
     layers: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in index["layers"]}
-    ins = Inspection(**{f: index[f] for f in FIELDS}, slot_window=tuple(index["slot_window"]),
+    ins = Inspection(**{f: index[f] for f in FIELDS}, **{f: index.get(f) for f in OPTIONAL_FIELDS},
+                     slot_window=tuple(index["slot_window"]),
                      tokens=tensors["tokens"].tolist(), pieces=index["pieces"], layers=layers)
     for name in ("fact_mask", "support_mask"):
         if name in tensors:

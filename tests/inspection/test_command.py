@@ -167,6 +167,16 @@ def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_pa
     png = out / "associative_L1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert {p.name for p in out.glob("*.png")} == {"associative_L1.png"}
+    # --read-at takes another position apart (here the first token of the last segment: 32 tokens held)
+    res = cli("inspect-memory", run, "--prompt", PROMPT, "--read-at", "64", "--json", "--out", tmp_path / "p")
+    assert res.code == 0, res.err
+    read = json.loads(res.out)["layers"]["0"]["read"]
+    assert read["position"] == 64 and read["tokens_held"] == 64
+    assert store.load(tmp_path / "p").read_at == 64
+    for value, message in (("-1", "--read-at -1: expected a text position, 0 (the BOS token) or more"),
+                           ("999", "--read-at 999: --prompt has ")):
+        res = cli("inspect-memory", run, "--prompt", PROMPT, "--read-at", value)
+        assert res.code == 2 and len(res.err.splitlines()) == 1 and message in res.err, res.err
     res = cli("inspect-memory", run, "--prompt", "Mary went", "--slots", "0:4")
     assert res.code == 2 and res.err.splitlines() == [
         'error: --slots 0:4: memory.write = "delta" keeps an associative matrix, not slots; its reads are taken '
