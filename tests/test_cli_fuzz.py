@@ -220,6 +220,21 @@ def test_bad_prompts_and_flags(cli, tmp_path, gen_run, case):
     check(cli("generate", gen_run, *args), problems)
 
 
+# inspect-memory stops at the first bad option (each is checked before the model runs, or right after the text
+# is tokenized): one bad flag per case, one line.
+BAD_INSPECT = {"--read-at": ["-1", "99999"], "--slots": ["3:1", "0:0", "a", "0:999"], "--heads": ["z", "-1", "7"],
+               "--layer": ["q", "9"], "--top-tokens": ["0", "-3"], "--generate": ["-1"]}
+
+
+@settings(FUZZ, max_examples=12)
+@given(flag=st.sampled_from(sorted(BAD_INSPECT)), data=st.data())
+def test_bad_inspect_memory_flags(cli, tmp_path, gen_run, flag, data):
+    value = data.draw(st.sampled_from(BAD_INSPECT[flag]))
+    out = case_dir(tmp_path) / "out"
+    check(cli("inspect-memory", gen_run, "--prompt", "Mary went", flag, value, "--out", str(out)), 1)
+    assert not out.exists()  # nothing written for a refused option
+
+
 # ----------------------------------------------------------------------------------- checkpoint files
 
 

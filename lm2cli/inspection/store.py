@@ -123,6 +123,9 @@ def load(out_dir: str | Path) -> Inspection:
     ins = Inspection(**{f: index[f] for f in FIELDS}, **{f: index.get(f) for f in OPTIONAL_FIELDS},
                      slot_window=tuple(index["slot_window"]),
                      tokens=tensors["tokens"].tolist(), pieces=index["pieces"], layers=layers)
+    if ins.read_at is not None and not (type(ins.read_at) is int and 0 <= ins.read_at < ins.n_prompt):
+        raise Lm2Error(f"{out_dir / INDEX}: read_at = {ins.read_at!r}: expected a text position 0 ... "
+                       f"{ins.n_prompt - 1} or null")
     for name in ("fact_mask", "support_mask"):
         if name in tensors:
             setattr(ins, name, [bool(v) for v in tensors[name].tolist()])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm2cli.errors import Lm2Error
 from lm2cli.inspection import store
 from lm2cli.inspection.inputs import BabilongSpec, babilong_input
 
@@ -173,6 +174,11 @@ def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_pa
     read = json.loads(res.out)["layers"]["0"]["read"]
     assert read["position"] == 64 and read["tokens_held"] == 64
     assert store.load(tmp_path / "p").read_at == 64
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    for bad in ("64", -1, 10**6, 1.5):  # a stranger's index: refused in one line, not a crash in the analysis
+        (tmp_path / "p" / "index.json").write_text(json.dumps(index | {"read_at": bad}))
+        with pytest.raises(Lm2Error, match="read_at = .*: expected a text position 0"):
+            store.load(tmp_path / "p")
     for value, message in (("-1", "--read-at -1: expected a text position, 0 (the BOS token) or more"),
                            ("999", "--read-at 999: --prompt has ")):
         res = cli("inspect-memory", run, "--prompt", PROMPT, "--read-at", value)
