@@ -64,6 +64,7 @@ class Trace:
 
     def __init__(self):
         self.parts: dict[str, list[Tensor]] = defaultdict(list)
+        self.tokens_read = 0  # tokens whose read has been recorded: the position the next read must start at
 
     def add(self, name: str, value: Tensor) -> None:
         value = value.detach().cpu()
@@ -77,9 +78,6 @@ class Trace:
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: self.get(name) for name, parts in self.parts.items() if parts}
-
-    def n_tokens(self) -> int:
-        return sum(p.shape[0] for p in self.parts["read" if self.parts["read"] else "query"])
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for parts in self.parts.values() for p in parts)
@@ -102,18 +100,20 @@ class TraceRecorder(MemoryRecorder):
         return self.wanted is None or layer in self.wanted
 
     # hooks called by the model ------------------------------------------------------------------------
-    def _reading_trace(self, layer: int, start_pos: int) -> Trace | None:
-        """The block's trace for reads starting at `start_pos` (None: the block is not recorded)."""
+    def _reading_trace(self, layer: int, start_pos: int, tokens: int) -> Trace | None:
+        """The block's trace for the reads of `tokens` tokens from `start_pos` on (None: the block is not
+        recorded); they must follow the reads recorded so far."""
         if not self.records(layer):
             return None
         trace = self.traces[layer]
-        if start_pos != trace.n_tokens():
-            raise RuntimeError(f"block {layer}: read at position {start_pos} after {trace.n_tokens()} tokens; a "
+        if start_pos != trace.tokens_read:
+            raise RuntimeError(f"block {layer}: read at position {start_pos} after {trace.tokens_read} tokens; a "
                                f"TraceRecorder follows one sequence from its start")
+        trace.tokens_read += tokens
         return trace
 
     def on_read(self, layer: int, start_pos: int, probs: Tensor) -> None:
-        trace = self._reading_trace(layer, start_pos)
+        trace = self._reading_trace(layer, start_pos, probs.shape[2])
         if trace is None:
             return
         p = _one(probs)  # (h, t, N)
@@ -148,7 +148,7 @@ class TraceRecorder(MemoryRecorder):
                 trace.add(name, value)
 
     def on_delta_read(self, layer: int, start_pos: int, queries: Tensor) -> None:
-        trace = self._reading_trace(layer, start_pos)
+        trace = self._reading_trace(layer, start_pos, queries.shape[2])
         if trace is None:
             return
         trace.add("query", _one(queries).transpose(0, 1))  # (t, h, dh): every head, the analysis needs them
