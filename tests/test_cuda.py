@@ -79,17 +79,21 @@ def test_sdpa_runs_flash_for_full_attention_and_memory_efficient_for_the_window(
     full, _ = tiny("vanilla", 0)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), bf16():
         full(tokens(2, 256), keep_state=False)[0].logsumexp(-1).mean().backward()
-    windowed, _ = tiny("lm2", 48)  # 1,000 tokens > one block of max(48, 64) queries: the block-local path
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), bf16():
-        windowed(tokens(2, 1000), keep_state=False)[0].logsumexp(-1).mean().backward()
+    windowed, _ = tiny("lm2", 48)  # grouped heads (4 query, 2 key/value): repeated per group under a mask
+    for n in (1000, 100):  # 1,000 tokens > two blocks of max(48, 64) queries: block-local; 100: a dense mask
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), bf16():
+            windowed(tokens(2, n), keep_state=False)[0].logsumexp(-1).mean().backward()
 
 
-@pytest.mark.parametrize("arch,window", [("lm2", 48), ("vanilla", 0), ("rmt", 0)])
-def test_compiled_blocks_train_like_eager(arch, window):
+# RMT at init_std 0.3 is chaotic over segments: scaling its memory tokens by 1 + 1e-6 moves the logits of the
+# ninth 32-token segment by 9.0 in eager mode alone (CPU, measured), so any reordered float sum fails a 1e-3
+# comparison; at 0.1 the same perturbation moves them by < 1e-5 and the logits still spread (std 0.8).
+@pytest.mark.parametrize("arch,window,init_std", [("lm2", 48, 0.3), ("vanilla", 0, 0.3), ("rmt", 0, 0.1)])
+def test_compiled_blocks_train_like_eager(arch, window, init_std):
     x = tokens(2, 300)
     results = []
     for compile in (False, True):
-        model, _ = tiny(arch, window)
+        model, _ = tiny(arch, window, f"model.init_std={init_std}")
         if compile:
             model.compile_blocks()
         logits, _ = model(x, keep_state=False)

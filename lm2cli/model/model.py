@@ -181,12 +181,31 @@ class Attention(nn.Module):
         if isinstance(mask, LocalBlocks):
             out = mask.attend(q, k, v, self.gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa)
+            out = sdpa(q, k, v, mask, causal, self.gqa)
         out = self.merge(out)
         if self.window > 0:  # the next token needs only the W-1 most recent keys
             drop = max(0, k.shape[2] - (self.window - 1))
             k, v = k[:, :, drop:], v[:, :, drop:]
         return out, k, v
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, gqa: bool) -> Tensor:
+    """Scaled dot-product attention of q (B, h, t, dh) over k, v (B, h_kv, s, dh), grouped when h_kv < h.
+
+    With a mask, PyTorch's fused CUDA kernels need as many key/value heads as query heads (flash takes no mask,
+    the memory-efficient kernel no grouped heads), so SDPA would fall back to the math kernel, which builds every
+    score (seen on an H200, torch 2.11: with only the fused kernels allowed it finds none). There the keys and
+    values are repeated per group first, as `enable_gqa` does inside the math kernel. The CPU kernels take grouped
+    heads with a mask, so nothing is copied there.
+    """
+    if gqa and mask is not None and fused_kernels_need_equal_heads(q):
+        groups = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def fused_kernels_need_equal_heads(q: Tensor) -> bool:
+    return q.is_cuda
 
 
 class SwiGLU(nn.Module):
@@ -285,8 +304,7 @@ class LocalBlocks:
         k_blocks = F.pad(k, pad).unfold(2, span, block).permute(0, 2, 1, 4, 3).reshape(-1, kv_heads, span, dh)
         v_blocks = F.pad(v, pad).unfold(2, span, block).permute(0, 2, 1, 4, 3).reshape(-1, kv_heads, span, dh)
         q_blocks = F.pad(q, (0, 0, 0, pad_end)).view(b, heads, n_blocks, block, dh).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q_blocks.reshape(-1, heads, block, dh), k_blocks, v_blocks,
-                                             attn_mask=self.mask, enable_gqa=gqa)
+        out = sdpa(q_blocks.reshape(-1, heads, block, dh), k_blocks, v_blocks, self.mask, False, gqa)
         out = out.view(b, n_blocks, heads, block, dh).transpose(1, 2).reshape(b, heads, n_blocks * block, dh)
         return out if pad_end == 0 else out[:, :, :t]
 

@@ -148,3 +148,27 @@ def test_a_long_no_grad_forward_runs_in_chunks_and_equals_one_call(arch, monkeyp
         model(x, recorder=rec_one)
         assert [w.end_pos for w in rec_chunked.writes[0]] == [w.end_pos for w in rec_one.writes[0]]
         assert rec_chunked.read_attention(0).shape == rec_one.read_attention(0).shape
+
+
+@pytest.mark.parametrize("block", [8, 10**9])  # the block-local path and the dense (t, n_cached + t) mask
+def test_grouped_heads_repeated_for_the_fused_cuda_kernels_give_the_same_attention(block, monkeypatch):
+    """On CUDA a masked attention with grouped key/value heads repeats them per group (the fused kernels need
+    equal head counts); forced here on the CPU, logits and gradients equal the grouped call's."""
+    model = tiny("lm2")
+    x = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(model_module, "MIN_LOCAL_BLOCK", block)
+    grouped_logits, grouped_grads = logits_and_grads(model, x)
+    repeated = []
+    real_sdpa = model_module.F.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, **kw):
+        repeated.append(k.shape[1] == q.shape[1] and kw.get("attn_mask") is not None)
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(model_module, "fused_kernels_need_equal_heads", lambda q: True)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", counting_sdpa)
+    logits, grads = logits_and_grads(model, x)
+    assert any(repeated), "no masked attention ran with repeated heads"
+    assert (logits - grouped_logits).abs().max() <= 1e-5
+    for name, grad in grouped_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
