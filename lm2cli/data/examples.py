@@ -26,6 +26,9 @@ class Example:
     # The row it was assembled from, with every key of the file (fact_spans, support, ...), when loaded with
     # keep_extra: the fact curriculum (lm2cli.training.curriculum) cuts rows by their facts.
     row: dict | None = field(default=None, compare=False, repr=False)
+    # What a validation reports it under, besides the total: a BABILong row's length ("0k", "1k", ...), so a
+    # fine-tune whose validation mixes lengths shows how each one goes. "" = no group.
+    group: str = field(default="", compare=False)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.answer)
@@ -107,6 +110,5 @@ def load_examples(recipe, tokenizer, source: str, keep_rows: bool = False) -> li
     if f.format == "jsonl":
         return [jsonl_example(tokenizer, r) for r in read_jsonl(Path(source))]
     rows = read_babilong(source, list(f.tasks), recipe, keep_extra=keep_rows)
-    if not keep_rows:
-        return [babilong_example(tokenizer, r) for r in rows]
-    return [dataclasses.replace(babilong_example(tokenizer, r), row=r) for r in rows]
+    return [dataclasses.replace(babilong_example(tokenizer, r), group=r["length"], row=r if keep_rows else None)
+            for r in rows]

@@ -62,6 +62,9 @@ class FinetuneData:
             raise Lm2Error(f"{label}no validation row fits {budget} tokens; check finetune.val_data")
         wanted = t.eval_batches * t.batch_size * world  # global batches: the same rows for any world size
         self.val = [fitting_val[i] for i in spread_indices(len(fitting_val), wanted)]
+        groups = list(dict.fromkeys(e.group for e in self.val))  # in order of first appearance (shortest first)
+        self.val_groups = tuple(groups) if len(groups) > 1 else ()
+        self.val_chunks = self.group_chunks()
         self.order = RowOrder(len(self.train), (t.seed, stage))
         self.budget = budget
 
@@ -94,15 +97,27 @@ class FinetuneData:
             inputs[i, :len(ids) - 1] = ids[:-1]
             # Position j predicts token j + 1: answer tokens start at index len(prompt).
             targets[i, len(e.prompt) - 1:len(ids) - 1] = ids[len(e.prompt):]
-        return Batch(inputs, targets, n_tokens=sum(len(e) - 1 for e in examples), answers=True)
+        return Batch(inputs, targets, n_tokens=sum(len(e) - 1 for e in examples), answers=True,
+                     group=examples[0].group)
 
     def batch(self, first_row: int, count: int) -> Batch:
         return self.collate([self.train[i] for i in self.order.rows(first_row, count)])
 
+    def group_chunks(self) -> list[list[Example]]:
+        """The validation rows in batches of batch_size; with several groups, each batch holds one group's rows
+        (so a group's scores are the sum of its batches), else they are cut in order as before groups existed."""
+        size = self.batch_size
+        if not self.val_groups:
+            return [self.val[i:i + size] for i in range(0, len(self.val), size)]
+        chunks = []
+        for group in self.val_groups:
+            rows = [e for e in self.val if e.group == group]
+            chunks.extend(rows[i:i + size] for i in range(0, len(rows), size))
+        return chunks
+
     def val_batches(self, rank: int, world: int):
-        n_batches = (len(self.val) + self.batch_size - 1) // self.batch_size
-        for b in range(rank, n_batches, world):
-            yield self.collate(self.val[b * self.batch_size:(b + 1) * self.batch_size])
+        for b in range(rank, len(self.val_chunks), world):
+            yield self.collate(self.val_chunks[b])
 
 
 class FactCurriculumData(FinetuneData):

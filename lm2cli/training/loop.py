@@ -231,22 +231,41 @@ def evaluate(s: Session, data) -> dict[str, float]:
     by lm2cli.scoring with the loss the training steps minimise.
 
     Each rank scores its share of the batches; the sums are all-reduced, so every rank returns the same numbers.
+    When the data has validation groups (the lengths of a BABILong fine-tune), each group's loss, exact match
+    and rows are reported too, as `val_loss@<group>`, `val_em@<group>` and `val_rows@<group>`.
     """
     model = s.model  # never the DDP/compile wrapper; under FSDP the sharded module itself
     batches = list(data.val_batches(s.rt.rank, s.rt.world))
-    scores = score_batches(model, batches, s.rt.device, s.rt.autocast, loss=loss_sum)
+    groups = list(data.val_groups)
+    parts = [[b for b in batches if b.group == g] for g in groups] if groups else [batches]
+    scores = [score_batches(model, part, s.rt.device, s.rt.autocast, loss=loss_sum) for part in parts]
     if s.fsdp:  # every rank must run the same number of forwards (each gathers the shards collectively)
         most = int(s.rt.all_reduce(torch.tensor([float(len(batches))]), op=torch.distributed.ReduceOp.MAX).item())
         padding = [next(iter(data.val_batches(0, 1)))] * (most - len(batches))
         score_batches(model, padding, s.rt.device, s.rt.autocast, loss=loss_sum)  # run, count nothing
-    total = Scores.from_tensor(s.rt.all_reduce(scores.to_tensor(s.rt.device)).cpu())
+    # one all-reduce for every group's sums
+    summed = s.rt.all_reduce(torch.stack([sc.to_tensor(s.rt.device) for sc in scores])).cpu()
+    per_group = [Scores.from_tensor(row) for row in summed]
+    total = sum(per_group, Scores())
     if total.targets == 0:
         raise Lm2Error("validation found no target tokens; check the validation data")
-    out = {"val_loss": total.loss, "val_ppl": total.perplexity}
-    if total.bits_per_byte is not None:
-        out["val_bpb"] = total.bits_per_byte
-    if total.exact_match is not None:
-        out["val_em"] = total.exact_match
+    out = score_fields(total, "")
+    if groups:
+        for group, sc in zip(groups, per_group, strict=True):
+            out.update(score_fields(sc, f"@{group}"))
+            out[f"val_rows@{group}"] = sc.answer_rows
+    return out
+
+
+def score_fields(sc: Scores, suffix: str) -> dict[str, float]:
+    """val_loss, val_ppl (the total only), val_bpb and val_em of one set of sums, names ending in `suffix`."""
+    out = {f"val_loss{suffix}": sc.loss}
+    if not suffix:
+        out["val_ppl"] = sc.perplexity
+    if sc.bits_per_byte is not None:
+        out[f"val_bpb{suffix}"] = sc.bits_per_byte
+    if sc.exact_match is not None:
+        out[f"val_em{suffix}"] = sc.exact_match
     return out
 
 
@@ -273,6 +292,9 @@ def log_eval(s: Session, stage: Stage, result: dict[str, float], ckpt: Path | No
         parts.append(f"bpb {result['val_bpb']:.4f}")
     if "val_em" in result:
         parts.append(f"exact match {result['val_em']:.1%}")
+    by_group = [(key.removeprefix("val_rows@"), rows) for key, rows in result.items() if key.startswith("val_rows@")]
+    if by_group and "val_em" in result:
+        parts.append("by length " + " ".join(f"{g} {result[f'val_em@{g}']:.1%} ({rows})" for g, rows in by_group))
     s.say(f"{stage.label}step {s.step}: " + ", ".join(parts))
     if ckpt is None:  # the validation before a stage's first step: the start of its curve
         s.extra_state["start_val_loss"] = result["val_loss"]

@@ -76,6 +76,8 @@ class PretrainData:
         rows = self._rows("train", self.plan.starts[self.order.rows(first_row, count)])
         return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), n_tokens=count * self.seq_len)
 
+    val_groups = ()  # one validation set, no breakdown
+
     def val_batches(self, rank: int, world: int):
         starts = self.val_starts
         n_batches = (len(starts) + self.batch_size - 1) // self.batch_size

@@ -155,7 +155,8 @@ def place_model(model: torch.nn.Module, recipe: Recipe, rt: Runtime) -> torch.nn
     return model
 
 
-def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp: bool) -> torch.nn.Module:
+def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp: bool,
+                      command: str = "pretrain") -> torch.nn.Module:
     """The module the training step calls: optionally compiled, DDP-wrapped under torchrun (FSDP shards the
     model in place before the optimizer is built, see open_session).
 
@@ -170,9 +171,13 @@ def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        # The model returns (logits, state); state tensors take no gradient from the loss, so no unused-
-        # parameter search is needed. RMT memory tokens and all memory weights are used every step.
-        train_model = DDP(train_model, device_ids=ids)
+        # State tensors take no gradient from the loss. But a row that fits in one memory segment never writes
+        # (a training step keeps no state), so its batch leaves the memory's write weights without a gradient:
+        # fine-tuning on short rows (0k BABILong), or pretraining rows shorter than two segments. DDP must then
+        # search for unused parameters each step, or it stops ("did not receive grad"). Elsewhere it need not.
+        may_skip_writes = model.args.arch == "lm2" and (
+            command == "finetune" or recipe.train.seq_len < 2 * recipe.memory.segment_len)
+        train_model = DDP(train_model, device_ids=ids, find_unused_parameters=may_skip_writes)
     return train_model
 
 
@@ -214,7 +219,7 @@ def open_session(command: str, recipe: Recipe, rt: Runtime, tokenizer, model: to
                 extra_state=dict(extra_state or {}), fsdp=fsdp)
     if plan.resume_from is not None:
         restore(s, plan.resume_from, plan.state)
-    s.train_model = wrap_for_training(model, recipe, rt, fsdp)
+    s.train_model = wrap_for_training(model, recipe, rt, fsdp, command)
     return s
 
 

@@ -1,7 +1,8 @@
 """What the training loop works on: a `Batch` of rows, a `Stage` of optimizer steps, the `Session` of a run.
 
 The data side is duck-typed: pretraining windows and fine-tuning rows both provide `batch(first_row, n)` (a
-`Batch` of rows by global row number), `val_batches(rank, world)` (fixed validation batches), `epoch_at(rows)`,
+`Batch` of rows by global row number), `val_batches(rank, world)` (fixed validation batches), `val_groups` (the
+groups a validation also reports one by one, in order; every batch holds rows of one group), `epoch_at(rows)`,
 `row_tokens` and `fixed_rows`.
 """
 
@@ -26,6 +27,7 @@ class Batch:
     n_tokens: int  # real (non-padding) input tokens, for throughput
     n_bytes: float = 0.0  # UTF-8 bytes of the target tokens (bits per byte); 0 = not measured
     answers: bool = False  # each row's targets are one answer (+ EOS): report exact match
+    group: str = ""  # the validation group of every row of the batch (Example.group); "" = none
 
 
 @dataclass

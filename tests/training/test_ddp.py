@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from .conftest import REPO, SMALL_MODEL, TINY
+from .test_finetune import qa_rows
 
 
 def run_args(data, out, batch_size, *more):
@@ -24,10 +25,10 @@ def curve(run):
     return ([r["loss"] for r in rows if r["kind"] == "train"], [r["val_loss"] for r in rows if r["kind"] == "val"])
 
 
-def torchrun(args):
+def torchrun(args, command="pretrain"):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "lm2cli", "pretrain", *args], cwd=REPO, env=env, text=True, capture_output=True,
+                           "-m", "lm2cli", command, *args], cwd=REPO, env=env, text=True, capture_output=True,
                           timeout=300)
 
 
@@ -62,3 +63,29 @@ def test_fsdp_checkpoint_resumes_in_one_process(cli, tiny_data, tmp_path):
     train1, val1 = curve(tmp_path / "one")
     train2, val2 = curve(tmp_path / "mixed")
     assert train2 == pytest.approx(train1, rel=1e-4) and val2 == pytest.approx(val1, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_validation_by_length_is_summed_over_processes(cli, tiny_data, tmp_path):
+    """A fine-tune whose validation mixes two lengths reports each one; two processes (each scoring its share of
+    the batches, one all-reduce for every length) record what one process records. Its one-segment rows leave
+    the memory's write weights without a gradient in some batches: DDP searches for unused parameters."""
+    for name, lengths in (("train", (("0k", 1), ("1k", 3))), ("val", (("0k", 1), ("1k", 3)))):
+        (tmp_path / name / "qa1").mkdir(parents=True)
+        for length, n_facts in lengths:
+            rows = qa_rows(n_facts, 24 if name == "train" else 6, seed=n_facts + (0 if name == "train" else 50))
+            (tmp_path / name / "qa1" / f"{length}.json").write_text(json.dumps(rows))
+    more = [f"finetune.data={tmp_path / 'train'}", f"finetune.val_data={tmp_path / 'val'}", "finetune.stages=[2]"]
+    assert cli("finetune", *run_args(tiny_data, tmp_path / "one", 4, *more)).code == 0
+    proc = torchrun(run_args(tiny_data, tmp_path / "two", 2, *more), command="finetune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def by_length(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if "@" in k} for r in rows if r["kind"] == "val"]
+
+    one, two = by_length(tmp_path / "one"), by_length(tmp_path / "two")
+    assert len(one) == 3 and all(r["val_rows@0k"] == r["val_rows@1k"] == 6 for r in one)
+    assert [r.keys() for r in two] == [r.keys() for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)

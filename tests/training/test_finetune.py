@@ -143,6 +143,27 @@ def test_curriculum_from_a_vanilla_checkpoint_with_exact_resume(cli, tiny_data, 
     assert metrics(tmp_path / "b") == rows
 
 
+def test_validation_reports_each_length_of_the_validation_rows(cli, tiny_data, babilong_dir, tmp_path):
+    val_dir = tmp_path / "val"
+    (val_dir / "qa1").mkdir(parents=True)
+    for length, n_facts in (("0k", 1), ("1k", 3)):  # both fit the 2-segment stage
+        (val_dir / "qa1" / f"{length}.json").write_text(json.dumps(qa_rows(n_facts, 6, seed=10 + n_facts)))
+    run = tmp_path / "run"
+    res = cli("finetune", *finetune_args(tiny_data, run, f"finetune.data={babilong_dir}", "finetune.stages=[2]",
+                                         f"finetune.val_data={val_dir}", "train.steps=2", "train.eval_batches=3"))
+    assert res.code == 0, res.err
+    assert " by length 0k " in res.out and "% (6) 1k " in res.out
+    newest = run / "checkpoints" / layout.newest_checkpoint(run / "checkpoints")
+    recorded = ck.read_trainer_state(newest)["val"]
+    examples = validation_rows(run, 0)
+    for length in ("0k", "1k"):
+        rows = [e for e in examples if e.group == length]
+        assert recorded[f"val_rows@{length}"] == len(rows) == 6
+        assert recorded[f"val_em@{length}"] == pytest.approx(greedy_exact_match(newest, rows))
+    assert recorded["val_em"] == pytest.approx(greedy_exact_match(newest, examples))
+    assert [r["val_rows@1k"] for r in metrics(run) if r["kind"] == "val"] == [6, 6]  # step 0 and step 2
+
+
 def validation_rows(run: Path, stage: int) -> list:
     """The validation examples of curriculum stage `stage` (0-based) of a finished run, chosen as the run did."""
     from lm2cli.data.tokenizer import Tokenizer

@@ -36,9 +36,16 @@ class ScriptedModel(torch.nn.Module):
         return self.logits.pop(0), None
 
 
+class KeyedModel(ScriptedModel):
+    """Returns logits[n] for a batch whose inputs are all n, in whatever order the batches come."""
+
+    def forward(self, inputs, state=None, keep_state=True):
+        return self.logits[int(inputs[0, 0])], None
+
+
 class ScriptedData:
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, batches, groups=()):
+        self.batches, self.val_groups = batches, groups
 
     def val_batches(self, rank, world):
         return iter(self.batches)
@@ -72,6 +79,25 @@ def test_evaluate_exact_match_loss_and_bits_per_byte_on_hand_made_logits():
     assert result["val_ppl"] == pytest.approx(math.exp(total / 6))
     assert result["val_bpb"] == pytest.approx(total / (math.log(2) * 8.0))
     assert model.training  # evaluation leaves the model in the mode it found
+
+
+def test_evaluate_reports_each_validation_group_and_their_total():
+    # Group "1k": one right row of two (one batch); group "0k": two batches, right, right and wrong rows.
+    targets = {"0k": [torch.tensor([[X, 1]]), torch.tensor([[X, 2], [X, 0]])], "1k": [torch.tensor([[X, 1], [X, 2]])]}
+    argmax = {"0k": [[[0, 1]], [[0, 2], [0, 1]]], "1k": [[[0, 1], [0, 0]]]}
+    order = [(g, i) for g in ("1k", "0k") for i in range(len(targets[g]))]  # batches arrive in any order
+    batches = [Batch(torch.full_like(targets[g][i], n), targets[g][i], n_tokens=2, answers=True, group=g)
+               for n, (g, i) in enumerate(order)]
+    logits = [one_hot_logits(argmax[g][i]) for g, i in order]
+    result = evaluate(session_for(KeyedModel(logits)), ScriptedData(batches, groups=("0k", "1k")))
+
+    hit, miss = -math.log(math.e ** 2 / (math.e ** 2 + 2)), -math.log(1 / (math.e ** 2 + 2))
+    assert (result["val_em@0k"], result["val_rows@0k"]) == (pytest.approx(2 / 3), 3)
+    assert (result["val_em@1k"], result["val_rows@1k"]) == (pytest.approx(1 / 2), 2)
+    assert result["val_loss@0k"] == pytest.approx((2 * hit + miss) / 3)
+    assert result["val_loss@1k"] == pytest.approx((hit + miss) / 2)
+    assert result["val_em"] == pytest.approx(3 / 5) and result["val_loss"] == pytest.approx((3 * hit + 2 * miss) / 5)
+    assert "val_ppl@0k" not in result  # perplexity is the total's only
 
 
 def test_evaluate_reports_no_exact_match_for_plain_text_rows():
