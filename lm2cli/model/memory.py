@@ -47,6 +47,10 @@ class MemoryState:
 
 
 class LM2Memory(nn.Module):
+    # Some parameters serve the write alone (the input/forget gate): a forward whose rows never complete a
+    # segment that is read leaves them without a gradient (distributed training must expect that).
+    write_only_params = True
+
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
                  out_gate_bias: float, forget_gate_bias: float, update: str = "sum", slot_keys: bool = False,
                  write: str = "attend"):
@@ -143,7 +147,8 @@ class LM2Memory(nn.Module):
         """Read for every token of `x` (B, T, d); write whenever a segment completes.
 
         Returns the gated memory output g_out ⊙ E_mem (B, T, d) and the new state. `writes_kept`: only the last
-        this-many writes of this call keep their autograd history (truncated BPTT); None keeps all.
+        this-many writes that this call reads keep their autograd history (truncated BPTT; a write at the call's
+        very end, read by no token of it, keeps it too); None keeps all.
         `keep_state=False` skips a write at the very end of `x` that no token of this call reads (the returned
         state is then incomplete): a training step that discards the state saves that work.
         """
@@ -158,7 +163,7 @@ class LM2Memory(nn.Module):
             queries, contents = queries.split(sizes, dim=2), contents.split(sizes, dim=2)
         else:
             queries, contents = (queries,), (contents,)
-        n_writes = (state.pending_len + x.shape[1]) // self.segment_len
+        n_read = read_writes(state.pending_len, x.shape[1], self.segment_len)
         reads, pos, write_idx = [], start_pos, 0
         for q, content in zip(queries, contents, strict=True):
             t = q.shape[2]
@@ -180,7 +185,7 @@ class LM2Memory(nn.Module):
                 self._record_read(recorder, layer, pos, q if q.shape[2] == t else q[:, :, -t:], probs, state)
             pos += t
             if completes and (keep_state or pos < start_pos + x.shape[1] or recorder is not None):
-                detach = writes_kept is not None and write_idx < n_writes - writes_kept
+                detach = writes_kept is not None and write_idx < n_read - writes_kept
                 state = self._write(scores, content, state, detach, recorder, layer, pos)
                 write_idx += 1
             elif not completes:
@@ -282,6 +287,13 @@ class LM2Memory(nn.Module):
         return self._with_keys(MemoryState(new_bank))
 
 
+def read_writes(pending: int, t: int, segment: int) -> int:
+    """How many of the writes of a call over t tokens (after `pending` tokens of an open segment) a token of the
+    same call reads: all but one that completes at the call's very last token. Truncated BPTT (`writes_kept`)
+    keeps the history of the last writes that are read; the unread one is skipped without keep_state."""
+    return (pending + t - 1) // segment if t > 0 else 0
+
+
 def identity_bank(slots: int, slot_dim: int) -> Tensor:
     """Slot r starts as the one-hot vector e_(r mod d_m), as in the paper."""
     bank = torch.zeros(slots, slot_dim)
@@ -309,6 +321,8 @@ class AssociativeMemory(LM2Memory):
 
     one unit-triangular solve of S × S per head.
     """
+
+    write_only_params = False  # keys, values and strengths come from the tokens' projection, which reads use too
 
     def __init__(self, d_model: int, heads: int, segment_len: int, out_gate_bias: float,
                  write_strength_bias: float = 0.0):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lm2cli.model.memory import AssociativeMemory, LM2Memory, MemoryState
+from lm2cli.model.memory import AssociativeMemory, LM2Memory, MemoryState, read_writes
 
 
 @dataclass
@@ -391,6 +391,11 @@ class LanguageModel(nn.Module):
                 block.memory.reset_slot_keys()
                 block.memory.reset_gate_biases()
 
+    @property
+    def has_write_only_params(self) -> bool:
+        """Whether a forward whose rows write nothing that is read leaves some parameter without a gradient."""
+        return any(b.memory is not None and b.memory.write_only_params for b in self.blocks)
+
     @staticmethod
     def is_memory_param(name: str) -> bool:
         """Parameters of the memory path (LM2 memory modules, RMT memory tokens): own LR multiplier."""
@@ -577,7 +582,7 @@ class LanguageModel(nn.Module):
         a = self.args
         seg, m = a.segment_len, a.slots
         total, pos, outs = input_ids.shape[1], 0, []
-        n_writes = (state.rmt_seg_len + total) // seg
+        n_read = read_writes(state.rmt_seg_len, total, seg)
         write_idx = 0
         layers, memory, seg_len = state.layers, state.rmt_memory, state.rmt_seg_len
         while pos < total:
@@ -597,7 +602,7 @@ class LanguageModel(nn.Module):
                 # the segment is full and its memory will be read: run the write suffix through its cache
                 w, _ = self._run_blocks(memory.to(h.dtype), m + seg, layers, writes_kept, recorder)
                 memory = self.norm(w)
-                if writes_kept is not None and write_idx < n_writes - writes_kept:
+                if writes_kept is not None and write_idx < n_read - writes_kept:
                     memory = memory.detach()
                 if recorder is not None:
                     recorder.on_rmt_write(state.pos + pos + take, memory)

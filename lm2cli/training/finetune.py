@@ -62,7 +62,7 @@ class FinetuneData:
             raise Lm2Error(f"{label}no validation row fits {budget} tokens; check finetune.val_data")
         wanted = t.eval_batches * t.batch_size * world  # global batches: the same rows for any world size
         self.val = [fitting_val[i] for i in spread_indices(len(fitting_val), wanted)]
-        groups = list(dict.fromkeys(e.group for e in self.val))  # in order of first appearance (shortest first)
+        groups = list(dict.fromkeys(e.group for e in self.val))  # in the order of each group's shortest row
         self.val_groups = tuple(groups) if len(groups) > 1 else ()
         self.val_chunks = self.group_chunks()
         self.order = RowOrder(len(self.train), (t.seed, stage))

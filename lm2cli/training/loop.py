@@ -11,6 +11,7 @@ non-finite loss stops it before the optimizer step, leaving every checkpoint as 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -48,8 +49,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     if batch.inputs.device == device:
         return batch
     nb = device.type == "cuda"
-    return Batch(batch.inputs.to(device, non_blocking=nb), batch.targets.to(device, non_blocking=nb),
-                 batch.n_tokens, batch.n_bytes, batch.answers)
+    return dataclasses.replace(batch, inputs=batch.inputs.to(device, non_blocking=nb),
+                               targets=batch.targets.to(device, non_blocking=nb))
 
 
 class NonFiniteLoss(Lm2Error):

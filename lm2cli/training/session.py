@@ -171,12 +171,13 @@ def wrap_for_training(model: torch.nn.Module, recipe: Recipe, rt: Runtime, fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        # State tensors take no gradient from the loss. But a row that fits in one memory segment never writes
-        # (a training step keeps no state), so its batch leaves the memory's write weights without a gradient:
-        # fine-tuning on short rows (0k BABILong), or pretraining rows shorter than two segments. DDP must then
-        # search for unused parameters each step, or it stops ("did not receive grad"). Elsewhere it need not.
-        may_skip_writes = model.args.arch == "lm2" and (
-            command == "finetune" or recipe.train.seq_len < 2 * recipe.memory.segment_len)
+        # State tensors take no gradient from the loss. But a row of at most one memory segment writes nothing
+        # that is read (a training step skips the write at its end), so a batch of such rows leaves the slot
+        # bank's write-only weights without a gradient: fine-tuning on short rows (0k BABILong), or pretraining
+        # with train.seq_len <= memory.segment_len. DDP must then search for unused parameters each step, or it
+        # stops ("did not receive grad"); otherwise every parameter is used and the search is skipped.
+        may_skip_writes = model.has_write_only_params and (
+            command == "finetune" or recipe.train.seq_len <= recipe.memory.segment_len)
         train_model = DDP(train_model, device_ids=ids, find_unused_parameters=may_skip_writes)
     return train_model
 

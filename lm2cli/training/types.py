@@ -27,7 +27,7 @@ class Batch:
     n_tokens: int  # real (non-padding) input tokens, for throughput
     n_bytes: float = 0.0  # UTF-8 bytes of the target tokens (bits per byte); 0 = not measured
     answers: bool = False  # each row's targets are one answer (+ EOS): report exact match
-    group: str = ""  # the validation group of every row of the batch (Example.group); "" = none
+    group: str = ""  # the first row's Example.group; a validation batch holds one group's rows only
 
 
 @dataclass

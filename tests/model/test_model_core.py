@@ -134,11 +134,13 @@ def _grad_of_first_segment(model, bptt):
 def test_truncated_bptt_really_stops_gradients(arch):
     model = tiny(arch, 4)
     assert _grad_of_first_segment(model, bptt=0) > 0  # gradient reaches segment 0 only through memory
+    # 4 segments of 8 tokens: the last token reads write 2 (of segment 2). bptt=1 keeps that write's history
+    # only; segment 1 still reaches it through attention (window 4 spills into segment 2), segment 0 cannot.
     model.zero_grad()
-    assert _grad_of_first_segment(model, bptt=2) == 0
+    assert _grad_of_first_segment(model, bptt=1) == 0
     if arch == "lm2":  # (RMT's write suffix sees only the last W - 1 tokens of its segment)
         model.zero_grad()
-        assert _grad_of_segment(model, bptt=2, segment=2) > 0  # the last two writes keep their history
+        assert _grad_of_segment(model, bptt=1, segment=2) > 0  # the last write read keeps its history
 
 
 def test_recorder_captures_reads_writes_and_gates_without_changing_logits():
@@ -306,3 +308,22 @@ def test_slot_keys_keep_the_slots_apart_from_the_first_writes(slot_keys, distinc
         _, state = model(x)
     ratios = [_participation_ratio(layer.memory.bank[0]) for layer in state.layers]
     assert all(r > 1.3 for r in ratios) if distinct else all(r < 1.01 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("arch", ["lm2", "lm2-delta", "rmt"])
+def test_bptt_counts_the_writes_that_are_read(arch):
+    """A training step (keep_state=False) over two segments reads one write: truncating to 1 write changes
+    nothing, so every parameter gets the gradient of full backpropagation (the skipped final write, which no token
+    reads, once took that one write's place and detached it: the memory's write weights got no gradient)."""
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for bptt in (0, 1):
+        model = tiny(arch, 0)
+        model(x, bptt=bptt, keep_state=False)[0].logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    full, truncated = grads
+    assert full.keys() == truncated.keys()
+    for name, grad in full.items():
+        assert (grad is None) == (truncated[name] is None), name
+        if grad is not None:
+            assert torch.allclose(truncated[name], grad, atol=1e-6), name

@@ -66,7 +66,8 @@ def test_fsdp_checkpoint_resumes_in_one_process(cli, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_validation_by_length_is_summed_over_processes(cli, tiny_data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_validation_by_length_is_summed_over_processes(cli, tiny_data, tmp_path, strategy):
     """A fine-tune whose validation mixes two lengths reports each one; two processes (each scoring its share of
     the batches, one all-reduce for every length) record what one process records. Its one-segment rows leave
     the memory's write weights without a gradient in some batches: DDP searches for unused parameters."""
@@ -77,7 +78,8 @@ def test_validation_by_length_is_summed_over_processes(cli, tiny_data, tmp_path)
             (tmp_path / name / "qa1" / f"{length}.json").write_text(json.dumps(rows))
     more = [f"finetune.data={tmp_path / 'train'}", f"finetune.val_data={tmp_path / 'val'}", "finetune.stages=[2]"]
     assert cli("finetune", *run_args(tiny_data, tmp_path / "one", 4, *more)).code == 0
-    proc = torchrun(run_args(tiny_data, tmp_path / "two", 2, *more), command="finetune")
+    proc = torchrun(run_args(tiny_data, tmp_path / "two", 2, *more, f"train.distributed={strategy}"),
+                    command="finetune")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def by_length(run):
