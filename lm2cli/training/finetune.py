@@ -104,13 +104,10 @@ class FinetuneData:
         return self.collate([self.train[i] for i in self.order.rows(first_row, count)])
 
     def group_chunks(self) -> list[list[Example]]:
-        """The validation rows in batches of batch_size; with several groups, each batch holds one group's rows
-        (so a group's scores are the sum of its batches), else they are cut in order as before groups existed."""
-        size = self.batch_size
-        if not self.val_groups:
-            return [self.val[i:i + size] for i in range(0, len(self.val), size)]
-        chunks = []
-        for group in self.val_groups:
+        """The validation rows in batches of batch_size, each batch one group's rows (so a group's scores are the
+        sum of its batches); with a single group, the rows cut in order."""
+        size, chunks = self.batch_size, []
+        for group in dict.fromkeys(e.group for e in self.val):
             rows = [e for e in self.val if e.group == group]
             chunks.extend(rows[i:i + size] for i in range(0, len(rows), size))
         return chunks
