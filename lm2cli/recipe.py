@@ -229,6 +229,10 @@ class FinetuneConfig:
         "babilong", "babilong: rows {input, question, target}; jsonl: rows {prompt, response}")
     data: str = opt("data/babilong-train", "BABILong directory (hub layout) or .jsonl file")
     val_data: str = opt("", "Validation data in the same format; empty = hold out part of `data`")
+    # Replay: the long stages of the qa1 pilots forgot the 0k task they started from (95 -> 57 %) unless some 0k
+    # rows stayed among the training rows (docs/results.md, sixth and seventh passes).
+    replay_data: str = opt("", "More training rows in the same format, added to `data`'s in every stage (e.g. 0k "
+                               "rows kept while training on long rows); never used for validation")
     tasks: list[str] = opt(["qa1"], "bAbI tasks to fine-tune on (format = babilong)", items=BABI_TASKS)
     stages: list[int] = opt([1], "Curriculum: memory segments per sample in each stage, e.g. [1, 2, 4]")
     facts_start: int = opt(0, "Fact-count curriculum (babilong rows): train first on rows of at most this many "

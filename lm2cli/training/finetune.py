@@ -163,6 +163,21 @@ class FactCurriculumData(FinetuneData):
 
 
 def split_examples(recipe, tokenizer) -> tuple[list[Example], list[Example], str]:
+    """(training rows, validation rows, where validation comes from); finetune.replay_data's rows are appended to
+    the training rows after any hold-out, so they never validate."""
+    f = recipe.finetune
+    train, val, source = _train_and_val(recipe, tokenizer)
+    if f.replay_data:
+        try:
+            replay = load_examples(recipe, tokenizer, f.replay_data, keep_rows=f.facts_start > 0)
+        except Lm2Error as e:
+            raise Lm2Error(f"finetune.replay_data = \"{f.replay_data}\": {e}") from None
+        source = f"of them {len(replay):,} replayed from {f.replay_data}; {source}"
+        train = train + replay
+    return train, val, source
+
+
+def _train_and_val(recipe, tokenizer) -> tuple[list[Example], list[Example], str]:
     f = recipe.finetune
     train = load_examples(recipe, tokenizer, f.data, keep_rows=f.facts_start > 0)
     if f.val_data:

@@ -73,7 +73,25 @@ class Plan:
     pretrain: bool = True          # false: fine-tune from random weights (finetune.init_from = "")
     pretrain_set: list[str] = field(default_factory=list)   # --set of every `lm2 pretrain`
     base_set: list[str] = field(default_factory=list)       # --set of the base fine-tune; empty = none (below)
-    finetune_set: list[str] = field(default_factory=list)   # --set of every `lm2 finetune`
+    # The base fine-tune's own sets (> 0: base_samples training and base_val_samples validation rows per task at
+    # base_lengths, seeds as the fine-tuning sets'); 0: it trains on the fine-tuning set's rows that fit its stage.
+    base_samples: int = 0
+    base_val_samples: int = 1000
+    base_lengths: list[str] = field(default_factory=lambda: ["0k"])
+    # model -> another model of the plan whose base fine-tune's weights this model's long fine-tune starts from
+    # (it trains no pretraining or base of its own): an LM2 on the vanilla's backbone differs from it only by the
+    # memory (`lm2 finetune` adds the memory modules, fresh, to a vanilla checkpoint).
+    base_from: dict[str, str] = field(default_factory=dict)
+    finetune_set: list[str] = field(default_factory=list)   # --set of every long `lm2 finetune`
+    # More long fine-tunes, each starting from the one before: the --set of each is finetune_set followed by its
+    # entry (a later --set of a key wins); the last one is the model's run that lm2 eval reads.
+    continue_sets: list[list[str]] = field(default_factory=list)
+    # Replay (> 0): replay_samples training-side rows per task at replay_lengths, built with babilong.seed =
+    # replay_seed, join the training rows of every long fine-tune (finetune.replay_data), e.g. 0k rows so the
+    # long stages keep the base task.
+    replay_samples: int = 0
+    replay_lengths: list[str] = field(default_factory=lambda: ["0k"])
+    replay_seed: int = 4321
     eval_set: list[str] = field(default_factory=lambda: ['eval.run=["babilong"]', "eval.retrieval=\"bm25\""])
     inspect_args: list[str] = field(default_factory=lambda: ["--generate", "4"])
 
@@ -103,16 +121,27 @@ def _apply(plan: Plan, table: dict, where: str) -> Plan:
             raise PipelineError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
         expected = type(getattr(plan, key))
         if not _is_a(value, expected):
-            raise PipelineError(f"{where}: {key} = {value!r} should be a {expected.__name__}")
-        if expected is list:
-            item = typing.get_args(hints[key])[0]
-            if not all(_is_a(v, item) for v in value):
-                raise PipelineError(f"{where}: {key} = {value!r} should be a list of {item.__name__} values")
+            raise PipelineError(f"{where}: {key} = {value!r} should be a {_type_name(hints[key])}")
+        items = value.values() if expected is dict else value if expected is list else ()
+        item = typing.get_args(hints[key])[-1] if expected in (list, dict) else None
+        if not all(_is_a(v, item) for v in items):
+            raise PipelineError(f"{where}: {key} = {value!r} should be a {_type_name(hints[key])}")
     return replace(plan, **table)
 
 
-def _is_a(value, expected: type) -> bool:
+def _is_a(value, expected) -> bool:
+    """isinstance for the Plan's types, list[str] included; a bool is not an int."""
+    if typing.get_origin(expected) is list:
+        return isinstance(value, list) and all(_is_a(v, typing.get_args(expected)[0]) for v in value)
     return isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+
+
+def _type_name(hint, plural: bool = False) -> str:
+    """How a Plan key's type reads in an error: int, list of str values, list of lists of str values, ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, dict):
+        return f"{'list' if origin is list else 'table'}{'s' if plural else ''} of {_type_name(args[-1], True)}"
+    return f"{hint.__name__} values" if plural else hint.__name__
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -234,7 +263,8 @@ class Layout:
     work: Path
 
     data = property(lambda self: self.work / "data")
-    sets = property(lambda self: {s: self.work / "babilong" / s for s in ("train", "val", "test")})
+    sets = property(lambda self: {s: self.work / "babilong" / s
+                                  for s in ("train", "val", "test", "base-train", "base-val", "replay")})
 
     def seed_dir(self, seed: int) -> Path:
         return self.work / f"seed{seed}"
@@ -247,6 +277,9 @@ class Layout:
 
     def finetune(self, seed: int, model: str) -> Path:  # the directory name is the model's name in lm2 eval
         return self.seed_dir(seed) / "finetune" / model
+
+    def finetune_part(self, seed: int, model: str, part: int) -> Path:  # a long fine-tune continued later
+        return self.seed_dir(seed) / f"finetune-part{part}" / model
 
     def eval(self, seed: int) -> Path:
         return self.seed_dir(seed) / "eval"
@@ -271,19 +304,43 @@ def recipe_paths(recipes: Path, plan: Plan) -> dict[str, Path]:
                         f"{plan.test_lengths} (the row is read from the test set)")
     if not plan.seeds:
         problems.append("plan.seeds is empty; give at least one training seed")
+    problems += base_from_problems(plan)
     if problems:
         raise PipelineError(problems[0], problems)
     return paths
 
 
+def base_from_problems(plan: Plan) -> list[str]:
+    """plan.base_from names, per model, a model of the plan that trains a base fine-tune of its own, earlier."""
+    problems = []
+    for model, source in plan.base_from.items():
+        where = f"plan.base_from.{model} = {source!r}"
+        if model not in plan.models:
+            problems.append(f"plan.base_from: {model!r} is not one of plan.models {plan.models}")
+        elif source not in plan.models or source == model or source in plan.base_from:
+            problems.append(f"{where}: name another model of plan.models {plan.models} that trains its own base")
+        elif plan.models.index(source) > plan.models.index(model):
+            problems.append(f"{where}: {source!r} must come before {model!r} in plan.models (its base is trained "
+                            f"first)")
+        elif not plan.base_set:
+            problems.append(f"{where}: the plan has no base fine-tune (plan.base_set is empty)")
+    return problems
+
+
 def build_sets(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inputs: dict) -> None:
-    """BABILong sets with `lm2 babilong`: training and validation on the training side, test on the test side."""
+    """BABILong sets with `lm2 babilong`: training and validation on the training side, test on the test side;
+    the base fine-tune's own sets and the replayed rows (training side) when the plan asks for them."""
+    val_seed = plan.sets_seed + plan.val_seed_offset
     specs = {
         "train": ("train", plan.train_lengths, plan.train_samples, plan.train_haystack, plan.sets_seed),
-        "val": ("train", plan.train_lengths, plan.val_samples, plan.train_haystack,
-                plan.sets_seed + plan.val_seed_offset),
+        "val": ("train", plan.train_lengths, plan.val_samples, plan.train_haystack, val_seed),
         "test": ("test", plan.test_lengths, plan.test_samples, plan.test_haystack, plan.sets_seed),
     }
+    if plan.base_set and plan.base_samples:
+        specs["base-train"] = ("train", plan.base_lengths, plan.base_samples, plan.train_haystack, plan.sets_seed)
+        specs["base-val"] = ("train", plan.base_lengths, plan.base_val_samples, plan.train_haystack, val_seed)
+    if plan.replay_samples:
+        specs["replay"] = ("train", plan.replay_lengths, plan.replay_samples, plan.train_haystack, plan.replay_seed)
     for name, (split, lengths, samples, haystack, seed) in specs.items():
         argv = ["babilong", str(first_recipe), "--set", f"data.dir={json.dumps(str(lay.data))}",
                 "--set", f"babilong.split={json.dumps(split)}", "--set", f"babilong.tasks={toml_list(plan.tasks)}",
@@ -294,15 +351,43 @@ def build_sets(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inpu
 
 
 def train_model(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout) -> None:
-    """Pretraining (plan.pretrain), the base fine-tune (plan.base_set), then the long fine-tune, each stage
-    starting from the weights of the one before. The base fine-tune is a separate `lm2 finetune` because the
-    fact-count curriculum it runs (learn qa1's reasoning on 0k rows first, docs/results.md) cannot share a run
-    with the segment stages of the long fine-tune."""
+    """Pretraining (plan.pretrain), the base fine-tune (plan.base_set), then the long fine-tune (and its
+    continuations, plan.continue_sets), each stage starting from the weights of the one before; with
+    plan.base_from the long fine-tune starts from another model's base instead. The base fine-tune is a separate
+    `lm2 finetune` because the fact-count curriculum it runs (learn qa1's reasoning on 0k rows first,
+    docs/results.md) cannot share a run with the segment stages of the long fine-tune."""
     inputs = {"recipe_sha256": sha256_file(recipe)}
     common = ["--set", f"data.dir={json.dumps(str(lay.data))}", "--set", f"train.seed={seed}"]
+    tasks = ["--set", f"finetune.tasks={toml_list(plan.tasks)}"]
     data = ["--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
-            "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}",
-            "--set", f"finetune.tasks={toml_list(plan.tasks)}"]
+            "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}", *tasks]
+    base_data = data if not plan.base_samples else [
+        "--set", f"finetune.data={json.dumps(str(lay.sets['base-train']))}",
+        "--set", f"finetune.val_data={json.dumps(str(lay.sets['base-val']))}", *tasks]
+    if plan.replay_samples:
+        data += ["--set", f"finetune.replay_data={json.dumps(str(lay.sets['replay']))}"]
+    init_from = ""
+    if model in plan.base_from:
+        init_from = str(lay.base(seed, plan.base_from[model]))
+        inputs = inputs | {"base_weights": run_weights(Path(init_from))}
+    else:
+        init_from, inputs = _pretrain_and_base(stages, plan, model, recipe, seed, lay, common, base_data, inputs)
+    parts = [plan.finetune_set, *(plan.finetune_set + extra for extra in plan.continue_sets)]
+    for part, sets in enumerate(parts, 1):
+        last = part == len(parts)
+        out = lay.finetune(seed, model) if last else lay.finetune_part(seed, model, part)
+        argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
+                *_sets(sets), "--out", str(out)]
+        name = f"seed{seed}/finetune/{model}" if last else f"seed{seed}/finetune-part{part}/{model}"
+        stages.run(name, argv, inputs, resume_dir=out)
+        init_from = str(out)
+        inputs = inputs | {f"part{part}_weights": run_weights(out)}
+
+
+def _pretrain_and_base(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout,
+                       common: list[str], data: list[str], inputs: dict) -> tuple[str, dict]:
+    """The model's own pretraining and base fine-tune (each when the plan has it): the weights the long
+    fine-tune starts from ("" = random) and the stage inputs that name them."""
     init_from = ""
     if plan.pretrain:
         out = lay.pretrain(seed, model)
@@ -317,10 +402,7 @@ def train_model(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int,
         stages.run(f"seed{seed}/finetune-base/{model}", argv, inputs, resume_dir=out)
         init_from = str(out)
         inputs = inputs | {"base_weights": run_weights(out)}
-    out = lay.finetune(seed, model)
-    argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
-            *_sets(plan.finetune_set), "--out", str(out)]
-    stages.run(f"seed{seed}/finetune/{model}", argv, inputs, resume_dir=out)
+    return init_from, inputs
 
 
 def _sets(values: list[str]) -> list[str]:
@@ -571,8 +653,11 @@ def settings_section(plan: Plan, plan_file: Path | None, recipes: Path, all_resu
              f"* pretraining --set: {' '.join(plan.pretrain_set) or '(none)'}" if plan.pretrain else
              "* no pretraining (fine-tuned from random weights)",
              f"* base fine-tune --set: {' '.join(plan.base_set)}" if plan.base_set else "* no base fine-tune",
+             *base_lines(plan),
              f"* fine-tuning --set: {' '.join(plan.finetune_set) or '(none)'}; evaluation --set: "
-             f"{' '.join(plan.eval_set) or '(none)'}", ""]
+             f"{' '.join(plan.eval_set) or '(none)'}",
+             *[f"* then continued {i} time(s) from the newest run with the same --set plus: {' '.join(extra)}"
+               for i, extra in enumerate(plan.continue_sets, 1)], ""]
     lines += md_table(["model", "arch", "checkpoint step", "weights sha256"],
                       [[m["name"], m["arch"], str(m["step"]), m["sha256"][:12]] for m in first["models"]])
     counts = {}
@@ -580,6 +665,22 @@ def settings_section(plan: Plan, plan_file: Path | None, recipes: Path, all_resu
         counts.setdefault(c["length"], set()).add(c["n"])
     lines += ["", "Samples per cell (each task × length, every model): " +
               ", ".join(f"{n}: {'/'.join(map(str, sorted(v)))}" for n, v in counts.items()) + "."]
+    return lines
+
+
+def base_lines(plan: Plan) -> list[str]:
+    """The plan's base sets, shared bases and replayed rows, as settings lines (none when unused)."""
+    lines = []
+    if plan.base_set and plan.base_samples:
+        lines.append(f"* base fine-tune sets: {plan.base_samples} training and {plan.base_val_samples} validation "
+                     f"samples per task at {', '.join(plan.base_lengths)} (training side)")
+    for model, source in plan.base_from.items():
+        lines.append(f"* {model}: no base of its own; its long fine-tune starts from {source}'s base weights (the "
+                     f"same backbone; its own modules start fresh)")
+    if plan.replay_samples:
+        lines.append(f"* replay: {plan.replay_samples} training-side samples per task at "
+                     f"{', '.join(plan.replay_lengths)} (babilong.seed {plan.replay_seed}) join the training rows of "
+                     f"every long fine-tune (finetune.replay_data)")
     return lines
 
 
@@ -696,11 +797,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the plan's [quick] overrides: qa1, 0k-4k, 3 seeds")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny recipes and sets (recipes/babilong/smoke): the whole pipeline in seconds")
+                   help="the plan's tiny version (RECIPES/smoke): the whole pipeline in seconds, no accuracy claim")
     p.add_argument("--seed", type=int, action="append",
                    help="training seed (repeatable); default: the plan's seeds")
     p.add_argument("--recipes", type=Path, help="directory of <model>.toml recipes and pipeline.toml "
-                                                "(default recipes/babilong, or recipes/babilong/smoke)")
+                                                "(default recipes/babilong; recipes/babilong/one-backbone: every "
+                                                "model from one vanilla backbone per seed)")
     p.add_argument("--work", type=Path, help="where data, runs and evaluations go (default runs/babilong[-quick|"
                                              "-smoke])")
     p.add_argument("--results", type=Path, help="results file; the run rewrites only its own marked section "
@@ -711,7 +813,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    recipes = args.recipes or (HERE / "smoke" if args.smoke else HERE)
+    recipes = (args.recipes or HERE) / ("smoke" if args.smoke else "")  # a plan's smoke version is DIR/smoke
     work = args.work or Path("runs") / ("babilong" if mode == "full" else f"babilong-{mode}")
     results_file = args.results or (work / "results.md" if args.smoke else REPO / "docs" / "results.md")
     try:

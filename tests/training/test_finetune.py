@@ -345,3 +345,30 @@ def test_jsonl_rows_longer_than_seq_len_are_left_out_and_counted(cli, tiny_data,
                                          f"finetune.val_data={val}", "train.steps=1"))
     assert res.code == 0, res.err
     assert "20 training rows of at most 65 tokens (4 longer rows left out)" in res.out
+
+
+def test_replayed_rows_join_the_training_rows_and_never_validate(tok, babilong_dir, tmp_path):
+    from lm2cli.recipe import load_recipe
+    from lm2cli.training.finetune import split_examples
+
+    replay = tmp_path / "replay"
+    (replay / "qa1").mkdir(parents=True)
+    (replay / "qa1" / "0k.json").write_text(json.dumps(qa_rows(1, 5, seed=99)))
+    for val_data in ("", str(babilong_dir)):  # validation held out of finetune.data, or its own set
+        sets = [f"finetune.data={json.dumps(str(babilong_dir))}", f"finetune.val_data={json.dumps(val_data)}"]
+        recipe = load_recipe(TINY, sets)
+        train0, val0, _ = split_examples(recipe, tok)
+        recipe = load_recipe(TINY, [*sets, f"finetune.replay_data={json.dumps(str(replay))}"])
+        train, val, note = split_examples(recipe, tok)
+        replayed = [babilong_example(tok, r).prompt for r in json.loads((replay / "qa1/0k.json").read_text())]
+        assert [e.prompt for e in train] == [e.prompt for e in train0] + replayed
+        assert [e.prompt for e in val] == [e.prompt for e in val0]
+        assert {e.group for e in train[len(train0):]} == {"0k"}  # a replayed row is scored under its length
+        assert "of them 5 replayed from" in note
+
+
+def test_replay_data_that_is_missing_is_one_error_naming_the_key(cli, tiny_data, babilong_dir, tmp_path):
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", f"finetune.data={babilong_dir}",
+                                         f"finetune.replay_data={tmp_path / 'nowhere'}", "train.steps=1"))
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "finetune.replay_data" in res.err and "nowhere" in res.err and "Traceback" not in res.err

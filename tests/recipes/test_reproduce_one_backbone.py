@@ -1,0 +1,103 @@
+"""reproduce.py --smoke --recipes recipes/babilong/one-backbone: the plan features the qa1 pilots' protocol needs
+(the base fine-tune's own sets, one shared base per seed, replayed 0k rows, a continued long fine-tune) run as
+printed lm2 commands, each stage from the one before."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import BABILONG, load_reproduce
+
+REPO = BABILONG.parents[1]
+PLAN = BABILONG / "one-backbone"
+MODELS = ["vanilla-window", "lm2-delta", "vanilla"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("one-backbone") / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BABILONG / "reproduce.py"), "--smoke", "--recipes", str(PLAN),
+                           "--work", str(work), "--results", str(work / "results.md")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = dict(re.findall(r"^\[([^\]]+)\] \$ lm2 (.*)$", proc.stdout, flags=re.M))
+    return work, proc, commands
+
+
+def sets_of(command: str) -> dict[str, str]:
+    return dict(re.findall(r"--set '?([a-z_.]+)=(.*?)'?(?= --|$)", command))
+
+
+@pytest.mark.slow
+def test_one_shared_base_then_two_long_fine_tunes_per_model(run):
+    work, _, commands = run
+    stages = [*commands]
+    assert stages[:7] == ["tokenize", "babilong-train", "babilong-val", "babilong-test", "babilong-base-train",
+                          "babilong-base-val", "babilong-replay"]
+    assert stages[7:] == ["seed7/finetune-base/vanilla-window"] + [
+        f"seed7/{part}/{m}" for m in MODELS for part in ("finetune-part1", "finetune")] + \
+        ["seed7/eval", "seed7/inspect-memory"]
+    base = sets_of(commands["seed7/finetune-base/vanilla-window"])
+    assert base["finetune.data"].endswith('babilong/base-train"') and "finetune.replay_data" not in base
+    for m in MODELS:
+        first, second = sets_of(commands[f"seed7/finetune-part1/{m}"]), sets_of(commands[f"seed7/finetune/{m}"])
+        assert first["finetune.init_from"] == f'"{work}/seed7/finetune-base/vanilla-window"'  # every model
+        assert second["finetune.init_from"] == f'"{work}/seed7/finetune-part1/{m}"'
+        assert second["finetune.init_checkpoint"] == '"latest"' and "finetune.init_checkpoint" not in first
+        for s in (first, second):
+            assert s["finetune.data"].endswith('babilong/train"')
+            assert s["finetune.replay_data"].endswith('babilong/replay"')
+    record = json.loads((work / "stages" / "seed7__finetune-part1__lm2-delta.json").read_text())
+    reproduce = load_reproduce()
+    assert record["inputs"]["base_weights"] == reproduce.run_weights(work / "seed7/finetune-base/vanilla-window")
+
+
+@pytest.mark.slow
+def test_replayed_rows_are_their_own_set_and_trained_on(run):
+    work, proc, _ = run
+    meta = json.loads((work / "babilong" / "replay" / "meta.json").read_text())
+    assert meta["seed"] == 4321 and meta["rows"] == {"qa1": {"0k": 4}}
+    assert proc.stdout.count("of them 4 replayed from") == 2 * len(MODELS)  # every long fine-tune, no base
+
+
+@pytest.mark.slow
+def test_results_name_the_shared_base_and_the_continuation(run):
+    work, _, _ = run
+    text = (work / "results.md").read_text()
+    assert "* lm2-delta: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
+    assert "* replay: 4 training-side samples per task at 0k (babilong.seed 4321)" in text
+    assert "* then continued 1 time(s) from the newest run" in text
+    results = json.loads((work / "seed7" / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == MODELS
+
+
+def test_a_shared_base_must_be_trained_first_by_another_model(tmp_path: Path):
+    reproduce = load_reproduce()
+    plan, _ = reproduce.load_plan(PLAN / "smoke", quick=False)
+    cases = {
+        "{ lm2-delta = 'vanilla' }": "plan.base_from.lm2-delta = 'vanilla': 'vanilla' must come before",
+        "{ lm2-delta = 'lm2-delta' }": "name another model of plan.models",
+        "{ rmt = 'vanilla' }": "plan.base_from: 'rmt' is not one of plan.models",
+        "{ lm2-delta = 'vanilla', vanilla = 'vanilla-window' }": "name another model",
+        "{ lm2-delta = 3 }": "base_from = {'lm2-delta': 3} should be a table of str values",
+    }
+    for value, message in cases.items():
+        (tmp_path / "pipeline.toml").write_text(f"[plan]\nmodels = {json.dumps(MODELS)}\nbase_set = ['x=1']\n"
+                                                f"base_from = {value}\n")
+        with pytest.raises(reproduce.PipelineError) as e:
+            reproduce.recipe_paths(PLAN / "smoke", reproduce.load_plan(tmp_path, quick=False)[0])
+        assert any(message in p for p in e.value.problems), (value, e.value.problems)
+    no_base = reproduce.Plan(models=MODELS, inspect_model="lm2-delta", base_from={"lm2-delta": "vanilla-window"})
+    with pytest.raises(reproduce.PipelineError, match="the plan has no base fine-tune"):
+        reproduce.recipe_paths(PLAN / "smoke", no_base)
+    (tmp_path / "pipeline.toml").write_text("[plan]\ncontinue_sets = [['train.steps=2'], [3]]\n")
+    with pytest.raises(reproduce.PipelineError, match="should be a list of lists of str values"):
+        reproduce.load_plan(tmp_path, quick=False)
