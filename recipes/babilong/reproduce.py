@@ -757,7 +757,7 @@ def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path,
     figures = results_file.parent / "figures" / f"{results_file.stem}-{mode}"
     plot = figures / "accuracy_vs_length.png"
     have_plot = write_plot(all_results, plot)
-    lines = [f"## Results: {mode} run", "",
+    lines = [f"## Results: {' '.join(mode.rsplit('-', 1))} run", "",
              f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} from "
              f"{', '.join(str(d / 'results.json') for d in evals.values())}; every number below is read from "
              f"those files.", ""]
@@ -810,9 +810,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """smoke, quick or full; another plan than recipes/babilong prefixes its directory's name (one-backbone-quick),
+    so its results section, figures and default work directory are its own."""
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    plan_dir = (args.recipes or HERE).resolve()
+    return mode if plan_dir == HERE else f"{plan_dir.name}-{mode}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = run_name(args)
     recipes = (args.recipes or HERE) / ("smoke" if args.smoke else "")  # a plan's smoke version is DIR/smoke
     work = args.work or Path("runs") / ("babilong" if mode == "full" else f"babilong-{mode}")
     results_file = args.results or (work / "results.md" if args.smoke else REPO / "docs" / "results.md")

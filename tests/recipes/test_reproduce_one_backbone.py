@@ -72,6 +72,7 @@ def test_replayed_rows_are_their_own_set_and_trained_on(run):
 def test_results_name_the_shared_base_and_the_continuation(run):
     work, _, _ = run
     text = (work / "results.md").read_text()
+    assert "<!-- reproduce:one-backbone-smoke:start -->\n## Results: one-backbone smoke run" in text  # its own
     assert "* lm2-delta: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
     assert "* replay: 4 training-side samples per task at 0k (babilong.seed 4321)" in text
     assert "* then continued 1 time(s) from the newest run" in text
