@@ -3,6 +3,8 @@
     python recipes/babilong/reproduce.py            # full run: qa1-qa5, 0k-16k -> docs/results.md
     python recipes/babilong/reproduce.py --quick    # qa1, 0k-4k, 3 seeds -> the quick section of docs/results.md
     python recipes/babilong/reproduce.py --smoke    # tiny recipes and sets: the whole pipeline in seconds
+    python recipes/babilong/reproduce.py --recipes recipes/babilong/one-backbone --quick   # the qa1 pilots'
+        # protocol: every model's long fine-tune from one windowed-vanilla 0k base per seed (its own section)
 
 Every stage is an `lm2` command, printed before it runs, exactly as a user would type it (the runner calls
 `python -m lm2cli`, the same program). The plan — models, BABILong sets, stage settings, evaluation grid — is
