@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm2cli.errors import Lm2Error
+from lm2cli.recipe import BABILONG_LENGTHS
 
 
 @dataclass
@@ -79,8 +80,12 @@ def babilong_lengths(source: str, tasks: list[str], recipe) -> list[str]:
     """Lengths present for the tasks: the files of a local directory, else the recipe's babilong.lengths."""
     root = Path(source)
     if root.is_dir():
-        found = sorted({p.stem for t in tasks for d in (root / t, root / "data" / t) for p in d.glob("*.json")},
-                       key=lambda s: (len(s), s))
+        files = [p for t in tasks for d in (root / t, root / "data" / t) for p in d.glob("*.json")]
+        for p in files:  # the name becomes a label on the console and in metrics: only the lengths lm2 knows
+            if p.stem not in BABILONG_LENGTHS:
+                raise Lm2Error(f"{ascii(str(p))}: not a BABILong length file; expected one of "
+                               f"{', '.join(n + '.json' for n in BABILONG_LENGTHS)} (as `lm2 babilong` writes)")
+        found = sorted({p.stem for p in files}, key=lambda s: (len(s), s))
         if not found:
             raise Lm2Error(f"{root}: no BABILong files for {', '.join(tasks)} (expected {root}/qa1/0k.json ...); "
                            f"build them with `lm2 babilong RECIPE --set babilong.split=train`")

@@ -58,3 +58,16 @@ def test_load_examples_reads_either_format(tmp_path):
     assert all(e.prompt == babilong_example(tok, ROW).prompt for e in babilong)
     with pytest.raises(Lm2Error, match="no BABILong files for qa3"):
         load_examples(load_recipe(None, ["finetune.tasks=['qa3']"]), tok, str(tmp_path / "bl"))
+
+
+def test_a_file_that_is_not_a_babilong_length_is_refused_with_its_name_escaped(tmp_path):
+    """A length's name labels the rows (console, metrics): a stranger's file name never reaches the terminal raw."""
+    tok = CharTokenizer()
+    (tmp_path / "bl" / "qa1").mkdir(parents=True)
+    (tmp_path / "bl" / "qa1" / "1k.json").write_text(json.dumps([ROW]))
+    assert [e.group for e in load_examples(load_recipe(None, []), tok, str(tmp_path / "bl"))] == ["1k"]
+    (tmp_path / "bl" / "qa1" / "\x1b[2Jnotes.json").write_text(json.dumps([ROW]))
+    with pytest.raises(Lm2Error) as e:
+        load_examples(load_recipe(None, []), tok, str(tmp_path / "bl"))
+    assert "\x1b" not in str(e.value) and "\\x1b[2Jnotes.json" in str(e.value)
+    assert "not a BABILong length file; expected one of 0k.json, 256.json" in str(e.value)
