@@ -220,8 +220,10 @@ def check_local_files(root: Path, tasks: list[str], lengths: list[str], hint: st
     missing = [f"{t}/{n}" for t in tasks for n in lengths if not present(t, n)]
     if not missing:
         return
+    # names from a stranger's directory: escaped when not printable ASCII; any qa* folder name sorts
     have = sorted({f"{p.parent.name}/{p.stem}" for d in (root, root / "data") for p in d.glob("qa*/*.json")},
-                  key=lambda s: (int(s.split("/")[0][2:]), len(s), s))
+                  key=lambda s: (len(s.split("/")[0]), s.split("/")[0], len(s), s))
+    have = [n if n.isascii() and n.isprintable() else ascii(n) for n in have]
     has = f"it has {', '.join(have[:12])}{' ...' if len(have) > 12 else ''}" if have else "it holds no qaN/*.json"
     raise Lm2Error(f"eval.data = {root}: no {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} ({has}); "
                    f"build it with {hint}, or evaluate only what is there (eval.tasks, eval.lengths)")

@@ -92,6 +92,17 @@ def test_task_or_length_not_in_data(tmp_path):
         plan_babilong(eval_cfg(root), "RECIPE")
 
 
+def test_odd_file_and_folder_names_in_the_data_are_listed_escaped(tmp_path):
+    root = write_babilong(tmp_path / "bl", tasks=("qa1",), lengths=("0k",))
+    for odd in ("qax/0k.json", "qa10/0k.json", "qa1/\x1b[2J.json"):
+        (root / odd).parent.mkdir(exist_ok=True)
+        (root / odd).write_text("[]")
+    with pytest.raises(Lm2Error) as e:  # a folder qax once raised ValueError from the sort
+        plan_babilong(eval_cfg(root), "RECIPE")
+    assert "\x1b" not in str(e.value)
+    assert "(it has qa1/0k, 'qa1/\\x1b[2J', qax/0k, qa10/0k)" in str(e.value)
+
+
 def test_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     import datasets
 
