@@ -78,6 +78,9 @@ class Plan:
     # The base fine-tune's own sets (> 0: base_samples training and base_val_samples validation rows per task at
     # base_lengths, seeds as the fine-tuning sets'); 0: it trains on the fine-tuning set's rows that fit its stage.
     base_samples: int = 0
+    # Refuse to go on from a base whose best validation exact match is below this (0 = no check): one 0k base of
+    # the qa1 pilots stalled at 70 % with a seed that had reached 96 % on another machine (docs/results.md).
+    base_min_em: float = 0.0
     base_val_samples: int = 1000
     base_lengths: list[str] = field(default_factory=lambda: ["0k"])
     # model -> another model of the plan whose base fine-tune's weights this model's long fine-tune starts from
@@ -402,9 +405,28 @@ def _pretrain_and_base(stages: Stages, plan: Plan, model: str, recipe: Path, see
         argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
                 *_sets(plan.base_set), "--out", str(out)]
         stages.run(f"seed{seed}/finetune-base/{model}", argv, inputs, resume_dir=out)
+        check_base(out, plan.base_min_em, f"seed {seed}: the base fine-tune of {model}")
         init_from = str(out)
         inputs = inputs | {"base_weights": run_weights(out)}
     return init_from, inputs
+
+
+def check_base(run_dir: Path, min_em: float, what: str) -> None:
+    """PipelineError when the checkpoint a long fine-tune would start from (the run's best, else its newest) has a
+    validation exact match below min_em (0: no check)."""
+    if not min_em:
+        return
+    root = run_dir / "checkpoints"
+    pointer = root / "best" if (root / "best").is_file() else root / "latest"
+    name = pointer.read_text(encoding="utf-8").strip()
+    state = json.loads((root / name / "trainer_state.json").read_text(encoding="utf-8"))
+    em = (state.get("val") or {}).get("val_em")
+    if em is None or em < min_em:
+        got = "no validation exact match" if em is None else f"{em:.1%} validation exact match"
+        raise PipelineError(f"{what} has {got} at {root / name}, below plan.base_min_em = {min_em}: a long "
+                            f"fine-tune from it would start from a backbone that has not learned the base task; "
+                            f"train it with another seed (--seed) or more steps (plan.base_set), or lower "
+                            f"plan.base_min_em")
 
 
 def _sets(values: list[str]) -> list[str]:
