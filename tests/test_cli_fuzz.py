@@ -375,3 +375,42 @@ def test_fact_annotations_of_any_shape_never_raise(spans, support):
     valid = (isinstance(spans, list) and spans and isinstance(support, list) and support
              and all(type(i) is int and 0 <= i < len(spans) for i in support))
     assert got is (None if not valid else max(support) == len(spans) - 1)
+
+
+# ---------------------------------------------------------------------- BABILong directories for lm2 finetune
+
+BAD_BABILONG_FILES = {
+    "control characters in a file name": ("qa1/\x1b[31m0k.json", '[{"input": "a", "question": "b", "target": "c"}]'),
+    "a file that is not a length": ("qa1/notes.json", "[]"),
+    "not JSON": ("qa1/0k.json", "not json"),
+    "not a list of rows": ("qa1/0k.json", '{"rows": 3}'),
+    "a row without its target": ("qa1/0k.json", '[{"input": "a", "question": "b"}]'),
+    "no file for the task": ("qa2/0k.json", '[{"input": "a", "question": "b", "target": "c"}]'),
+}
+
+
+@pytest.mark.parametrize("key", ["finetune.replay_data", "finetune.data"])
+@pytest.mark.parametrize("case", [*BAD_BABILONG_FILES, "missing directory"])
+def test_bad_babilong_directories_are_one_line(cli, tmp_path, gen_run, key, case):
+    """Training rows from a stranger (finetune.data, and the replayed rows): one line, exit 2, nothing trained."""
+    import shutil
+
+    d = case_dir(tmp_path)
+    (d / "data").mkdir()
+    shutil.copy(gen_run / "checkpoints" / "step_00000020" / "tokenizer.model", d / "data" / "tokenizer.model")
+    good = d / "good" / "qa1"
+    good.mkdir(parents=True)
+    (good / "0k.json").write_text('[{"input": "Mary went to the kitchen.", "question": "Where is Mary?", '
+                                  '"target": "kitchen"}]')
+    bad = d / "bad"
+    if case != "missing directory":
+        name, text = BAD_BABILONG_FILES[case]
+        (bad / name).parent.mkdir(parents=True)
+        (bad / name).write_text(text)
+    data = {"finetune.data": good.parent, "finetune.val_data": good.parent, key: bad}
+    sets = [a for k, v in data.items() for a in ("--set", f"{k}={json.dumps(str(v))}")]
+    res = cli("finetune", TINY, "--set", f"data.dir={json.dumps(str(d / 'data'))}", *sets, "--set", "train.steps=1",
+              "--out", str(d / "run"))
+    check(res, 1)
+    assert str(bad) in res.err, res.err  # the error names the stranger's directory
+    assert "\x1b" not in res.err and not (d / "run" / "checkpoints").exists()
