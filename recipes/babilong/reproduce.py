@@ -250,12 +250,19 @@ def run_weights(run_dir: Path) -> str:
     its `latest` and `best` pointers name. A stage reading the run is redone when these change."""
     out = []
     for pointer in ("latest", "best"):
-        path = run_dir / "checkpoints" / pointer
-        if path.is_file():
-            state = path.parent / path.read_text(encoding="utf-8").strip() / "trainer_state.json"
-            sha = json.loads(state.read_text(encoding="utf-8"))["manifest"]["model.safetensors"]["sha256"]
-            out.append(f"{pointer}:{sha}")
+        state = pointed_state(run_dir, pointer)
+        if state is not None:
+            out.append(f"{pointer}:{state['manifest']['model.safetensors']['sha256']}")
     return ",".join(out)
+
+
+def pointed_state(run_dir: Path, pointer: str) -> dict | None:
+    """trainer_state.json of the checkpoint a run's pointer names (lm2's own pointer check), None without one."""
+    from lm2cli.checkpoint import read_pointer
+
+    root = run_dir / "checkpoints"
+    name = read_pointer(root, pointer)
+    return None if name is None else json.loads((root / name / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -416,14 +423,13 @@ def check_base(run_dir: Path, min_em: float, what: str) -> None:
     validation exact match below min_em (0: no check)."""
     if not min_em:
         return
-    root = run_dir / "checkpoints"
-    pointer = root / "best" if (root / "best").is_file() else root / "latest"
-    name = pointer.read_text(encoding="utf-8").strip()
-    state = json.loads((root / name / "trainer_state.json").read_text(encoding="utf-8"))
+    pointer = "best" if pointed_state(run_dir, "best") is not None else "latest"
+    state = pointed_state(run_dir, pointer) or {}
     em = (state.get("val") or {}).get("val_em")
     if em is None or em < min_em:
         got = "no validation exact match" if em is None else f"{em:.1%} validation exact match"
-        raise PipelineError(f"{what} has {got} at {root / name}, below plan.base_min_em = {min_em}: a long "
+        raise PipelineError(f"{what} has {got} at step {state.get('step', '?')} ({pointer} of {run_dir}), below "
+                            f"plan.base_min_em = {min_em}: a long "
                             f"fine-tune from it would start from a backbone that has not learned the base task; "
                             f"train it with another seed (--seed) or more steps (plan.base_set), or lower "
                             f"plan.base_min_em")
