@@ -335,10 +335,12 @@ def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
 def finetune_command(recipe, recipe_path: Path | None = None, resume: bool = False,
                      resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
     rt = setup_runtime(recipe.train)
+    completed = False
     try:
         _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums)
+        completed = True
     finally:
-        shutdown(rt)
+        shutdown(rt, completed)
 
 
 def _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums=True) -> None:

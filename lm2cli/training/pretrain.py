@@ -101,10 +101,12 @@ def check_lengths(recipe, rt) -> None:
 def pretrain_command(recipe, recipe_path: Path | None = None, resume: bool = False,
                      resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
     rt = setup_runtime(recipe.train)
+    completed = False
     try:
         _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_checksums)
+        completed = True
     finally:
-        shutdown(rt)
+        shutdown(rt, completed)
 
 
 def _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_checksums=True) -> None:
