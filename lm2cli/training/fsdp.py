@@ -10,6 +10,7 @@ evaluation and a resume with any number of processes read them alike. This uses 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +22,10 @@ FULL_ON_RANK0 = dict(full_state_dict=True, cpu_offload=True)
 def shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
+    # A block returns its kept keys and values (views of the projection) for the next segment; they are only
+    # ever concatenated, never changed in place, so FSDP's warning about in-place ops on returned views does
+    # not apply and would print on every run.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
