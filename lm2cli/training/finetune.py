@@ -33,7 +33,7 @@ from lm2cli.scoring import IGNORE
 from lm2cli.training.curriculum import STATE_KEY, FactSchedule, describe_start, most_facts, rows_up_to
 from lm2cli.training.cursor import RowOrder, spread_indices
 from lm2cli.training.driver import run_stages
-from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
+from lm2cli.training.runtime import distributed_run, set_determinism
 from lm2cli.training.session import dry_run_report, info, open_session, plan_run, warn, with_vocab
 from lm2cli.training.types import Batch, Stage
 
@@ -334,13 +334,8 @@ def load_partial(model, state: dict[str, torch.Tensor], where: str, rt) -> None:
 
 def finetune_command(recipe, recipe_path: Path | None = None, resume: bool = False,
                      resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
-    rt = setup_runtime(recipe.train)
-    completed = False
-    try:
+    with distributed_run(recipe.train) as rt:
         _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums)
-        completed = True
-    finally:
-        shutdown(rt, completed)
 
 
 def _finetune(recipe, rt, resume, resume_from, dry_run, verify_checksums=True) -> None:

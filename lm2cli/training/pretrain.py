@@ -15,7 +15,7 @@ import torch
 from lm2cli.errors import Lm2Error
 from lm2cli.training.cursor import RowOrder, plan_windows, spread_indices
 from lm2cli.training.driver import run_stages
-from lm2cli.training.runtime import set_determinism, setup_runtime, shutdown
+from lm2cli.training.runtime import distributed_run, set_determinism
 from lm2cli.training.session import dry_run_report, info, open_session, plan_run, warn, with_vocab
 from lm2cli.training.types import Batch, Stage
 
@@ -100,13 +100,8 @@ def check_lengths(recipe, rt) -> None:
 
 def pretrain_command(recipe, recipe_path: Path | None = None, resume: bool = False,
                      resume_from: Path | None = None, dry_run: bool = False, verify_checksums: bool = True) -> None:
-    rt = setup_runtime(recipe.train)
-    completed = False
-    try:
+    with distributed_run(recipe.train) as rt:
         _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_checksums)
-        completed = True
-    finally:
-        shutdown(rt, completed)
 
 
 def _pretrain(recipe, rt, recipe_path, resume, resume_from, dry_run, verify_checksums=True) -> None:

@@ -127,6 +127,18 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
             torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@contextlib.contextmanager
+def distributed_run(train_cfg):
+    """The runtime of one training command; its process group ends with it (see shutdown)."""
+    rt = setup_runtime(train_cfg)
+    completed = False
+    try:
+        yield rt
+        completed = True
+    finally:
+        shutdown(rt, completed)
+
+
 def shutdown(rt: Runtime, completed: bool) -> None:
     """End the process group. FSDP's hooks hold the group in reference cycles: unless they are collected first,
     the group outlives destroy_process_group and its gloo threads abort the process at interpreter exit
