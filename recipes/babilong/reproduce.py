@@ -115,6 +115,9 @@ def load_plan(recipes: Path, quick: bool) -> tuple[Plan, Path | None]:
     plan = _apply(Plan(), doc.get("plan", {}), f"{path} [plan]")
     if quick:
         plan = _apply(plan, doc.get("quick", {}), f"{path} [quick]")
+    if not 0.0 <= plan.base_min_em <= 1.0:  # an exact match: a bound above 1 would fail every base after training it
+        raise PipelineError(f"{path}: base_min_em = {plan.base_min_em!r} should be an exact match between 0 and 1 "
+                            f"(0 = no check)")
     return plan, path
 
 
@@ -423,8 +426,9 @@ def check_base(run_dir: Path, min_em: float, what: str) -> None:
     validation exact match below min_em (0: no check)."""
     if not min_em:
         return
-    pointer = "best" if pointed_state(run_dir, "best") is not None else "latest"
-    state = pointed_state(run_dir, pointer) or {}
+    pointer, state = "best", pointed_state(run_dir, "best")
+    if state is None:
+        pointer, state = "latest", pointed_state(run_dir, "latest") or {}
     em = (state.get("val") or {}).get("val_em")
     if em is None or em < min_em:
         got = "no validation exact match" if em is None else f"{em:.1%} validation exact match"

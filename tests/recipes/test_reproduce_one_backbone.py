@@ -121,3 +121,7 @@ def test_a_base_below_base_min_em_stops_the_plan_before_its_long_fine_tunes(tmp_
     reproduce.check_base(tmp_path / "base", 0.95, "seed 1: the base")
     plan, _ = reproduce.load_plan(PLAN, quick=True)
     assert plan.base_min_em == 0.95
+    for bad in ("2.0", "-0.5"):
+        (tmp_path / "pipeline.toml").write_text(f"[plan]\nbase_min_em = {bad}\n")
+        with pytest.raises(reproduce.PipelineError, match="base_min_em = .* should be an exact match between 0 and 1"):
+            reproduce.load_plan(tmp_path, quick=False)
