@@ -85,6 +85,9 @@ class Generator:
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.static = None
         self.warm = False
+        if compile and recipe.memory.key_window > 1 and recipe.model.arch == "lm2":
+            raise Lm2Error(f"--compile: the checkpoint's memory.key_window = {recipe.memory.key_window} has no "
+                           f"static-shape decode step yet; generate without --compile (the eager decoder)")
         if compile:
             from lm2cli.model.static import StaticDecoder, compile_options
 

@@ -325,7 +325,7 @@ class AssociativeMemory(LM2Memory):
     write_only_params = False  # keys, values and strengths come from the tokens' projection, which reads use too
 
     def __init__(self, d_model: int, heads: int, segment_len: int, out_gate_bias: float,
-                 write_strength_bias: float = 0.0):
+                 write_strength_bias: float = 0.0, key_window: int = 1):
         nn.Module.__init__(self)
         if d_model % heads:
             raise ValueError("memory heads must divide d_model")
@@ -342,6 +342,45 @@ class AssociativeMemory(LM2Memory):
         self._out_gate_bias = out_gate_bias
         # A constant, not a parameter: the logit's weights can still move it, and checkpoints keep their tensors.
         self.write_strength_bias = write_strength_bias
+        # memory.key_window K > 1: a token's key and query mix its own and the K - 1 tokens before it (within the
+        # segment), per channel, as DeltaNet's short convolution. Why: the bank in block 1 binds a person to a
+        # place only if block 1's input at the place token already carries the person; a linear probe found it
+        # there in the two trained bases whose LM2 learned to bind (100 %) and not in the four whose LM2 did not
+        # (33-88 %), and the fine-tune did not put it there (docs/results.md, eleventh pass). "Mary journeyed to
+        # the office": the person is 4-5 tokens before the place.
+        self.key_window = key_window
+        self.query_mix = self.key_mix = None
+        if key_window > 1:
+            self.query_mix = nn.Parameter(torch.empty(heads, key_window, self.head_dim))
+            self.key_mix = nn.Parameter(torch.empty(heads, key_window, self.head_dim))
+            self.reset_window_mix()
+
+    def reset_window_mix(self) -> None:
+        """Every lag of the key window weighs 1 at the start: keys and queries begin as the sum of their window, so
+        the person is in the place token's key from the first step (with lag 0 alone, both sides would have to
+        learn the lags at once, the same chicken-and-egg as the binding itself)."""
+        if self.key_mix is not None:
+            with torch.no_grad():
+                self.query_mix.fill_(1.0)
+                self.key_mix.fill_(1.0)
+
+    def window_mixed(self, raw: Tensor, weights: Tensor | None) -> Tensor:
+        """Σ_j w_j ⊙ raw_(t-j) over the K lags of the key window for every token of `raw` (B, h, t, d_h), which
+        starts at a segment's first token (earlier lags are zero); `raw` unchanged without the window."""
+        if weights is None:
+            return raw
+        out = raw * weights[:, 0].unsqueeze(1).to(raw.dtype)
+        for lag in range(1, min(self.key_window, raw.shape[2])):
+            shifted = F.pad(raw, (0, 0, lag, 0))[:, :, :raw.shape[2]]
+            out = out + shifted * weights[:, lag].unsqueeze(1).to(raw.dtype)
+        return out
+
+    def _mixed_queries(self, q: Tensor, state: MemoryState) -> Tensor:
+        """The read queries of the tokens `q` (B, h, t, dh), the open segment's earlier tokens in `state`."""
+        if self.query_mix is None:
+            return q
+        segment = torch.cat([*state.pending_queries, q], dim=2) if state.pending_queries else q
+        return self.window_mixed(segment, self.query_mix)[:, :, -q.shape[2]:]
 
     def reset_gate_biases(self) -> None:
         with torch.no_grad():
@@ -356,17 +395,38 @@ class AssociativeMemory(LM2Memory):
     def _record_read(self, recorder, layer: int, pos: int, q: Tensor, probs, state: MemoryState) -> None:
         """No read weights here: the recorder gets the unit read queries q̂ (B, h, t, dh), from which (with the
         recorded writes) inspect-memory takes the read apart token by token (lm2cli/inspection/associative.py)."""
-        recorder.on_delta_read(layer, pos, F.normalize(q.float(), dim=-1))
+        recorder.on_delta_read(layer, pos, F.normalize(self._mixed_queries(q, state).float(), dim=-1))
 
     def _read_open(self, q: Tensor, state: MemoryState) -> Tensor:
+        """The read of the tokens `q` (their raw queries; the open segment's earlier ones are in `state`)."""
+        q = self._mixed_queries(q, state)
         return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype)
+
+    def _decode_one(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        if self.query_mix is None:
+            return super()._decode_one(x, state)
+        # The key window needs the open segment's earlier queries, which read_one (shared with the static decoder,
+        # which refuses the window) does not see: the same arithmetic through _read_open.
+        b = x.shape[0]
+        q, content = self.qu_proj.forward(x).split([self.d_model, self.content_width], dim=-1)
+        q = q.reshape(b, self.heads, 1, self.head_dim)
+        content = content.reshape(b, self.heads, 1, self.content_width // self.heads)
+        read = self._read_open(q, state).reshape(b, 1, self.d_model)
+        out = torch.sigmoid(self.out_gate.forward(read)).mul_(read)
+        return out, MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
+                                state.pending_len + 1, state.keys, state.values)
 
     def write_scores(self, queries: Tensor, keys: Tensor) -> None:
         """None: the delta rule's write needs only the tokens' keys, values and strengths (static decoding asks)."""
         return None
 
     def _read_closing(self, q: Tensor, t: int, state: MemoryState) -> tuple[Tensor, None, None]:
-        return self._read_open(q if q.shape[2] == t else q[:, :, -t:], state), None, None
+        """`q`: the queries from the segment's first token (the open segment's earlier ones prepended) or the last
+        t alone when the segment began in this call; either way the window sees the whole segment so far."""
+        if q.shape[2] != t:
+            q = self.window_mixed(q, self.query_mix)[:, :, -t:]
+            return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype), None, None
+        return self._read_open(q, MemoryState(state.bank, keys=state.keys, values=state.values)), None, None
 
     def updated_bank(self, scores, content: Tensor, bank: Tensor) -> tuple[Tensor, None, Tensor, None]:
         """The delta-rule write of one segment: (new bank, None, the tokens' strengths β (B, h, S, 1), None)."""
@@ -388,6 +448,7 @@ class AssociativeMemory(LM2Memory):
         that the matrix after any number of writes from S₀ = 0 is Σ_t k_tᵀ u_t over every written token."""
         b, dh = bank.shape[0], self.head_dim
         keys, values, beta = content.float().split([dh, dh, 1], dim=-1)  # (B, h, S, ·)
+        keys = self.window_mixed(keys, self.key_mix)  # `content` starts at the segment's first token
         keys, beta = F.normalize(keys, dim=-1), torch.sigmoid(beta + self.write_strength_bias)
         matrix = bank.reshape(b, self.heads, dh, dh)
         size = keys.shape[2]

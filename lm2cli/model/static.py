@@ -70,6 +70,8 @@ class StaticDecoder(nn.Module):
         self.n_mem_tokens = a.slots if a.arch == "rmt" else 0
         self.cache_len = self._cache_len(a)
         self.memory_blocks = [i for i, b in enumerate(model.blocks) if b.memory is not None]
+        if any(getattr(model.blocks[i].memory, "key_window", 1) > 1 for i in self.memory_blocks):
+            raise ValueError("memory.key_window > 1 has no static-shape decode step")  # Generator refuses first
         self.allocated = False
         self.position = 0  # Python mirror of `pos` (absolute; for RMT within the segment), for the boundaries
         self.absolute = 0  # tokens of the sequence so far

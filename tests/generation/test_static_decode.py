@@ -186,3 +186,20 @@ def eager_and_compiled(arch, tokenizer):
     compiled = Generator(model, tokenizer, recipe, device="cpu", compile=True)
     compiled.warm_up()
     return eager, compiled
+
+
+def test_the_key_window_has_no_static_step_and_generate_compile_says_so(tmp_path):
+    """memory.key_window > 1 reads the open segment's earlier queries, which the static step does not keep:
+    StaticDecoder refuses it and `Generator(compile=True)` says so in one line (the eager decoder serves it)."""
+    from lm2cli.errors import Lm2Error
+    from lm2cli.generation.generator import Generator
+
+    overrides = ["model.arch=lm2", "memory.write=delta", "memory.key_window=3", "model.d_model=32", "model.n_layers=2",
+                 "model.n_heads=4", f"model.vocab_size={VOCAB}", "memory.heads=2", f"memory.segment_len={SEGMENT}"]
+    recipe = load_recipe(None, overrides)
+    model = build_model(recipe).eval()
+    with pytest.raises(ValueError, match="key_window"):
+        StaticDecoder(model, batch_size=1)
+    with pytest.raises(Lm2Error, match="memory.key_window = 3 has no static-shape decode step yet; generate without "
+                                       "--compile"):
+        Generator(model, None, recipe, device="cpu", compile=True)

@@ -27,11 +27,33 @@ def module() -> AssociativeMemory:
     return m
 
 
+def within_segment_window(raw: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """memory.key_window spelled out: head h's channels of token t become Σ_j w[h, j] ⊙ raw[t - j] over the lags j
+    that stay inside t's segment; raw (B, T, h·d_h)."""
+    if weights is None:
+        return raw
+    out = torch.zeros_like(raw)
+    for t in range(raw.shape[1]):
+        for j in range(weights.shape[1]):
+            if t - j >= (t // S) * S:
+                for h in range(HEADS):
+                    cols = slice(h * DH, (h + 1) * DH)
+                    out[:, t, cols] += weights[h, j].double() * raw[:, t - j, cols]
+    return out
+
+
 def reference(m: AssociativeMemory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gated read (B, T, D), final matrices (B, h, d_h, d_h)), token by token in float64."""
     w = m.qu_proj.weight.double()
     proj = x.double() @ w.T
     q, content = proj[..., :D], proj[..., D:]
+    q = within_segment_window(q, m.query_mix)
+    if m.key_mix is not None:  # the key is the first d_h of each head's 2 d_h + 1 content channels
+        content = content.clone()
+        keys = torch.cat([content[..., h * (2 * DH + 1):h * (2 * DH + 1) + DH] for h in range(HEADS)], dim=-1)
+        keys = within_segment_window(keys, m.key_mix)
+        for h in range(HEADS):
+            content[..., h * (2 * DH + 1):h * (2 * DH + 1) + DH] = keys[..., h * DH:(h + 1) * DH]
     batch, length = x.shape[:2]
     matrix = torch.zeros(batch, HEADS, DH, DH, dtype=torch.float64)
     reads = torch.zeros(batch, length, D, dtype=torch.float64)
@@ -64,6 +86,39 @@ def test_the_delta_write_and_read_match_the_rule_token_by_token(module, length, 
     assert torch.allclose(state.bank.double().view(2, HEADS, DH, DH), want_matrix, atol=1e-5)
     if length >= S:
         assert want_matrix.abs().max() > 0.05  # the write did something: the check above is not 0 == 0
+
+
+@pytest.mark.parametrize("length", [7, 11])  # a write and an open segment read it; two writes
+def test_the_key_window_mixes_keys_and_queries_within_the_segment(length):
+    torch.manual_seed(1)
+    m = AssociativeMemory(D, HEADS, S, out_gate_bias=0.5, key_window=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.5)  # the window's weights too: lags weigh differently per channel
+    x = torch.randn(2, length, D, generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        out, state = m(x, m.init_state(2))
+        plain = AssociativeMemory(D, HEADS, S, out_gate_bias=0.5)
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.endswith("_mix")})
+        plain_out, _ = plain(x, plain.init_state(2))
+    want_out, want_matrix = reference(m, x)
+    assert torch.allclose(out.double(), want_out, atol=1e-5)
+    assert torch.allclose(state.bank.double().view(2, HEADS, DH, DH), want_matrix, atol=1e-5)
+    assert (out - plain_out).abs().max() > 1e-3  # the window changes the read: the check above is not vacuous
+
+
+def test_the_key_window_starts_as_the_sum_of_its_tokens_and_only_for_the_delta_bank():
+    base = ["model.d_model=8", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=11", "memory.heads=2",
+            "memory.segment_len=4", "memory.write=delta"]
+    memory = build_model(load_recipe(None, [*base, "memory.key_window=3"])).blocks[0].memory
+    assert memory.key_mix.shape == memory.query_mix.shape == (2, 3, 4)
+    assert memory.key_mix.eq(1.0).all() and memory.query_mix.eq(1.0).all()
+    assert build_model(load_recipe(None, base)).blocks[0].memory.key_mix is None  # no tensor: old checkpoints load
+    from lm2cli.errors import Lm2Error
+    with pytest.raises(Lm2Error, match="memory.key_window = 3 applies to memory.write"):
+        load_recipe(None, [*base[:-1], "memory.key_window=3"])
+    with pytest.raises(Lm2Error, match="must not exceed memory.segment_len = 4"):
+        load_recipe(None, [*base, "memory.key_window=5"])
 
 
 def test_a_key_written_again_holds_only_its_latest_value(module):

@@ -21,6 +21,8 @@ def tiny(arch: str, window: int = 0, *extra: str):
         arch, extra = "lm2", ("memory.write=compete", "memory.slot_keys=true", "memory.update=normalized", *extra)
     if arch == "lm2-delta":  # LM2 with the associative bank written by the delta rule (memory.write)
         arch, extra = "lm2", ("memory.write=delta", *extra)
+    if arch == "lm2-delta-window":  # the same with keys and queries mixed over 3 tokens (memory.key_window)
+        arch, extra = "lm2", ("memory.write=delta", "memory.key_window=3", *extra)
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
@@ -33,7 +35,7 @@ def tiny(arch: str, window: int = 0, *extra: str):
 
 
 ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6),
-         ("lm2-delta", 0), ("lm2-delta", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
+         ("lm2-delta", 0), ("lm2-delta", 6), ("lm2-delta-window", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
 
 
 @pytest.mark.parametrize("arch,window", ARCHS)
@@ -95,7 +97,7 @@ def test_memory_layers_subset_and_params():
     assert [b.memory is not None for b in first_two.blocks] == [True, True, False]
 
 
-@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "lm2-delta", "rmt"])
+@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "lm2-delta", "lm2-delta-window", "rmt"])
 def test_every_memory_parameter_gets_a_gradient(arch):
     model = tiny(arch, 4, "memory.init=learned")
     x = torch.randint(0, VOCAB, (2, 33))  # 4 full segments + 1 token: memory written and read several times
@@ -104,7 +106,8 @@ def test_every_memory_parameter_gets_a_gradient(arch):
     memory_params = [(n, p) for n, p in model.named_parameters() if model.is_memory_param(n)]
     assert memory_params
     # the learned initial bank (the delta rule's matrix starts empty: nothing to learn)
-    assert any(n.endswith("bank0") for n, _ in memory_params) == (arch.startswith("lm2") and arch != "lm2-delta")
+    assert any(n.endswith("bank0") for n, _ in memory_params) == (arch.startswith("lm2") and "delta" not in arch)
+    assert any(n.endswith("key_mix") for n, _ in memory_params) == (arch == "lm2-delta-window")
     assert any(n.endswith("slot_keys") for n, _ in memory_params) == (arch in ("lm2-slot-keys", "lm2-compete"))
     for name, p in memory_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
