@@ -35,7 +35,8 @@ def tiny(arch: str, window: int = 0, *extra: str):
 
 
 ARCHS = [("lm2", 0), ("lm2", 6), ("lm2-normalized", 6), ("lm2-slot-keys", 6), ("lm2-compete", 6),
-         ("lm2-delta", 0), ("lm2-delta", 6), ("lm2-delta-window", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0), ("rmt", 6)]
+         ("lm2-delta", 0), ("lm2-delta", 6), ("lm2-delta-window", 6), ("vanilla", 0), ("vanilla", 6), ("rmt", 0),
+         ("rmt", 6)]
 
 
 @pytest.mark.parametrize("arch,window", ARCHS)
