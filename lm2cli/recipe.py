@@ -114,6 +114,10 @@ class MemoryConfig:
     key_window: int = opt(
         1, "delta: each token's key and read query mix its own and the K - 1 tokens before it in the segment "
            "(learned per-channel weights, as DeltaNet's short convolution); 1 = the token alone", min=1)
+    value_window: int = opt(
+        1, "delta: the value written under each token's key mixes its own and the V - 1 tokens after it in the "
+           "segment (the bank is written when the segment is complete, so this stays causal); 1 = the token alone",
+        min=1)
     update: Literal["sum", "normalized"] = opt(
         "sum", "Bank update: sum = g_in*tanh(U) + g_f*M (the spec; its entries can grow with every segment), "
                "normalized = the same divided by g_in + g_f (a weighted mean: entries stay within [-1, 1])")
@@ -516,12 +520,14 @@ def _cross_checks(r: Recipe) -> list[str]:
         slot_dim = r.memory.slot_dim or m.d_model
         if slot_dim % r.memory.heads:
             p.append(f"memory.heads = {r.memory.heads} must divide memory.slot_dim = {slot_dim}")
-        if r.memory.key_window > 1 and r.memory.write != "delta":
-            p.append(f'memory.key_window = {r.memory.key_window} applies to memory.write = "delta" only (it is '
-                     f'"{r.memory.write}"); set key_window = 1 or write = "delta"')
-        elif r.memory.key_window > r.memory.segment_len:
-            p.append(f"memory.key_window = {r.memory.key_window} must not exceed memory.segment_len = "
-                     f"{r.memory.segment_len} (the window stays within a segment)")
+        for key in ("key_window", "value_window"):
+            size = getattr(r.memory, key)
+            if size > 1 and r.memory.write != "delta":
+                p.append(f'memory.{key} = {size} applies to memory.write = "delta" only (it is '
+                         f'"{r.memory.write}"); set {key} = 1 or write = "delta"')
+            elif size > r.memory.segment_len:
+                p.append(f"memory.{key} = {size} must not exceed memory.segment_len = {r.memory.segment_len} "
+                         f"(the window stays within a segment)")
         layers = r.memory.layers
         if isinstance(layers, str) and layers != "all":
             p.append(f'memory.layers = "{layers}": expected "all", an integer or a list of block indices')

@@ -325,7 +325,7 @@ class AssociativeMemory(LM2Memory):
     write_only_params = False  # keys, values and strengths come from the tokens' projection, which reads use too
 
     def __init__(self, d_model: int, heads: int, segment_len: int, out_gate_bias: float,
-                 write_strength_bias: float = 0.0, key_window: int = 1):
+                 write_strength_bias: float = 0.0, key_window: int = 1, value_window: int = 1):
         nn.Module.__init__(self)
         if d_model % heads:
             raise ValueError("memory heads must divide d_model")
@@ -353,25 +353,33 @@ class AssociativeMemory(LM2Memory):
         if key_window > 1:
             self.query_mix = nn.Parameter(torch.empty(heads, key_window, self.head_dim))
             self.key_mix = nn.Parameter(torch.empty(heads, key_window, self.head_dim))
-            self.reset_window_mix()
+        # memory.value_window V > 1: the value written under token t's key mixes the values of t and the V - 1
+        # tokens after it in the segment. Causal: the bank is written once the segment is complete and read only by
+        # later segments. Then "Mary journeyed to the office" can store the place under the person's own token,
+        # whose key needs nothing from the backbone (the other way round from key_window).
+        self.value_window = value_window
+        self.value_mix = nn.Parameter(torch.empty(heads, value_window, self.head_dim)) if value_window > 1 else None
+        self.reset_window_mix()
 
     def reset_window_mix(self) -> None:
         """Every lag of the key window weighs 1 at the start: keys and queries begin as the sum of their window, so
         the person is in the place token's key from the first step (with lag 0 alone, both sides would have to
         learn the lags at once, the same chicken-and-egg as the binding itself)."""
-        if self.key_mix is not None:
-            with torch.no_grad():
-                self.query_mix.fill_(1.0)
-                self.key_mix.fill_(1.0)
+        with torch.no_grad():
+            for weights in (self.query_mix, self.key_mix, self.value_mix):
+                if weights is not None:
+                    weights.fill_(1.0)
 
-    def window_mixed(self, raw: Tensor, weights: Tensor | None) -> Tensor:
-        """Σ_j w_j ⊙ raw_(t-j) over the K lags of the key window for every token of `raw` (B, h, t, d_h), which
-        starts at a segment's first token (earlier lags are zero); `raw` unchanged without the window."""
+    @staticmethod
+    def window_mixed(raw: Tensor, weights: Tensor | None, ahead: bool = False) -> Tensor:
+        """Σ_j w_j ⊙ raw_(t-j) (ahead: raw_(t+j)) over the window's lags j for every token of `raw` (B, h, t, d_h),
+        which starts at a segment's first token (lags outside it are zero); `raw` unchanged without a window."""
         if weights is None:
             return raw
         out = raw * weights[:, 0].unsqueeze(1).to(raw.dtype)
-        for lag in range(1, min(self.key_window, raw.shape[2])):
-            shifted = F.pad(raw, (0, 0, lag, 0))[:, :, :raw.shape[2]]
+        length = raw.shape[2]
+        for lag in range(1, min(weights.shape[1], length)):
+            shifted = F.pad(raw, (0, 0, 0, lag))[:, :, lag:] if ahead else F.pad(raw, (0, 0, lag, 0))[:, :, :length]
             out = out + shifted * weights[:, lag].unsqueeze(1).to(raw.dtype)
         return out
 
@@ -448,7 +456,8 @@ class AssociativeMemory(LM2Memory):
         that the matrix after any number of writes from S₀ = 0 is Σ_t k_tᵀ u_t over every written token."""
         b, dh = bank.shape[0], self.head_dim
         keys, values, beta = content.float().split([dh, dh, 1], dim=-1)  # (B, h, S, ·)
-        keys = self.window_mixed(keys, self.key_mix)  # `content` starts at the segment's first token
+        keys = self.window_mixed(keys, self.key_mix)  # `content` is the whole segment, from its first token
+        values = self.window_mixed(values, self.value_mix, ahead=True)
         keys, beta = F.normalize(keys, dim=-1), torch.sigmoid(beta + self.write_strength_bias)
         matrix = bank.reshape(b, self.heads, dh, dh)
         size = keys.shape[2]

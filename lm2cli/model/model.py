@@ -60,6 +60,7 @@ class ModelArgs:
     memory_write: str = "attend"
     write_strength_bias: float = 0.0
     key_window: int = 1
+    value_window: int = 1
 
     def __post_init__(self):
         # Width-aware default. A fixed 0.02 (GPT-2's value for d 768) starves attention in narrow models: at d 128
@@ -85,7 +86,7 @@ class ModelArgs:
             bptt=mem.bptt, memory_init=mem.init, out_gate_bias=mem.out_gate_bias,
             forget_gate_bias=mem.forget_gate_bias, memory_update=mem.update,
             slot_keys=mem.slot_keys, memory_write=mem.write, write_strength_bias=mem.write_strength_bias,
-            key_window=mem.key_window,
+            key_window=mem.key_window, value_window=mem.value_window,
         )
 
 
@@ -225,7 +226,7 @@ def memory_module(a: ModelArgs) -> nn.Module:
     """The memory of an lm2 block: the slot bank (memory.write attend / compete) or the associative matrix."""
     if a.memory_write == "delta":
         return AssociativeMemory(a.d_model, a.memory_heads, a.segment_len, a.out_gate_bias, a.write_strength_bias,
-                                 a.key_window)
+                                 a.key_window, a.value_window)
     return LM2Memory(a.d_model, a.slots, a.slot_dim, a.memory_heads, a.segment_len, a.memory_init, a.out_gate_bias,
                      a.forget_gate_bias, a.memory_update, a.slot_keys, a.memory_write)
 
@@ -382,7 +383,7 @@ class LanguageModel(nn.Module):
         """
         std = self.args.init_std
         named = [(n, p) for n, p in self.named_parameters()
-                 if p.dim() >= 2 and not n.endswith(("bank0", "slot_keys", "query_mix", "key_mix"))]
+                 if p.dim() >= 2 and not n.endswith(("bank0", "slot_keys", "query_mix", "key_mix", "value_mix"))]
         backbone = [(n, p) for n, p in named if not self.is_memory_param(n)]
         memory = [(n, p) for n, p in named if self.is_memory_param(n)]
         for name, p in backbone + memory:

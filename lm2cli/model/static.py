@@ -70,6 +70,8 @@ class StaticDecoder(nn.Module):
         self.n_mem_tokens = a.slots if a.arch == "rmt" else 0
         self.cache_len = self._cache_len(a)
         self.memory_blocks = [i for i, b in enumerate(model.blocks) if b.memory is not None]
+        # memory.key_window mixes a read query with the open segment's earlier ones, which the fixed-shape step
+        # does not pass; memory.value_window acts in the segment-end write alone and is supported.
         if any(getattr(model.blocks[i].memory, "key_window", 1) > 1 for i in self.memory_blocks):
             raise ValueError("memory.key_window > 1 has no static-shape decode step")  # Generator refuses first
         self.allocated = False

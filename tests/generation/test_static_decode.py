@@ -19,8 +19,9 @@ SEGMENT, VOCAB = 8, 53
 def tiny_model(arch: str, window: int):
     extra = {"lm2-slot-keys": ["memory.slot_keys=true"],
              "lm2-compete": ["memory.slot_keys=true", "memory.write=compete"],
-             "lm2-delta": ["memory.write=delta"]}.get(arch, [])
-    arch = arch.removesuffix("-slot-keys").removesuffix("-compete").removesuffix("-delta")
+             "lm2-delta": ["memory.write=delta"],
+             "lm2-delta-value": ["memory.write=delta", "memory.value_window=3"]}.get(arch, [])
+    arch = arch.split("-")[0]
     recipe = load_recipe(None, [*extra,
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "model.init_std=0.3", "memory.slots=4", "memory.heads=2",
@@ -52,7 +53,8 @@ def static_greedy(model, decoder: StaticDecoder, prompt: torch.Tensor, steps: in
     return out, torch.stack([o.argmax(-1) for o in out], dim=1)
 
 
-@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "vanilla", "rmt"])
+@pytest.mark.parametrize("arch", ["lm2", "lm2-slot-keys", "lm2-compete", "lm2-delta", "lm2-delta-value", "vanilla",
+                                  "rmt"])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("prompt_len", [13, 16])  # prefill ends inside a segment / exactly on a boundary
 def test_static_decoding_equals_eager_decoding(arch, window, prompt_len):

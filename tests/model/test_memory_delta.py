@@ -27,18 +27,19 @@ def module() -> AssociativeMemory:
     return m
 
 
-def within_segment_window(raw: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """memory.key_window spelled out: head h's channels of token t become Σ_j w[h, j] ⊙ raw[t - j] over the lags j
-    that stay inside t's segment; raw (B, T, h·d_h)."""
+def within_segment_window(raw: torch.Tensor, weights: torch.Tensor | None, sign: int = -1) -> torch.Tensor:
+    """memory.key_window (sign -1) and value_window (+1) spelled out: head h's channels of token t become
+    Σ_j w[h, j] ⊙ raw[t ± j] over the lags j that stay inside t's segment; raw (B, T, h·d_h)."""
     if weights is None:
         return raw
     out = torch.zeros_like(raw)
     for t in range(raw.shape[1]):
         for j in range(weights.shape[1]):
-            if t - j >= (t // S) * S:
+            source = t + sign * j
+            if (t // S) * S <= source < min((t // S + 1) * S, raw.shape[1]):
                 for h in range(HEADS):
                     cols = slice(h * DH, (h + 1) * DH)
-                    out[:, t, cols] += weights[h, j].double() * raw[:, t - j, cols]
+                    out[:, t, cols] += weights[h, j].double() * raw[:, source, cols]
     return out
 
 
@@ -48,12 +49,13 @@ def reference(m: AssociativeMemory, x: torch.Tensor) -> tuple[torch.Tensor, torc
     proj = x.double() @ w.T
     q, content = proj[..., :D], proj[..., D:]
     q = within_segment_window(q, m.query_mix)
-    if m.key_mix is not None:  # the key is the first d_h of each head's 2 d_h + 1 content channels
-        content = content.clone()
-        keys = torch.cat([content[..., h * (2 * DH + 1):h * (2 * DH + 1) + DH] for h in range(HEADS)], dim=-1)
-        keys = within_segment_window(keys, m.key_mix)
+    content = content.clone()
+    for offset, weights, sign in ((0, m.key_mix, -1), (DH, m.value_mix, 1)):  # each head: key, value, strength
+        part = torch.cat([content[..., h * (2 * DH + 1) + offset:h * (2 * DH + 1) + offset + DH]
+                          for h in range(HEADS)], dim=-1)
+        part = within_segment_window(part, weights, sign)
         for h in range(HEADS):
-            content[..., h * (2 * DH + 1):h * (2 * DH + 1) + DH] = keys[..., h * DH:(h + 1) * DH]
+            content[..., h * (2 * DH + 1) + offset:h * (2 * DH + 1) + offset + DH] = part[..., h * DH:(h + 1) * DH]
     batch, length = x.shape[:2]
     matrix = torch.zeros(batch, HEADS, DH, DH, dtype=torch.float64)
     reads = torch.zeros(batch, length, D, dtype=torch.float64)
@@ -88,10 +90,11 @@ def test_the_delta_write_and_read_match_the_rule_token_by_token(module, length, 
         assert want_matrix.abs().max() > 0.05  # the write did something: the check above is not 0 == 0
 
 
+@pytest.mark.parametrize("windows", [(3, 1), (1, 3), (3, 2)])  # key_window, value_window
 @pytest.mark.parametrize("length", [7, 11])  # a write and an open segment read it; two writes
-def test_the_key_window_mixes_keys_and_queries_within_the_segment(length):
+def test_the_windows_mix_keys_queries_and_values_within_the_segment(length, windows):
     torch.manual_seed(1)
-    m = AssociativeMemory(D, HEADS, S, out_gate_bias=0.5, key_window=3)
+    m = AssociativeMemory(D, HEADS, S, out_gate_bias=0.5, key_window=windows[0], value_window=windows[1])
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.5)  # the window's weights too: lags weigh differently per channel
@@ -107,18 +110,20 @@ def test_the_key_window_mixes_keys_and_queries_within_the_segment(length):
     assert (out - plain_out).abs().max() > 1e-3  # the window changes the read: the check above is not vacuous
 
 
-def test_the_key_window_starts_as_the_sum_of_its_tokens_and_only_for_the_delta_bank():
+def test_the_windows_start_as_the_sum_of_their_tokens_and_only_for_the_delta_bank():
     base = ["model.d_model=8", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=11", "memory.heads=2",
             "memory.segment_len=4", "memory.write=delta"]
-    memory = build_model(load_recipe(None, [*base, "memory.key_window=3"])).blocks[0].memory
-    assert memory.key_mix.shape == memory.query_mix.shape == (2, 3, 4)
-    assert memory.key_mix.eq(1.0).all() and memory.query_mix.eq(1.0).all()
-    assert build_model(load_recipe(None, base)).blocks[0].memory.key_mix is None  # no tensor: old checkpoints load
+    memory = build_model(load_recipe(None, [*base, "memory.key_window=3", "memory.value_window=2"])).blocks[0].memory
+    assert memory.key_mix.shape == memory.query_mix.shape == (2, 3, 4) and memory.value_mix.shape == (2, 2, 4)
+    assert all(w.eq(1.0).all() for w in (memory.key_mix, memory.query_mix, memory.value_mix))
+    plain = build_model(load_recipe(None, base)).blocks[0].memory
+    assert plain.key_mix is None and plain.value_mix is None  # no tensors: older checkpoints load unchanged
     from lm2cli.errors import Lm2Error
-    with pytest.raises(Lm2Error, match="memory.key_window = 3 applies to memory.write"):
-        load_recipe(None, [*base[:-1], "memory.key_window=3"])
-    with pytest.raises(Lm2Error, match="must not exceed memory.segment_len = 4"):
-        load_recipe(None, [*base, "memory.key_window=5"])
+    for key in ("key_window", "value_window"):
+        with pytest.raises(Lm2Error, match=f"memory.{key} = 3 applies to memory.write"):
+            load_recipe(None, [*base[:-1], f"memory.{key}=3"])
+        with pytest.raises(Lm2Error, match="must not exceed memory.segment_len = 4"):
+            load_recipe(None, [*base, f"memory.{key}=5"])
 
 
 def test_a_key_written_again_holds_only_its_latest_value(module):

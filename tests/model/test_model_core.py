@@ -21,8 +21,9 @@ def tiny(arch: str, window: int = 0, *extra: str):
         arch, extra = "lm2", ("memory.write=compete", "memory.slot_keys=true", "memory.update=normalized", *extra)
     if arch == "lm2-delta":  # LM2 with the associative bank written by the delta rule (memory.write)
         arch, extra = "lm2", ("memory.write=delta", *extra)
-    if arch == "lm2-delta-window":  # the same with keys and queries mixed over 3 tokens (memory.key_window)
-        arch, extra = "lm2", ("memory.write=delta", "memory.key_window=3", *extra)
+    if arch == "lm2-delta-window":  # the same with keys and queries mixed over 3 tokens back (memory.key_window)
+        # and values over 2 tokens ahead (memory.value_window: the causality test shows that it does not leak)
+        arch, extra = "lm2", ("memory.write=delta", "memory.key_window=3", "memory.value_window=2", *extra)
     recipe = load_recipe(None, [
         f"model.arch={arch}", "model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2",
         f"model.vocab_size={VOCAB}", "memory.slots=5", "memory.slot_dim=12", "memory.heads=2",
@@ -109,6 +110,7 @@ def test_every_memory_parameter_gets_a_gradient(arch):
     # the learned initial bank (the delta rule's matrix starts empty: nothing to learn)
     assert any(n.endswith("bank0") for n, _ in memory_params) == (arch.startswith("lm2") and "delta" not in arch)
     assert any(n.endswith("key_mix") for n, _ in memory_params) == (arch == "lm2-delta-window")
+    assert any(n.endswith("value_mix") for n, _ in memory_params) == (arch == "lm2-delta-window")
     assert any(n.endswith("slot_keys") for n, _ in memory_params) == (arch in ("lm2-slot-keys", "lm2-compete"))
     for name, p in memory_params:
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
