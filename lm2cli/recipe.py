@@ -109,8 +109,9 @@ class MemoryConfig:
     write_strength_bias: float = opt(
         0.0, "delta: offset added to every token's write-strength logit, β = σ(x W_β + b); negative writes sparsely "
              "from the start (-3: β ≈ 0.05), 0 = the plain delta rule")
-    # Measured on qa1 (docs/results.md, eleventh pass): the block-1 bank bound only from bases whose block-1 input
-    # at the place token already held the person; a key window of 8 reaches the person 4-5 tokens back.
+    # The block-1 bank bound only from bases whose block-1 input at the place word already held the person; a key
+    # window of 8 reaches the person 4-5 tokens back, a value window lets the person's own token hold the place.
+    # Measured on qa1 (docs/results.md, eleventh pass): neither made the binding learnable; research options.
     key_window: int = opt(
         1, "delta: each token's key and read query mix its own and the K - 1 tokens before it in the segment "
            "(learned per-channel weights, as DeltaNet's short convolution); 1 = the token alone", min=1)
