@@ -346,7 +346,7 @@ class AssociativeMemory(LM2Memory):
         # segment), per channel, as DeltaNet's short convolution. Why: the bank in block 1 binds a person to a
         # place only if block 1's input at the place token already carries the person; a linear probe found it
         # there in the two trained bases whose LM2 learned to bind (100 %) and not in the four whose LM2 did not
-        # (33-88 %), and the fine-tune did not put it there (docs/results.md, eleventh pass). "Mary journeyed to
+        # (33-86 %), and the fine-tune did not put it there (docs/results.md, eleventh pass). "Mary journeyed to
         # the office": the person is 4-5 tokens before the place.
         self.key_window = key_window
         self.query_mix = self.key_mix = None
@@ -362,9 +362,10 @@ class AssociativeMemory(LM2Memory):
         self.reset_window_mix()
 
     def reset_window_mix(self) -> None:
-        """Every lag of the key window weighs 1 at the start: keys and queries begin as the sum of their window, so
-        the person is in the place token's key from the first step (with lag 0 alone, both sides would have to
-        learn the lags at once, the same chicken-and-egg as the binding itself)."""
+        """Every lag of a window weighs 1 at the start: keys, queries and values begin as the sum of their window, so
+        the person is in the place token's key (or the place in the person's value) from the first step; with lag 0
+        alone, the lags would have to be learned before they help, the chicken-and-egg of the binding itself.
+        Measured: neither window made qa1's binding learnable (docs/results.md, eleventh pass)."""
         with torch.no_grad():
             for weights in (self.query_mix, self.key_mix, self.value_mix):
                 if weights is not None:
