@@ -244,7 +244,7 @@ CKPT_FILES = ["model.safetensors", "recipe.toml", "tokenizer.model"]
 @st.composite
 def damage(draw):
     how = draw(st.sampled_from(["truncate", "flip", "delete", "state json", "state bytes", "recipe", "header",
-                                "memory option", "memory choice", "memory kind"]))
+                                "memory option", "memory choice", "memory kind", "memory window"]))
     name = draw(st.sampled_from(CKPT_FILES))
     return how, name, draw(st.integers(0, 10**9)), draw(st.binary(min_size=1, max_size=64))
 
@@ -290,6 +290,11 @@ def apply_damage(ckpt: Path, how: str, name: str, n: int, noise: bytes) -> int:
         assert 'write = "attend"' in recipe
         (ckpt / "recipe.toml").write_text(recipe.replace('write = "attend"', 'write = "delta"'))
         write_state_file(ckpt, state)
+    elif how == "memory window":  # re-signed: a delta-only window on a slot-bank checkpoint (the recipe refuses it)
+        recipe = (ckpt / "recipe.toml").read_text()
+        assert "key_window = 1" in recipe
+        (ckpt / "recipe.toml").write_text(recipe.replace("key_window = 1", "key_window = 4"))
+        write_state_file(ckpt, state)
     elif how == "recipe":  # re-signed: only the recipe checks can refuse it
         (ckpt / "recipe.toml").write_text(f"[model]\nd_model = {'{ x = 1 }' if n % 2 else 'inf'}\n")
         write_state_file(ckpt, state)
@@ -315,6 +320,7 @@ def test_damaged_checkpoints(cli, tmp_path, gen_run, case):
     ("memory option", ["memory.slot_keys"]),  # tensors the weights lack: the refusal names them
     ("memory choice", ["memory.write", '"attend" | "compete" | "delta"']),  # a value the schema does not know
     ("memory kind", ["memory.in_forget_gate"]),  # the associative bank on slot-bank weights: names what differs
+    ("memory window", ["memory.key_window = 4", 'memory.write = "delta" only']),  # a delta-only option
 ])
 def test_memory_options_in_a_checkpoint_recipe_are_one_line(cli, tmp_path, gen_run, how, named):
     """The memory damage kinds above, spelled out: the refusal names the option, so the user sees what differs."""
@@ -326,6 +332,17 @@ def test_memory_options_in_a_checkpoint_recipe_are_one_line(cli, tmp_path, gen_r
     res = cli("generate", run, "--prompt", "Mary")
     check(res, problems)
     assert all(text in res.err for text in named)
+
+
+@pytest.mark.parametrize("sets, problems", [
+    (["memory.key_window=3"], 1),  # delta-only windows on the slot bank
+    (["memory.value_window=2", "memory.key_window=2"], 2),
+    (["memory.write=delta", "memory.segment_len=4", "memory.value_window=5"], 1),  # wider than a segment
+    (["memory.write=delta", "memory.segment_len=4", "memory.key_window=9", "memory.value_window=9"], 2),
+])
+def test_memory_windows_out_of_place_are_one_line_each(cli, tmp_path, sets, problems):
+    args = [a for kv in sets for a in ("--set", kv)]
+    check(cli("finetune", Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml", *args, "--print-recipe"), problems)
 
 
 def test_the_fuzzers_cover_every_recipe_key_with_a_defect():

@@ -54,6 +54,8 @@ def probe_items(rows: list[dict], tokenizer, at: str) -> list[tuple[list[int], i
     for row in rows:
         text = row["input"].strip()
         if at == "question":
+            if not row["question"].split():
+                continue  # nothing asked: no person to probe
             ids = [tokenizer.bos_id] + tokenizer.encode(text + " " + row["question"].strip()) + [tokenizer.answer_id]
             items.append((ids, len(ids) - 1, row["question"].split()[-1].rstrip("?")))
             continue

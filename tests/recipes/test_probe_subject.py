@@ -71,6 +71,7 @@ def test_it_probes_the_place_words_last_token_and_the_answer_separator(probe, to
         assert not tokenizer.decode(ids[:pos]).endswith(place)
     (ids, pos, person), = probe.probe_items([row], tokenizer, "question")
     assert ids[pos] == tokenizer.answer_id and person == row["question"].split()[-1].rstrip("?")
+    assert probe.probe_items([{**row, "question": "  "}], tokenizer, "question") == []  # nothing asked: skipped
 
 
 def test_end_to_end_on_a_saved_run_and_one_line_errors(probe, tokenizer, tmp_path, capsys):
