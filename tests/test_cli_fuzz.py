@@ -342,7 +342,8 @@ def test_memory_options_in_a_checkpoint_recipe_are_one_line(cli, tmp_path, gen_r
 ])
 def test_memory_windows_out_of_place_are_one_line_each(cli, tmp_path, sets, problems):
     args = [a for kv in sets for a in ("--set", kv)]
-    check(cli("finetune", Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml", *args, "--print-recipe"), problems)
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+    check(cli("finetune", tiny, *args, "--print-recipe"), problems)
 
 
 def test_the_fuzzers_cover_every_recipe_key_with_a_defect():
