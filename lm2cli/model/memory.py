@@ -207,19 +207,22 @@ class LM2Memory(nn.Module):
     def _decode_one(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         """The generic path specialised to one token inside a segment (token-by-token decoding): the same
         arithmetic with a third of the kernel launches and Python steps."""
-        q, content, out = self.read_one(x, state.keys, state.values)
+        q, content, out = self.read_one(x, state.keys, state.values, state.pending_queries)
         return out, MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
                                 state.pending_len + 1, state.keys, state.values)
 
-    def read_one(self, x: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def read_one(self, x: Tensor, keys: Tensor, values: Tensor,
+                 pending_queries: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor, Tensor]:
         """One token x (B, 1, d) reads the bank (its keys and values): (query (B, h, 1, dh), write content
         (B, h, 1, d_m/h), gated output (B, 1, d)). With a single token, (B, 1, h·c) reshapes to (B, h, 1, c)
-        without a transpose. Shared by eager decoding and the static-shape decode step."""
+        without a transpose. Shared by eager decoding and the static-shape decode step. `pending_queries`: the
+        open segment's earlier queries (memory.key_window reads them; the static step, which refuses it, not)."""
         b = x.shape[0]
         q, content = self.qu_proj.forward(x).split([self.d_model, self.content_width], dim=-1)
         q = q.reshape(b, self.heads, 1, self.head_dim)
         content = content.reshape(b, self.heads, 1, self.content_width // self.heads)
-        read = self._read_open(q, MemoryState(None, keys=keys, values=values)).reshape(b, 1, self.d_model)
+        state = MemoryState(None, pending_queries=pending_queries, keys=keys, values=values)
+        read = self._read_open(q, state).reshape(b, 1, self.d_model)
         return q, content, torch.sigmoid(self.out_gate.forward(read)).mul_(read)
 
     def _read_open(self, q: Tensor, state: MemoryState) -> Tensor:
@@ -411,31 +414,13 @@ class AssociativeMemory(LM2Memory):
         q = self._mixed_queries(q, state)
         return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype)
 
-    def _decode_one(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
-        if self.query_mix is None:
-            return super()._decode_one(x, state)
-        # The key window needs the open segment's earlier queries, which read_one (shared with the static decoder,
-        # which refuses the window) does not see: the same arithmetic through _read_open.
-        b = x.shape[0]
-        q, content = self.qu_proj.forward(x).split([self.d_model, self.content_width], dim=-1)
-        q = q.reshape(b, self.heads, 1, self.head_dim)
-        content = content.reshape(b, self.heads, 1, self.content_width // self.heads)
-        read = self._read_open(q, state).reshape(b, 1, self.d_model)
-        out = torch.sigmoid(self.out_gate.forward(read)).mul_(read)
-        return out, MemoryState(state.bank, state.pending_queries + (q,), state.pending_contents + (content,),
-                                state.pending_len + 1, state.keys, state.values)
-
     def write_scores(self, queries: Tensor, keys: Tensor) -> None:
         """None: the delta rule's write needs only the tokens' keys, values and strengths (static decoding asks)."""
         return None
 
     def _read_closing(self, q: Tensor, t: int, state: MemoryState) -> tuple[Tensor, None, None]:
-        """`q`: the queries from the segment's first token (the open segment's earlier ones prepended) or the last
-        t alone when the segment began in this call; either way the window sees the whole segment so far."""
-        if q.shape[2] != t:
-            q = self.window_mixed(q, self.query_mix)[:, :, -t:]
-            return torch.matmul(F.normalize(q, dim=-1).to(state.values.dtype), state.values).to(q.dtype), None, None
-        return self._read_open(q, MemoryState(state.bank, keys=state.keys, values=state.values)), None, None
+        # q[:, :, :-t] are the open segment's earlier queries, still in `state`: the key window sees them there
+        return self._read_open(q if q.shape[2] == t else q[:, :, -t:], state), None, None
 
     def updated_bank(self, scores, content: Tensor, bank: Tensor) -> tuple[Tensor, None, Tensor, None]:
         """The delta-rule write of one segment: (new bank, None, the tokens' strengths β (B, h, S, 1), None)."""
