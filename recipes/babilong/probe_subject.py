@@ -70,31 +70,24 @@ def probe_items(rows: list[dict], tokenizer, at: str) -> list[tuple[list[int], i
 
 @torch.no_grad()
 def block_inputs(model, items: list[tuple[list[int], int, str]]) -> list[torch.Tensor]:
-    """Per block, the memory's view norm1(h) at every item's position: (n_items, d_model) each."""
+    """Per block, the memory's view norm1(h) at every item's position, in item order: (n_items, d_model) each.
+    One forward per row: a row's items are consecutive (probe_items)."""
     seen: dict[int, torch.Tensor] = {}
     hooks = [block.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, mod.norm1(args[0])))
              for k, block in enumerate(model.blocks)]
-    positions: dict[tuple[int, ...], list[int]] = {}
-    for ids, pos, _ in items:
-        positions.setdefault(tuple(ids), []).append(pos)
     per_block: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    last = None
     try:
-        for ids, where in positions.items():
-            model(torch.tensor([ids]))
-            for k in range(len(model.blocks)):
-                per_block[k].append(seen[k][0, where].float())
+        for ids, pos, _ in items:
+            if ids != last:  # identical token rows give identical features
+                model(torch.tensor([ids]))
+                last = ids
+            for k, features in enumerate(per_block):
+                features.append(seen[k][0, pos].float())
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.cat(chunks) for chunks in per_block]
-
-
-def ordered_people(items) -> list[str]:
-    """The people in the order block_inputs emits their features (grouped by row, as the model reads them)."""
-    by_row: dict[tuple[int, ...], list[str]] = {}
-    for ids, _, person in items:
-        by_row.setdefault(tuple(ids), []).append(person)
-    return [person for people in by_row.values() for person in people]
+    return [torch.stack(features) for features in per_block]
 
 
 def probe_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -120,13 +113,13 @@ def probe_run(run: str, train_rows: list[dict], test_rows: list[dict], at: str, 
 
     model, tokenizer, _ = load_for_inference(run, which=which)
     train, test = probe_items(train_rows, tokenizer, at), probe_items(test_rows, tokenizer, at)
-    people = sorted(set(ordered_people(train)))
+    people = sorted({person for _, _, person in train})
     test = [item for item in test if item[2] in people]
     if len(people) < 2 or not test:
         raise Lm2Error(f"{run}: the rows give {len(people)} people to tell apart and {len(test)} test items; "
                        f"use qa1-style rows with several people")
-    y_train = torch.tensor([people.index(p) for p in ordered_people(train)])
-    y_test = torch.tensor([people.index(p) for p in ordered_people(test)])
+    y_train = torch.tensor([people.index(person) for _, _, person in train])
+    y_test = torch.tensor([people.index(person) for _, _, person in test])
     x_train, x_test = block_inputs(model, train), block_inputs(model, test)
     majority = max((y_test == c).float().mean().item() for c in range(len(people)))
     accuracy = [probe_accuracy(a, y_train, b, y_test, len(people)) for a, b in zip(x_train, x_test, strict=True)]
