@@ -75,6 +75,10 @@ class Plan:
     pretrain: bool = True          # false: fine-tune from random weights (finetune.init_from = "")
     pretrain_set: list[str] = field(default_factory=list)   # --set of every `lm2 pretrain`
     base_set: list[str] = field(default_factory=list)       # --set of the base fine-tune; empty = none (below)
+    # model -> more --set for that model's own base fine-tune, after base_set (a later --set of a key wins): e.g. an
+    # LM2 whose base trains with a short attention window, so that only its memory can answer (docs/results.md,
+    # twelfth pass); every other stage keeps the shared settings.
+    base_set_of: dict[str, list[str]] = field(default_factory=dict)
     # The base fine-tune's own sets (> 0: base_samples training and base_val_samples validation rows per task at
     # base_lengths, seeds as the fine-tuning sets'); 0: it trains on the fine-tuning set's rows that fit its stage.
     base_samples: int = 0
@@ -320,6 +324,7 @@ def recipe_paths(recipes: Path, plan: Plan) -> dict[str, Path]:
     if not plan.seeds:
         problems.append("plan.seeds is empty; give at least one training seed")
     problems += base_from_problems(plan)
+    problems += base_set_of_problems(plan)
     if problems:
         raise PipelineError(problems[0], problems)
     return paths
@@ -337,6 +342,21 @@ def base_from_problems(plan: Plan) -> list[str]:
         elif plan.models.index(source) > plan.models.index(model):
             problems.append(f"{where}: {source!r} must come before {model!r} in plan.models (its base is trained "
                             f"first)")
+        elif not plan.base_set:
+            problems.append(f"{where}: the plan has no base fine-tune (plan.base_set is empty)")
+    return problems
+
+
+def base_set_of_problems(plan: Plan) -> list[str]:
+    """plan.base_set_of names models of the plan that train a base fine-tune of their own."""
+    problems = []
+    for model in plan.base_set_of:
+        where = f"plan.base_set_of.{model}"
+        if model not in plan.models:
+            problems.append(f"{where}: {model!r} is not one of plan.models {plan.models}")
+        elif model in plan.base_from:
+            problems.append(f"{where}: {model!r} trains no base of its own (plan.base_from.{model} = "
+                            f"{plan.base_from[model]!r}); drop one of the two")
         elif not plan.base_set:
             problems.append(f"{where}: the plan has no base fine-tune (plan.base_set is empty)")
     return problems
@@ -413,7 +433,7 @@ def _pretrain_and_base(stages: Stages, plan: Plan, model: str, recipe: Path, see
     if plan.base_set:
         out = lay.base(seed, model)
         argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
-                *_sets(plan.base_set), "--out", str(out)]
+                *_sets(plan.base_set + plan.base_set_of.get(model, [])), "--out", str(out)]
         stages.run(f"seed{seed}/finetune-base/{model}", argv, inputs, resume_dir=out)
         check_base(out, plan.base_min_em, f"seed {seed}: the base fine-tune of {model}")
         init_from = str(out)
@@ -708,6 +728,8 @@ def base_lines(plan: Plan) -> list[str]:
     if plan.base_set and plan.base_samples:
         lines.append(f"* base fine-tune sets: {plan.base_samples} training and {plan.base_val_samples} validation "
                      f"samples per task at {', '.join(plan.base_lengths)} (training side)")
+    for model, extra in plan.base_set_of.items():
+        lines.append(f"* {model}: its base fine-tune adds --set {' '.join(extra)}")
     for model, source in plan.base_from.items():
         lines.append(f"* {model}: no base of its own; its long fine-tune starts from {source}'s base weights (the "
                      f"same backbone; its own modules start fresh)")

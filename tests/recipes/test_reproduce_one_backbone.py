@@ -1,6 +1,6 @@
 """reproduce.py --smoke --recipes recipes/babilong/one-backbone: the plan features the qa1 pilots' protocol needs
-(the base fine-tune's own sets, one shared base per seed, replayed 0k rows, a continued long fine-tune) run as
-printed lm2 commands, each stage from the one before."""
+(the base fine-tune's own sets, one base per seed shared by the two vanillas, the LM2's own base with its extra
+--set, replayed 0k rows, a continued long fine-tune) run as printed lm2 commands, each stage from the one before."""
 
 from __future__ import annotations
 
@@ -37,27 +37,34 @@ def sets_of(command: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_one_shared_base_then_two_long_fine_tunes_per_model(run):
+def test_two_bases_then_two_long_fine_tunes_per_model(run):
     work, _, commands = run
     stages = [*commands]
     assert stages[:7] == ["tokenize", "babilong-train", "babilong-val", "babilong-test", "babilong-base-train",
                           "babilong-base-val", "babilong-replay"]
-    assert stages[7:] == ["seed7/finetune-base/vanilla-window"] + [
-        f"seed7/{part}/{m}" for m in MODELS for part in ("finetune-part1", "finetune")] + \
-        ["seed7/eval", "seed7/inspect-memory"]
-    base = sets_of(commands["seed7/finetune-base/vanilla-window"])
-    assert base["finetune.data"].endswith('babilong/base-train"') and "finetune.replay_data" not in base
+    long = [f"seed7/{part}/{{}}" for part in ("finetune-part1", "finetune")]
+    assert stages[7:] == ["seed7/finetune-base/vanilla-window", *(s.format("vanilla-window") for s in long),
+                          "seed7/finetune-base/lm2-delta", *(s.format("lm2-delta") for s in long),
+                          *(s.format("vanilla") for s in long), "seed7/eval", "seed7/inspect-memory"]
+    shared, own = (sets_of(commands[f"seed7/finetune-base/{m}"]) for m in ("vanilla-window", "lm2-delta"))
+    for base in (shared, own):
+        assert base["finetune.data"].endswith('babilong/base-train"') and "finetune.replay_data" not in base
+    assert own["attention.window"] == "8" and own["memory.segment_len"] == "8" and own["finetune.stages"] == "[16]"
+    assert "attention.window" not in shared and shared["finetune.stages"] == "[4]"
     for m in MODELS:
         first, second = sets_of(commands[f"seed7/finetune-part1/{m}"]), sets_of(commands[f"seed7/finetune/{m}"])
-        assert first["finetune.init_from"] == f'"{work}/seed7/finetune-base/vanilla-window"'  # every model
+        base = "lm2-delta" if m == "lm2-delta" else "vanilla-window"
+        assert first["finetune.init_from"] == f'"{work}/seed7/finetune-base/{base}"'
+        assert "attention.window" not in first and "memory.segment_len" not in first
         assert second["finetune.init_from"] == f'"{work}/seed7/finetune-part1/{m}"'
         assert second["finetune.init_checkpoint"] == '"latest"' and "finetune.init_checkpoint" not in first
         for s in (first, second):
             assert s["finetune.data"].endswith('babilong/train"')
             assert s["finetune.replay_data"].endswith('babilong/replay"')
-    record = json.loads((work / "stages" / "seed7__finetune-part1__lm2-delta.json").read_text())
     reproduce = load_reproduce()
-    assert record["inputs"]["base_weights"] == reproduce.run_weights(work / "seed7/finetune-base/vanilla-window")
+    for m, base in (("lm2-delta", "lm2-delta"), ("vanilla", "vanilla-window")):
+        record = json.loads((work / "stages" / f"seed7__finetune-part1__{m}.json").read_text())
+        assert record["inputs"]["base_weights"] == reproduce.run_weights(work / f"seed7/finetune-base/{base}")
 
 
 @pytest.mark.slow
@@ -73,7 +80,9 @@ def test_results_name_the_shared_base_and_the_continuation(run):
     work, _, _ = run
     text = (work / "results.md").read_text()
     assert "<!-- reproduce:one-backbone-smoke:start -->\n## Results: one-backbone smoke run" in text  # its own
-    assert "* lm2-delta: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
+    assert "* vanilla: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
+    assert ("* lm2-delta: its base fine-tune adds --set attention.window=8 memory.segment_len=8 "
+            "finetune.stages=[16]") in text
     assert "* replay: 4 training-side samples per task at 0k (babilong.seed 4321)" in text
     assert "* then continued 1 time(s) from the newest run" in text
     results = json.loads((work / "seed7" / "eval" / "results.json").read_text())
@@ -125,3 +134,44 @@ def test_a_base_below_base_min_em_stops_the_plan_before_its_long_fine_tunes(tmp_
         (tmp_path / "pipeline.toml").write_text(f"[plan]\nbase_min_em = {bad}\n")
         with pytest.raises(reproduce.PipelineError, match="base_min_em = .* should be an exact match between 0 and 1"):
             reproduce.load_plan(tmp_path, quick=False)
+
+
+class RecordingStages:
+    """Stages that record each command instead of running lm2."""
+
+    def __init__(self):
+        self.argv: dict[str, list[str]] = {}
+
+    def run(self, name, argv, inputs=None, resume_dir=None, derived=False, before=None):
+        self.argv[name] = argv
+
+
+def test_a_model_s_own_base_takes_its_extra_sets_after_the_shared_ones(tmp_path: Path, monkeypatch):
+    reproduce = load_reproduce()
+    monkeypatch.setattr(reproduce, "run_weights", lambda run_dir: "sha")
+    monkeypatch.setattr(reproduce, "check_base", lambda *args: None)
+    plan = reproduce.Plan(models=MODELS, base_set=["train.steps=5", "attention.window=128"], pretrain=False,
+                          base_from={"vanilla": "vanilla-window"},
+                          base_set_of={"lm2-delta": ["attention.window=8", "memory.segment_len=8"]})
+    stages, lay = RecordingStages(), reproduce.Layout(tmp_path)
+    for model in MODELS:
+        reproduce.train_model(stages, plan, model, PLAN / f"{model}.toml", 7, lay)
+    assert [*stages.argv] == ["seed7/finetune-base/vanilla-window", "seed7/finetune/vanilla-window",
+                              "seed7/finetune-base/lm2-delta", "seed7/finetune/lm2-delta", "seed7/finetune/vanilla"]
+    own, shared = (sets_of(" ".join(stages.argv[f"seed7/finetune-base/{m}"])) for m in ("lm2-delta", "vanilla-window"))
+    assert own["attention.window"] == "8" and own["memory.segment_len"] == "8" and own["train.steps"] == "5"
+    assert shared["attention.window"] == "128" and "memory.segment_len" not in shared
+    long = sets_of(" ".join(stages.argv["seed7/finetune/lm2-delta"]))
+    assert long["finetune.init_from"] == f'"{tmp_path}/seed7/finetune-base/lm2-delta"'
+    assert "attention.window" not in long  # the long fine-tune runs the recipe's own window
+
+    cases = {"{ rmt = ['x=1'] }": "plan.base_set_of.rmt: 'rmt' is not one of plan.models",
+             "{ vanilla = ['x=1'] }": "'vanilla' trains no base of its own (plan.base_from.vanilla",
+             "{ lm2-delta = 'x=1' }": "base_set_of = {'lm2-delta': 'x=1'} should be a table of lists of str values"}
+    for value, message in cases.items():
+        (tmp_path / "pipeline.toml").write_text(f"[plan]\nmodels = {json.dumps(MODELS)}\nbase_set = ['x=1']\n"
+                                                f"base_from = {{ vanilla = 'vanilla-window' }}\n"
+                                                f"base_set_of = {value}\n")
+        with pytest.raises(reproduce.PipelineError) as e:
+            reproduce.recipe_paths(PLAN, reproduce.load_plan(tmp_path, quick=False)[0])
+        assert any(message in p for p in [str(e.value), *(e.value.problems or [])]), (value, e.value.problems)
