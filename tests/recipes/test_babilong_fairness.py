@@ -103,6 +103,19 @@ def test_fairness_problems_names_each_unfairness(model, section, changes, expect
     assert any(expected in p for p in problems), problems
 
 
+def test_fairness_allows_other_stages_at_the_same_budgets():
+    """An 8x shorter segment with 8x the stages trains on the same rows (the one-backbone LM2: 128 x 8 tokens
+    against the vanillas' 16 x 64); a budget that differs is still refused."""
+    reproduce = load_reproduce()
+    smoke = {m: load_recipe(DIRS["smoke"] / f"{m}.toml") for m in MODELS}
+    ref = smoke["lm2"]
+    seg, stages = ref.memory.segment_len // 8, [k * 8 for k in ref.finetune.stages]
+    same = _broken(_broken(smoke, "lm2", "memory", segment_len=seg), "lm2", "finetune", stages=stages)
+    assert reproduce.fairness_problems(same) == []
+    other = _broken(_broken(smoke, "lm2", "memory", segment_len=seg), "lm2", "finetune", stages=stages[:-1] + [1])
+    assert any("curriculum budgets" in p for p in reproduce.fairness_problems(other))
+
+
 def test_pipeline_plans_load_and_name_the_five_models():
     reproduce = load_reproduce()
     for where in DIRS.values():

@@ -49,8 +49,8 @@ def test_two_bases_then_two_long_fine_tunes_per_model(run):
     shared, own = (sets_of(commands[f"seed7/finetune-base/{m}"]) for m in ("vanilla-window", "lm2-delta"))
     for base in (shared, own):
         assert base["finetune.data"].endswith('babilong/base-train"') and "finetune.replay_data" not in base
-    assert own["attention.window"] == "8" and own["memory.segment_len"] == "8" and own["finetune.stages"] == "[16]"
-    assert "attention.window" not in shared and shared["finetune.stages"] == "[4]"
+    assert own["finetune.stages"] == "[16]" and shared["finetune.stages"] == "[4]"  # 16 x 8 = 4 x 32 tokens
+    assert "attention.window" not in own and "memory.segment_len" not in own  # the recipe's own 8 and 8
     for m in MODELS:
         first, second = sets_of(commands[f"seed7/finetune-part1/{m}"]), sets_of(commands[f"seed7/finetune/{m}"])
         base = "lm2-delta" if m == "lm2-delta" else "vanilla-window"
@@ -81,12 +81,27 @@ def test_results_name_the_shared_base_and_the_continuation(run):
     text = (work / "results.md").read_text()
     assert "<!-- reproduce:one-backbone-smoke:start -->\n## Results: one-backbone smoke run" in text  # its own
     assert "* vanilla: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
-    assert ("* lm2-delta: its base fine-tune adds --set attention.window=8 memory.segment_len=8 "
-            "finetune.stages=[16]") in text
+    assert "* lm2-delta: its base fine-tune adds --set finetune.stages=[16]" in text
     assert "* replay: 4 training-side samples per task at 0k (babilong.seed 4321)" in text
     assert "* then continued 1 time(s) from the newest run" in text
     results = json.loads((work / "seed7" / "eval" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == MODELS
+
+
+def test_the_lm2_sees_8_tokens_and_writes_every_8_on_the_vanillas_rows():
+    """The plan's LM2 answers through its memory (8-token window and segments, docs/results.md twelfth and
+    thirteenth passes) and still trains on the vanillas' rows: its stages x segment_len budgets equal theirs."""
+    reproduce = load_reproduce()
+    for where in (PLAN, PLAN / "smoke"):
+        recipes = reproduce.load_recipes({m: where / f"{m}.toml" for m in MODELS})
+        lm2 = recipes["lm2-delta"]
+        assert lm2.attention.window == lm2.memory.segment_len == 8, where
+        assert reproduce.fairness_problems(recipes) == [], where
+        plan, _ = reproduce.load_plan(where, quick=False)
+        base_stages = [s for s in plan.base_set + plan.base_set_of["lm2-delta"] if s.startswith("finetune.stages")]
+        shared = [s for s in plan.base_set if s.startswith("finetune.stages")]
+        budget = int(base_stages[-1].split("[")[1].rstrip("]")) * 8
+        assert budget == int(shared[-1].split("[")[1].rstrip("]")) * recipes["vanilla"].memory.segment_len, where
 
 
 def test_a_shared_base_must_be_trained_first_by_another_model(tmp_path: Path):
