@@ -538,6 +538,7 @@ def fairness_problems(recipes: dict[str, object]) -> list[str]:
     fit its budget). finetune.stages itself may differ with the segment length: an LM2 with 8-token segments
     trains on the same 1k rows with stages = [128] as a 64-token model with [16]."""
     from lm2cli.recipe import sections
+    from lm2cli.training.finetune import stage_budgets  # the rows each stage trains on, as lm2 finetune picks them
 
     problems = []
     counts = parameter_counts(recipes)
@@ -559,8 +560,7 @@ def fairness_problems(recipes: dict[str, object]) -> list[str]:
                     problems.append(f"{name}: {section}.{key} = {getattr(b, key)!r}, {names[0]} has {value!r} "
                                     f"(only [model], [memory], [attention], [output] and, at equal budgets, "
                                     f"finetune.stages may differ)")
-        budgets = [k * r.memory.segment_len for k in r.finetune.stages]
-        ref_budgets = [k * ref.memory.segment_len for k in ref.finetune.stages]
+        budgets, ref_budgets = stage_budgets(r), stage_budgets(ref)
         if budgets != ref_budgets:
             problems.append(f"{name}: curriculum budgets (finetune.stages x memory.segment_len) {budgets} tokens, "
                             f"{names[0]} has {ref_budgets}: the stages would train on different rows")
