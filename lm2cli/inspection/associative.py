@@ -9,7 +9,9 @@ exactly. Token t's *share* of the read is the projection of its term on r, (q̂ 
 shares of the written tokens sum to 1 per head (a negative share cancels part of the others). The shares of
 the answer position, summed over the fact tokens and over the supporting-fact tokens and set against those
 tokens' share of what was written ("even"), say whether the question's read draws on the facts, and on the
-right ones: a register of the latest fact puts its read on the last fact whoever is asked about.
+right ones: a register of the latest fact puts its read on the last fact whoever is asked about. The shares
+are signed, so the facts' sum can hide a cancellation: the delta rule overwrites a person's earlier place by
+writing its negative, and both facts then carry large shares of opposite sign. The per-fact shares show it.
 
 Write ratio: the mean write strength β of the fact tokens over that of the other written tokens (1: facts are
 written like any haystack token).
@@ -82,7 +84,23 @@ def summary_entry(ins, tensors: dict[str, Tensor], k: int) -> dict:
     for key, mask in (("facts", ins.fact_mask), ("supporting_facts", ins.support_mask)):
         if mask is not None:
             entry[key] = fact_numbers(beta, shares, mask)
+    if ins.fact_index is not None:
+        entry["per_fact"] = per_fact_shares(ins, shares)
     return entry
+
+
+def per_fact_shares(ins, shares: Tensor) -> list[dict]:
+    """For each fact the read holds (story order): its share of the answer read (the sum over its tokens),
+    whether the answer rests on it, and its text."""
+    held = min(len(shares), len(ins.fact_index))
+    tokens: dict[int, list[int]] = {}
+    for p in range(held):
+        if ins.fact_index[p] >= 0:
+            tokens.setdefault(ins.fact_index[p], []).append(p)
+    support = ins.support_mask or []
+    return [{"fact": i, "supporting": any(p < len(support) and support[p] for p in ps),
+             "share": _round(shares[ps].sum()), "text": "".join(ins.pieces[p] for p in ps).strip()}
+            for i, ps in sorted(tokens.items())]
 
 
 def fact_numbers(beta: Tensor, shares: Tensor, mask: list[bool]) -> dict | None:

@@ -30,6 +30,7 @@ class Inspection:
     layers: dict[int, dict[str, Tensor]]  # block -> reduced tensors (see recording.py)
     memory: dict[str, Tensor] = field(default_factory=dict)  # rmt: memory tokens' norm and change per write
     fact_mask: list[bool] | None = None
+    fact_index: list[int] | None = None  # per text token: which fact (story order), -1 for none
     support_mask: list[bool] | None = None
     answer_pos: int | None = None
     target: str | None = None
@@ -90,7 +91,8 @@ def capture(model, tokenizer, text, *, checkpoint: str, layers: list[int], heads
         arch=args.arch, checkpoint=checkpoint, heads=heads, slots=args.slots, segment_len=args.segment_len,
         slot_window=slot_window, tokens=tokens, pieces=[piece_text(tokenizer, t) for t in tokens],
         n_prompt=len(text.ids), layers={layer: recorder.traces[layer].tensors() for layer in layers},
-        memory=recorder.memory.tensors(), fact_mask=text.fact_mask, support_mask=text.support_mask,
+        memory=recorder.memory.tensors(), fact_mask=text.fact_mask, fact_index=text.fact_index,
+        support_mask=text.support_mask,
         answer_pos=text.answer_pos, target=text.target, facts_note=text.facts_note,
         generated_text=tokenizer.decode(generated), read_at=read_at)
     always = [p for p in (text.answer_pos, read_at) if p is not None]

@@ -206,6 +206,9 @@ def summary_table(summary: dict) -> str:
                                        f"{summary['slot_window'][1]}") + summary_tail(summary))
 
 
+PER_FACT_SHOWN = 4  # facts listed per block under the associative table (summary.json has all)
+
+
 def associative_table(summary: dict) -> str:
     """memory.write = "delta": per block the mean write strength β, the output gate, the tokens the read of the
     answer position (else the last token) takes most from, and with facts the write ratio and the read's share
@@ -227,9 +230,20 @@ def associative_table(summary: dict) -> str:
                     else "-" for x in (f, s)]
         rows.append([str(c) for c in row])
     read_at = next(iter(summary["layers"].values()))["read"]["position"] if summary["layers"] else "-"
+    per_fact = [line for layer, entry in summary["layers"].items() for line in per_fact_line(layer, entry)]
     title = (f"{summary['arch']} (associative memory) | {summary['prompt_tokens']} tokens | heads: "
              f"{summary['heads']} | read taken apart at position {read_at}")
-    return "\n".join(aligned(head, rows, title) + summary_tail(summary))
+    return "\n".join(aligned(head, rows, title) + per_fact + summary_tail(summary))
+
+
+def per_fact_line(layer, entry: dict, k: int = PER_FACT_SHOWN) -> list[str]:
+    """The facts with the largest shares of the answer read, by size whatever the sign (* = supporting): a
+    negative share is a fact the bank has overwritten, and it cancels part of the others."""
+    facts = sorted(entry.get("per_fact") or [], key=lambda f: -abs(f["share"]))[:k]
+    if not facts:
+        return []
+    return [f"block {layer} answer read per fact: " + " | ".join(
+        f"#{f['fact']}{'*' if f['supporting'] else ''} {f['share']:+.2f} {f['text']!r}" for f in facts)]
 
 
 def aligned(head: list[str], rows: list[list[str]], title: str) -> list[str]:

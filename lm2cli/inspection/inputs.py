@@ -25,6 +25,7 @@ class TextInput:
     ids: list[int]  # BOS first
     where: str  # names the source in messages
     fact_mask: list[bool] | None = None  # per token: inside a bAbI fact
+    fact_index: list[int] | None = None  # per token: which fact (0, 1, ... in the story's order), -1 for none
     support_mask: list[bool] | None = None  # per token: inside a supporting fact of the question
     answer_pos: int | None = None  # the position whose next-token prediction is the answer
     target: str | None = None
@@ -92,7 +93,8 @@ def babilong_input(spec: BabilongSpec, tokenizer, where: str) -> TextInput:
                 f"(rows built by `lm2 babilong` record them exactly)")
     support = [facts[i] for i in row.get("support", []) if 0 <= i < len(facts)] if "fact_spans" in row else []
     name = f"{spec.task}-{spec.length}-{spec.index}"
-    return TextInput(name, example.prompt, where, fact_mask=tokens_in(spans, facts),
+    index = fact_of_token(spans, facts)
+    return TextInput(name, example.prompt, where, fact_mask=[i >= 0 for i in index], fact_index=index,
                      support_mask=tokens_in(spans, support) if support else None,
                      answer_pos=len(example.prompt) - 1, target=example.text_answer, facts_note=note)
 
@@ -140,16 +142,23 @@ def statement_spans(text: str) -> list[tuple[int, int]]:
 
 
 def tokens_in(token_spans: list[tuple[int, int] | None], spans: list[tuple[int, int]]) -> list[bool]:
-    """For each token, whether its characters fall inside one of `spans` (disjoint). An empty token span, as
-    the first byte piece of a character has, counts by its position; None (a special token) never does."""
-    spans = sorted(spans)
-    starts = [a for a, _ in spans]
+    """For each token, whether its characters fall inside one of `spans` (disjoint)."""
+    return [i >= 0 for i in fact_of_token(token_spans, spans)]
+
+
+def fact_of_token(token_spans: list[tuple[int, int] | None], spans: list[tuple[int, int]]) -> list[int]:
+    """For each token, the index into `spans` (disjoint, any order) of the span its characters fall inside, or
+    -1. An empty token span, as the first byte piece of a character has, counts by its position; None (a special
+    token) never does. A token that straddles a span's start (SentencePiece's word mark is the space before a
+    fact) belongs to that span."""
+    order = sorted(range(len(spans)), key=lambda k: spans[k])
+    starts = [spans[k][0] for k in order]
     out = []
     for span in token_spans:
         if span is None:
-            out.append(False)
+            out.append(-1)
             continue
         s, e = span
         j = bisect.bisect_right(starts, s) - 1 if s == e else bisect.bisect_left(starts, e) - 1
-        out.append(j >= 0 and spans[j][1] > s)
+        out.append(order[j] if j >= 0 and spans[order[j]][1] > s else -1)
     return out

@@ -49,6 +49,7 @@ MEANINGS = {
     "bank": "(W, ...) the memory after write w (full recording only; associative bank: (W, h, dh, dh))",
     "tokens": "(T,) token ids of the text (BOS first) and of the generated tokens",
     "fact_mask": "(T_text,) 1 where the token lies inside a bAbI fact",
+    "fact_index": "(T_text,) which fact (0, 1, ... in the story's order) the token lies inside, -1 for none",
     "support_mask": "(T_text,) 1 where the token lies inside a supporting fact of the question",
 }
 FIELDS = ("arch", "checkpoint", "heads", "slots", "segment_len", "n_prompt", "answer_pos", "target", "facts_note",
@@ -61,6 +62,8 @@ def flat_tensors(ins: Inspection) -> dict[str, torch.Tensor]:
     for name in ("fact_mask", "support_mask"):
         if getattr(ins, name) is not None:
             out[name] = torch.tensor(getattr(ins, name), dtype=torch.uint8)
+    if ins.fact_index is not None:
+        out["fact_index"] = torch.tensor(ins.fact_index, dtype=torch.int32)
     for layer, tensors in ins.layers.items():
         out |= {f"layer{layer}.{name}": t for name, t in tensors.items()}
         if layer in ins.heatmap_rows:
@@ -107,6 +110,18 @@ def remove_previous(out_dir: Path) -> None:
             (out_dir / name).unlink(missing_ok=True)
 
 
+def checked_fact_index(t: torch.Tensor, ins: Inspection, where: Path) -> list[int]:
+    """The stored per-token fact index, refused unless it is what `save` writes: one integer >= -1 per text
+    token, agreeing with the fact mask."""
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool or len(t) > ins.n_prompt:
+        raise Lm2Error(f"{where}: fact_index should be one integer per text token (at most {ins.n_prompt}), got "
+                       f"{t.dtype} of shape {list(t.shape)}")
+    index = t.tolist()
+    if any(i < -1 for i in index) or (ins.fact_mask is not None and [i >= 0 for i in index] != ins.fact_mask):
+        raise Lm2Error(f"{where}: fact_index should be -1 or a fact number per token and agree with fact_mask")
+    return index
+
+
 def load(out_dir: str | Path) -> Inspection:
     """The Inspection that `save` wrote into `out_dir`."""
     from safetensors.torch import load_file
@@ -129,6 +144,8 @@ def load(out_dir: str | Path) -> Inspection:
     for name in ("fact_mask", "support_mask"):
         if name in tensors:
             setattr(ins, name, [bool(v) for v in tensors[name].tolist()])
+    if "fact_index" in tensors:  # absent from an earlier version's inspection
+        ins.fact_index = checked_fact_index(tensors["fact_index"], ins, out_dir / TENSORS)
     for key, t in tensors.items():
         group, _, name = key.partition(".")
         if group == "memory":

@@ -157,6 +157,19 @@ def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_pa
         assert numbers["write_ratio"] > 0 and -1 <= numbers["answer_read_on_facts"] <= 1
         assert 0 < numbers["answer_read_even"] < 1
     assert entry["supporting_facts"]["fact_tokens_written"] < entry["facts"]["fact_tokens_written"]
+    # per fact: the shares of its tokens, summing to the facts' share; the supporting ones marked
+    per_fact = entry["per_fact"]
+    assert [f["fact"] for f in per_fact] == sorted({i for i in ins.fact_index[:held] if i >= 0})
+    assert sum(f["share"] for f in per_fact) == pytest.approx(entry["facts"]["answer_read_on_facts"], abs=1e-3)
+    assert sum(f["share"] for f in per_fact if f["supporting"]) == pytest.approx(
+        entry["supporting_facts"]["answer_read_on_facts"], abs=1e-3)
+    row = json.loads((babilong_dir / "qa2" / "1k.json").read_text())[1]
+    assert {f["fact"] for f in per_fact if f["supporting"]} == set(row["support"]) & {f["fact"] for f in per_fact}
+    for f in per_fact:  # each fact's text is the row's fact at that number
+        start, end = row["fact_spans"][f["fact"]]
+        assert f["text"] == row["input"][start:end]
+    shown = [line for line in res.out.splitlines() if line.startswith("block 1 answer read per fact: ")]
+    assert len(shown) == 1 and shown[0].count("#") == min(4, len(per_fact))
     tensors = ins.layers[1]
     # every fed token read (a generated end-of-text token is not fed back)
     assert tensors["query"].shape[1:] == (2, 32) and ins.n_prompt < len(tensors["query"]) <= len(ins.tokens)
@@ -168,6 +181,7 @@ def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_pa
     png = out / "associative_L1.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert {p.name for p in out.glob("*.png")} == {"associative_L1.png"}
+    assert_fact_index_is_checked_on_load(out, ins)
     # --read-at takes another position apart (here the first token of the last segment: 32 tokens held)
     res = cli("inspect-memory", run, "--prompt", PROMPT, "--read-at", "64", "--json", "--out", tmp_path / "p")
     assert res.code == 0, res.err
@@ -187,6 +201,25 @@ def test_an_associative_bank_is_taken_apart(cli, tokenizer, babilong_dir, tmp_pa
     assert res.code == 2 and res.err.splitlines() == [
         'error: --slots 0:4: memory.write = "delta" keeps an associative matrix, not slots; its reads are taken '
         'apart token by token (leave out --slots)']
+
+
+def assert_fact_index_is_checked_on_load(out, ins) -> None:
+    """A stranger's tensors file with a fact index that is not one integer >= -1 per text token agreeing with the
+    fact mask: refused in one line naming the file, not a crash in the analysis."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / store.TENSORS
+    good = load_file(path)
+    index = good["fact_index"]
+    changed = index.clone()
+    changed[changed.argmax()] = -1  # a fact token no longer in a fact
+    for bad in (index.float(), index[None], torch.full((ins.n_prompt + 1,), -1, dtype=torch.int32),
+                index - 2, changed):
+        save_file(good | {"fact_index": bad.contiguous()}, path)
+        with pytest.raises(Lm2Error, match="tensors.safetensors: fact_index should be"):
+            store.load(out)
+    save_file(good, path)
+    assert store.load(out).fact_index == ins.fact_index
 
 
 def test_a_recipe_names_its_run(cli, runs, tmp_path, no_figures):

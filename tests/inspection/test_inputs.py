@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lm2cli.errors import Lm2Error
-from lm2cli.inspection.inputs import BabilongSpec, parse_babilong_spec, statement_spans, tokens_in
+from lm2cli.inspection.inputs import BabilongSpec, fact_of_token, parse_babilong_spec, statement_spans, tokens_in
 
 
 def test_tokens_inside_fact_spans():
@@ -19,6 +19,16 @@ def test_tokens_inside_fact_spans():
                                          False]
     assert tokens_in([(20, 20), (32, 32), (7, 8)], [fact]) == [True, False, False]  # empty spans by position
     assert tokens_in([(0, 2), (9, 10)], [(9, 12), (0, 1)]) == [True, True]  # any order of spans
+
+
+def test_each_token_knows_its_fact_by_the_facts_own_order():
+    text = "Mary went home. John went out."
+    facts = [(16, 30), (0, 15)]  # not in text order: the indices are the list's
+    assert [text[a:b] for a, b in facts] == ["John went out.", "Mary went home."]
+    tokens = [None, (0, 4), (4, 9), (9, 15), (15, 20), (20, 25), (25, 30), None]
+    # " John" carries the space between the facts: it belongs to the fact it starts
+    assert fact_of_token(tokens, facts) == [-1, 1, 1, 1, 0, 0, 0, -1]
+    assert fact_of_token(tokens, []) == [-1] * len(tokens)
 
 
 def test_babilong_spec_is_read_from_the_right():
