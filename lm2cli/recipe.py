@@ -194,6 +194,9 @@ class BabilongConfig:
                                                "sentences, e.g. [0.0, 0.25] for fact-position studies")
     max_sentence_tokens: int = opt(0, "Skip haystack sentences longer than this many tokens; 0 = keep all",
                                    min=0)
+    haystack_skip_names: bool = opt(False, "Skip haystack sentences that name a bAbI person (Mary, John, ...): "
+                                           "a novel's own Mary is a distractor no bAbI story has; BABILong's "
+                                           "PG19 haystack keeps them")
     seed: int = opt(1234, "Seed of story choice, haystack sampling and fact placement")
 
 

@@ -242,6 +242,7 @@ def babilong_command(recipe, force: bool = False) -> Path:
 
     rows_written: dict[str, dict[str, int]] = {}
     dropped: dict[str, dict[str, dict[str, int]]] = {}
+    skipped_for_names: dict[str, dict[str, int]] = {}
     chars: dict[str, list[int]] = {name: [] for name in lengths}
     files = []
     window = (b.fact_window[0], b.fact_window[1])
@@ -250,7 +251,7 @@ def babilong_command(recipe, force: bool = False) -> Path:
         for name, length in lengths.items():
             stream_key = f"lm2-babilong/{b.seed}/{task}/{name}"
             sampler = SentenceSampler(haystack, tokenizer, random.Random(stream_key + "/haystack"),
-                                      b.max_sentence_tokens)
+                                      b.max_sentence_tokens, b.haystack_skip_names)
             gaps = random.Random(stream_key + "/gaps")
             rows, reasons = [], {"fact_filter": 0, "facts_over_budget": 0}
             for sample in pool:
@@ -271,6 +272,7 @@ def babilong_command(recipe, force: bool = False) -> Path:
             atomic_write_text(out_dir / rel, json.dumps(rows, ensure_ascii=False) + "\n")
             files.append(rel)
             rows_written.setdefault(task, {})[name] = len(rows)
+            skipped_for_names.setdefault(task, {})[name] = sampler.skipped_for_names
             dropped.setdefault(task, {})[name] = reasons
             print(f"{out_dir / rel}: {len(rows)} samples"
                   + (f" ({reasons['fact_filter']} over the fact limit, {reasons['facts_over_budget']} with facts "
@@ -285,6 +287,8 @@ def babilong_command(recipe, force: bool = False) -> Path:
         "margin": b.margin, "lengths": lengths, "samples_per_length": b.samples, "seed": b.seed,
         "max_n_facts": f"budget//{FACTS_PER_BUDGET_TOKEN}", "min_sentence_tokens": MIN_SENTENCE_TOKENS,
         "max_sentence_tokens": b.max_sentence_tokens or None, "fact_window": list(window),
+        "haystack_skip_names": b.haystack_skip_names,
+        **({"haystack_sentences_skipped_for_names": skipped_for_names} if b.haystack_skip_names else {}),
         "whitespace": "collapsed", "sentence_splitter": "regex on .!? with abbreviation guard",
         "mean_chars": {name: (round(sum(c) / len(c)) if c else 0) for name, c in chars.items()},
         "rows": rows_written, "dropped": dropped, "files": files, "fingerprint": fingerprint,

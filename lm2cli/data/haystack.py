@@ -181,18 +181,37 @@ def haystack_for(spec: str, side: str, seed: int, text_field: str = "text"):
 # ------------------------------------------------------------------------------------------- sampler
 
 
-class SentenceSampler:
-    """Hands out haystack sentences (as token lists) in text order, `sample(budget)` at a time."""
+# Every person of bAbI v1.2 (tasks 1-20, counted in the real files): a novel's own Mary or John is a
+# distractor that no bAbI story has, and `babilong.haystack_skip_names` keeps such sentences out.
+BABI_PEOPLE = ("Mary", "John", "Daniel", "Sandra", "Bill", "Fred", "Jeff", "Julie", "Lily", "Julius", "Greg",
+               "Brian", "Bernhard", "Emily", "Gertrude", "Jessica", "Winona", "Jason", "Antoine", "Yann", "Sumit")
+_PEOPLE = re.compile(r"\b(?:" + "|".join(BABI_PEOPLE) + r")\b")
 
-    def __init__(self, source, tokenizer, rng: random.Random, max_sentence_tokens: int = 0):
+
+def names_a_babi_person(sentence: str) -> bool:
+    return _PEOPLE.search(sentence) is not None
+
+
+class SentenceSampler:
+    """Hands out haystack sentences (as token lists) in text order, `sample(budget)` at a time; with
+    `skip_names`, never one that names a bAbI person (counted in `skipped_for_names`)."""
+
+    def __init__(self, source, tokenizer, rng: random.Random, max_sentence_tokens: int = 0,
+                 skip_names: bool = False):
         self.source, self.tok, self.rng = source, tokenizer, rng
         self.max_sentence_tokens = max_sentence_tokens
+        self.skip_names = skip_names
+        self.skipped_for_names = 0
         self.queue: deque[list[int]] = deque()
 
     def _refill(self, budget: int) -> None:
         for _ in range(50):
             text = self.source.chunk(self.rng, max(MIN_CHUNK_CHARS, budget * CHARS_PER_BUDGET_TOKEN))
             sentences = split_sentences(text)[1:-1]  # the edges may be partial sentences
+            if self.skip_names:
+                kept = [x for x in sentences if not names_a_babi_person(x)]
+                self.skipped_for_names += len(sentences) - len(kept)
+                sentences = kept
             if not sentences:
                 continue
             for ids in self.tok.encode_batch(sentences):

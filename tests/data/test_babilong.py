@@ -170,7 +170,8 @@ def test_command_writes_the_hub_layout_and_meta(cli, tmp_path, small_tokenizer):
     assert meta["fact_window"] == [0.0, 1.0] and meta["samples_per_length"] == 6
     documented = {"format", "lm2_version", "split", "generator", "facts_source", "haystack", "length_unit",
                   "tokenizer", "margin", "lengths", "samples_per_length", "seed", "max_n_facts",
-                  "min_sentence_tokens", "max_sentence_tokens", "fact_window", "whitespace", "sentence_splitter",
+                  "min_sentence_tokens", "max_sentence_tokens", "fact_window", "haystack_skip_names", "whitespace",
+                  "sentence_splitter",
                   "mean_chars", "rows", "dropped", "files", "fingerprint"}  # docs/data.md
     assert documented <= set(meta) and meta["seed"] == 1234
     assert "not the official BABILong release" in meta["note"]
@@ -248,6 +249,42 @@ def test_haystack_from_text_files(cli, tmp_path, small_tokenizer):
     assert "long grey road" in rows[0]["input"]
     meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
     assert meta["haystack"]["kind"] == "books" and meta["haystack"]["files"][0].endswith("one.txt")
+
+
+def haystack_only(row: dict) -> str:
+    """The row's input with its facts cut out."""
+    text, end = [], 0
+    for start, stop in row["fact_spans"]:
+        text.append(row["input"][end:start])
+        end = stop
+    return "".join(text) + row["input"][end:]
+
+
+def test_haystack_sentences_naming_babi_people_can_be_kept_out(cli, tmp_path, small_tokenizer):
+    """A novel's own Mary is a distractor no bAbI story has: with babilong.haystack_skip_names no haystack
+    sentence names a bAbI person, and meta.json counts what was skipped; without it they stay."""
+    books = tmp_path / "books"
+    books.mkdir()
+    plain = "The long grey road wound past the quiet farms and over the stony hill at dusk. "
+    named = "Then Mary walked slowly into the old kitchen to find her brother John there. "
+    lookalike = "The maryland johnson and the billiards danced in the garden all the night long. "
+    (books / "one.txt").write_text((plain + named + lookalike + "\n\n") * 400)
+    recipe = babilong_recipe(tmp_path, small_tokenizer, tasks=["qa1"], lengths=["1k"], haystack=str(books))
+    rows = {}
+    for skip in (False, True):
+        res = cli("babilong", recipe, "--set", f"babilong.haystack_skip_names={str(skip).lower()}")
+        assert res.code == 0, res.err
+        rows[skip] = json.loads((tmp_path / "bl" / "qa1" / "1k.json").read_text())
+        meta = json.loads((tmp_path / "bl" / "meta.json").read_text())
+        assert meta["haystack_skip_names"] is skip
+    assert all("Mary walked slowly" in haystack_only(r) for r in rows[False])
+    for row in rows[True]:
+        hay = haystack_only(row)
+        assert "Mary" not in hay and "John" not in hay and "long grey road" in hay
+        assert "maryland johnson and the billiards" in hay  # whole words only
+        assert abs(row["n_tokens"] - 700) <= 2  # the budget is still filled
+    assert meta["haystack_sentences_skipped_for_names"]["qa1"]["1k"] >= len(rows[True])
+    assert [r["question"] for r in rows[True]] == [r["question"] for r in rows[False]]  # same stories
 
 
 @pytest.mark.parametrize("sets, message", [
