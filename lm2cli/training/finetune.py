@@ -1,8 +1,9 @@
 """`lm2 finetune RECIPE`: supervised fine-tuning with loss on answer tokens only, through the same loop.
 
-Starting weights (`finetune.init_from`): an lm2 checkpoint or run directory (weights only; memory modules
-missing from it start fresh), a Hugging Face Llama directory (converted by lm2cli.model.convert; its
-tokenizer.model is used), or nothing (random weights and the tokenizer of `data.dir`).
+Starting weights (`finetune.init_from`): an lm2 checkpoint or run directory (weights only; memory modules or
+RMT memory tokens missing from it start fresh: a vanilla run can start an LM2 or an RMT), a Hugging Face Llama
+directory (converted by lm2cli.model.convert; its tokenizer.model is used), or nothing (random weights and the
+tokenizer of `data.dir`).
 
 Rows (assembled by lm2cli.data.examples, as `lm2 eval` assembles them):
   babilong  BOS + encode(input.strip() + " " + question.strip()) + ANSWER + encode(target.strip()) + EOS
@@ -234,9 +235,11 @@ def _start_from_lm2(recipe, rt, path: Path, verify_checksums: bool = True):
     saved = load_recipe_of(ckpt)
     tokenizer = load_tokenizer_of(ckpt)
     recipe = with_vocab(recipe, tokenizer.vocab_size)
-    adding_memory = saved.model.arch == "vanilla" and recipe.model.arch == "lm2"
-    if adding_memory:  # the backbone must match; the memory keys are new by design
-        saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, arch="lm2"),
+    # A vanilla backbone can take a memory: LM2's modules, or RMT's memory tokens (RMT's papers add them to a
+    # pretrained decoder). The backbone must match; the memory keys are new by design and start fresh.
+    adding_memory = saved.model.arch == "vanilla" and recipe.model.arch in ("lm2", "rmt")
+    if adding_memory:
+        saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, arch=recipe.model.arch),
                                     memory=recipe.memory)
     for w in compare_recipes(saved, recipe, ckpt):
         if w.split(" ", 1)[0].startswith(("model.", "memory.", "attention.")):

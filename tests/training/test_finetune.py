@@ -238,6 +238,30 @@ def hf_llama_dir(path: Path, tok_path: Path) -> Path:
     return path
 
 
+def test_an_rmt_starts_from_a_vanilla_run_with_fresh_memory_tokens(cli, tiny_data, babilong_dir, tmp_path):
+    """RMT's papers add memory tokens to a pretrained decoder: the vanilla backbone loads bit for bit and only
+    the memory tokens are new. Another backbone shape is still refused naming the key."""
+    from lm2cli.checkpoint import load_for_inference
+
+    pre = tmp_path / "pre"
+    res = cli("pretrain", *finetune_args(tiny_data, pre, "model.arch=vanilla", "train.steps=2"))
+    assert res.code == 0, res.err
+    sets = (f"finetune.init_from={pre}", f"finetune.data={babilong_dir}", "finetune.stages=[1]", "train.steps=1",
+            "train.lr=1e-12", "train.min_lr=0", "train.warmup_steps=0", "model.arch=rmt", "memory.slots=4")
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "r", *sets))
+    assert res.code == 0, res.err
+    assert "new (freshly initialised) memory parameters: 1 tensors (rmt_memory, ...)" in res.out
+    vanilla, _, _ = load_for_inference(pre)
+    rmt, _, recipe = load_for_inference(tmp_path / "r")
+    assert recipe.model.arch == "rmt" and rmt.rmt_memory.shape[0] == 4
+    backbone = vanilla.state_dict()
+    for name, value in rmt.state_dict().items():
+        if name != "rmt_memory":  # lr 1e-12: one step moves nothing visible
+            torch.testing.assert_close(value, backbone[name], rtol=0, atol=1e-8)
+    res = cli("finetune", *finetune_args(tiny_data, tmp_path / "w", *sets, "model.n_layers=3"))
+    assert res.code == 2 and "model.n_layers = 2 in the checkpoint, 3 now" in res.err
+
+
 def test_init_from_hugging_face_llama_adds_fresh_memory(cli, tiny_data, tmp_path):
     hf = hf_llama_dir(tmp_path / "hf", tiny_data / "tokenizer.model")
     data = tmp_path / "qa.jsonl"
