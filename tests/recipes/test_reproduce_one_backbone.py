@@ -1,6 +1,7 @@
 """reproduce.py --smoke --recipes recipes/babilong/one-backbone: the plan features the qa1 pilots' protocol needs
-(the base fine-tune's own sets, one base per seed shared by the two vanillas, the LM2's own base with its extra
---set, replayed 0k rows, a continued long fine-tune) run as printed lm2 commands, each stage from the one before."""
+(the base fine-tune's own sets, one base per seed shared by the two vanillas and the RMT, the LM2's own base with its
+extra --set, replayed 0k rows, a continued long fine-tune) run as printed lm2 commands, each stage from the one
+before."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .conftest import BABILONG, load_reproduce
 
 REPO = BABILONG.parents[1]
 PLAN = BABILONG / "one-backbone"
-MODELS = ["vanilla-window", "lm2-delta", "vanilla"]
+MODELS = ["vanilla-window", "lm2-delta", "rmt", "vanilla"]
+FROM_SHARED_BASE = ["rmt", "vanilla"]  # no base of their own: the windowed vanilla's
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def test_two_bases_then_two_long_fine_tunes_per_model(run):
     long = [f"seed7/{part}/{{}}" for part in ("finetune-part1", "finetune")]
     assert stages[7:] == ["seed7/finetune-base/vanilla-window", *(s.format("vanilla-window") for s in long),
                           "seed7/finetune-base/lm2-delta", *(s.format("lm2-delta") for s in long),
-                          *(s.format("vanilla") for s in long), "seed7/eval", "seed7/inspect-memory"]
+                          *(s.format("rmt") for s in long), *(s.format("vanilla") for s in long), "seed7/eval",
+                          "seed7/inspect-memory"]
     shared, own = (sets_of(commands[f"seed7/finetune-base/{m}"]) for m in ("vanilla-window", "lm2-delta"))
     for base in (shared, own):
         assert base["finetune.data"].endswith('babilong/base-train"') and "finetune.replay_data" not in base
@@ -62,7 +65,7 @@ def test_two_bases_then_two_long_fine_tunes_per_model(run):
             assert s["finetune.data"].endswith('babilong/train"')
             assert s["finetune.replay_data"].endswith('babilong/replay"')
     reproduce = load_reproduce()
-    for m, base in (("lm2-delta", "lm2-delta"), ("vanilla", "vanilla-window")):
+    for m, base in (("lm2-delta", "lm2-delta"), ("rmt", "vanilla-window"), ("vanilla", "vanilla-window")):
         record = json.loads((work / "stages" / f"seed7__finetune-part1__{m}.json").read_text())
         assert record["inputs"]["base_weights"] == reproduce.run_weights(work / f"seed7/finetune-base/{base}")
 
@@ -80,7 +83,8 @@ def test_results_name_the_shared_base_and_the_continuation(run):
     work, _, _ = run
     text = (work / "results.md").read_text()
     assert "<!-- reproduce:one-backbone-smoke:start -->\n## Results: one-backbone smoke run" in text  # its own
-    assert "* vanilla: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
+    for m in FROM_SHARED_BASE:
+        assert f"* {m}: no base of its own; its long fine-tune starts from vanilla-window's base weights" in text
     assert "* lm2-delta: its base fine-tune adds --set finetune.stages=[16]" in text
     assert "* replay: 4 training-side samples per task at 0k (babilong.seed 4321)" in text
     assert "* then continued 1 time(s) from the newest run" in text
@@ -110,7 +114,7 @@ def test_a_shared_base_must_be_trained_first_by_another_model(tmp_path: Path):
     cases = {
         "{ lm2-delta = 'vanilla' }": "plan.base_from.lm2-delta = 'vanilla': 'vanilla' must come before",
         "{ lm2-delta = 'lm2-delta' }": "name another model of plan.models",
-        "{ rmt = 'vanilla' }": "plan.base_from: 'rmt' is not one of plan.models",
+        "{ rmt2 = 'vanilla' }": "plan.base_from: 'rmt2' is not one of plan.models",
         "{ lm2-delta = 'vanilla', vanilla = 'vanilla-window' }": "name another model",
         "{ lm2-delta = 3 }": "base_from = {'lm2-delta': 3} should be a table of str values",
     }
@@ -166,13 +170,14 @@ def test_a_model_s_own_base_takes_its_extra_sets_after_the_shared_ones(tmp_path:
     monkeypatch.setattr(reproduce, "run_weights", lambda run_dir: "sha")
     monkeypatch.setattr(reproduce, "check_base", lambda *args: None)
     plan = reproduce.Plan(models=MODELS, base_set=["train.steps=5", "attention.window=128"], pretrain=False,
-                          base_from={"vanilla": "vanilla-window"},
+                          base_from={"vanilla": "vanilla-window", "rmt": "vanilla-window"},
                           base_set_of={"lm2-delta": ["attention.window=8", "memory.segment_len=8"]})
     stages, lay = RecordingStages(), reproduce.Layout(tmp_path)
     for model in MODELS:
         reproduce.train_model(stages, plan, model, PLAN / f"{model}.toml", 7, lay)
     assert [*stages.argv] == ["seed7/finetune-base/vanilla-window", "seed7/finetune/vanilla-window",
-                              "seed7/finetune-base/lm2-delta", "seed7/finetune/lm2-delta", "seed7/finetune/vanilla"]
+                              "seed7/finetune-base/lm2-delta", "seed7/finetune/lm2-delta", "seed7/finetune/rmt",
+                              "seed7/finetune/vanilla"]
     own, shared = (sets_of(" ".join(stages.argv[f"seed7/finetune-base/{m}"])) for m in ("lm2-delta", "vanilla-window"))
     assert own["attention.window"] == "8" and own["memory.segment_len"] == "8" and own["train.steps"] == "5"
     assert shared["attention.window"] == "128" and "memory.segment_len" not in shared
@@ -180,7 +185,7 @@ def test_a_model_s_own_base_takes_its_extra_sets_after_the_shared_ones(tmp_path:
     assert long["finetune.init_from"] == f'"{tmp_path}/seed7/finetune-base/lm2-delta"'
     assert "attention.window" not in long  # the long fine-tune runs the recipe's own window
 
-    cases = {"{ rmt = ['x=1'] }": "plan.base_set_of.rmt: 'rmt' is not one of plan.models",
+    cases = {"{ rmt2 = ['x=1'] }": "plan.base_set_of.rmt2: 'rmt2' is not one of plan.models",
              "{ vanilla = ['x=1'] }": "'vanilla' trains no base of its own (plan.base_from.vanilla",
              "{ lm2-delta = 'x=1' }": "base_set_of = {'lm2-delta': 'x=1'} should be a table of lists of str values"}
     for value, message in cases.items():
