@@ -198,6 +198,8 @@ def _fingerprint(recipe, tokenizer, haystack_meta: dict, facts_meta: dict) -> st
 
     section = dataclasses.asdict(recipe.babilong)
     section.pop("dir")
+    if not section["haystack_skip_names"]:  # off, a set is what it was before the option: keep its fingerprint
+        section.pop("haystack_skip_names")
     blob = json.dumps({"babilong": section, "tokenizer": tokenizer.sha256, "haystack": haystack_meta,
                        "facts": facts_meta, "format": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

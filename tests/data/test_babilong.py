@@ -287,6 +287,27 @@ def test_haystack_sentences_naming_babi_people_can_be_kept_out(cli, tmp_path, sm
     assert [r["question"] for r in rows[True]] == [r["question"] for r in rows[False]]  # same stories
 
 
+def test_a_set_built_before_haystack_skip_names_keeps_its_fingerprint(small_tokenizer, tmp_path):
+    """Off, the option changes no row, so a set built before it existed stays up to date (no rebuild after an
+    upgrade): its fingerprint is the section without the new key. On, the fingerprint changes."""
+    import dataclasses
+    import hashlib
+
+    from lm2cli.data.babilong import _fingerprint
+    from lm2cli.recipe import load_recipe
+
+    recipe = load_recipe(babilong_recipe(tmp_path, small_tokenizer))
+    section = dataclasses.asdict(recipe.babilong)
+    for key in ("dir", "haystack_skip_names"):
+        section.pop(key)
+    before = json.dumps({"babilong": section, "tokenizer": small_tokenizer.sha256, "haystack": {"h": 1},
+                         "facts": {"f": 1}, "format": 2}, sort_keys=True)
+    assert _fingerprint(recipe, small_tokenizer, {"h": 1}, {"f": 1}) == hashlib.sha256(before.encode()).hexdigest()
+    on = dataclasses.replace(recipe, babilong=dataclasses.replace(recipe.babilong, haystack_skip_names=True))
+    assert _fingerprint(on, small_tokenizer, {"h": 1}, {"f": 1}) != _fingerprint(recipe, small_tokenizer, {"h": 1},
+                                                                                  {"f": 1})
+
+
 @pytest.mark.parametrize("sets, message", [
     (["babilong.margin=1500"], "babilong.margin = 1500 leaves no context at length 1k"),
     (["babilong.haystack='no/such/place.txt'"], "not found"),
