@@ -395,6 +395,42 @@ def test_fact_annotations_of_any_shape_never_raise(spans, support):
     assert got is (None if not valid else max(support) == len(spans) - 1)
 
 
+@pytest.fixture(scope="module")
+def delta_run(tmp_path_factory, gen_run):
+    """gen_run's tokenizer under an associative (delta-rule) bank: the memory whose read inspect-memory splits
+    per fact."""
+    from lm2cli.data.tokenizer import Tokenizer
+    from tests.generation.test_cli_generate import save_run
+
+    tok = Tokenizer.load(next(gen_run.glob("checkpoints/step_*/tokenizer.model")), answer_token="<ans>")
+    return save_run(tmp_path_factory.mktemp("fuzz-delta") / "run", tok, ["memory.write=delta"])
+
+
+FACTS_TEXT = "Mary went to the kitchen. John took the apple. Mary went to the garden."
+STORY = FACTS_TEXT + " Daniel went to the office." * 12  # the facts lie in written segments at the answer
+FACT_EDGES = [0, 5, 25, 26, 46, 47, len(FACTS_TEXT), len(STORY)]  # sentence and word edges, the text's end
+
+
+@settings(FUZZ, max_examples=10)
+@given(spans=st.lists(st.lists(st.sampled_from(FACT_EDGES + [-1, 999]), min_size=2, max_size=2), max_size=4),
+       support=st.lists(st.integers(-2, 5), max_size=3))
+def test_fact_spans_of_a_stranger_s_row_in_inspect_memory(cli, tmp_path, delta_run, spans, support):
+    """A BABILong row's fact_spans / support are a stranger's: overlapping, unordered or repeated spans still
+    give one fact number per token and a per-fact read; spans outside the text or reversed end in one line."""
+    root = case_dir(tmp_path) / "bl"
+    (root / "qa1").mkdir(parents=True)
+    row = {"input": STORY, "question": "Where is Mary?", "target": "garden", "fact_spans": spans,
+           "support": support}
+    (root / "qa1" / "1k.json").write_text(json.dumps([row]))
+    res = cli("inspect-memory", delta_run, "--babilong", f"{root}:qa1:1k", "--json", "--out", str(root / "out"))
+    if all(0 <= a < b <= len(STORY) for a, b in spans):
+        assert res.code == 0, res.err
+        per_fact = json.loads(res.out)["layers"]["0"]["per_fact"]
+        assert all(0 <= f["fact"] < len(spans) for f in per_fact) and bool(per_fact) == bool(spans)
+    else:
+        check(res, 1)
+
+
 # ---------------------------------------------------------------------- BABILong directories for lm2 finetune
 
 BAD_BABILONG_FILES = {
