@@ -293,6 +293,9 @@ class EvalConfig:
     harness_fewshot: int = opt(-1, "Few-shot examples for harness tasks; -1 = each task's default", min=-1)
     harness_limit: int = opt(0, "Documents per harness task at most; 0 = all", min=0)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu")
+    dtype: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "auto = bf16 autocast on CUDA, fp32 on CPU; fp32 on CUDA keeps a GPU evaluation comparable "
+                "with a CPU one")
     threads: int = opt(0, "CPU threads; 0 = 1 for models under 100M parameters (as lm2 generate), else torch's "
                           "default", min=0)
     name: str = opt("", "Name of the results directory <run>/eval/<name>; empty = a timestamp (--out overrides)")

@@ -220,9 +220,12 @@ class EvalRun:
                 for model in self.models:
                     net = model.load(device)
                     with cpu_threads_for(net, device, self.cfg.threads) as where:
-                        say(f"{model.name}: {model.target.checkpoint} (step {model.info['step']}) on {where}")
+                        amp = autocast_dtype(device, self.cfg.dtype)
+                        precision = "bf16 autocast" if amp is not None else "fp32"
+                        say(f"{model.name}: {model.target.checkpoint} (step {model.info['step']}) on {where}, "
+                            f"{precision}")
                         runner = StateRunner(net, model.recipe.memory.segment_len, device, self.cfg.batch_size,
-                                             autocast_dtype(device))
+                                             amp)
                         for kind in self.kinds:
                             getattr(self, "run_" + kind.replace("-", "_"))(model, runner)
                         model.unload()
@@ -331,7 +334,7 @@ class EvalRun:
         from lm2cli.evaluation.harness import Lm2LM, run_harness
 
         lm = Lm2LM(model=model.model, tokenizer=model.tokenizer, recipe=model.recipe, device=str(runner.device),
-                   batch_size=self.cfg.batch_size)
+                   batch_size=self.cfg.batch_size, dtype=self.cfg.dtype)
         rows = run_harness(lm, model.name, self.cfg, self.plans["harness"])
         if self.flag["signal"] is not None:
             raise Stopped

@@ -106,9 +106,12 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU as in training and generation; exact fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else None
+def autocast_dtype(device: torch.device, choice: str = "auto") -> torch.dtype | None:
+    """eval.dtype: auto = bf16 autocast on GPU as in training and generation, exact fp32 on CPU; fp32 and bf16
+    force one (fp32 on a GPU makes its answers comparable with a CPU evaluation's)."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if choice == "bf16" else None
 
 
 def default_results_dir(first: EvalModel, name: str) -> Path:

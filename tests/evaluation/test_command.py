@@ -277,3 +277,24 @@ def test_fact_annotations_from_a_stranger_are_checked_not_trusted(cli, world, tm
     assert cell["n"] == 6 and cell["by_support"]["last"]["n"] == 1 and "earlier" not in cell["by_support"]
     marks = [json.loads(ln).get("support_last") for ln in (out / "predictions.jsonl").read_text().splitlines()]
     assert marks == [None] * 5 + [True]
+
+
+def test_dtype_is_what_the_runner_gets_and_is_recorded(cli, world, tmp_path):
+    """eval.dtype: auto stays exact fp32 on the CPU, bf16 forces autocast (on a GPU, fp32 makes an evaluation
+    comparable with a CPU one); the choice is printed and kept in the results' settings."""
+    import torch
+
+    from lm2cli.evaluation.models import autocast_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [autocast_dtype(d, c) for d in (cpu, gpu) for c in ("auto", "fp32", "bf16")] == [
+        None, None, torch.bfloat16, torch.bfloat16, None, torch.bfloat16]
+    base = sets(world, 'eval.run=["babilong"]', 'eval.tasks=["qa1"]', 'eval.lengths=["0k"]')
+    for choice, said in (("auto", "fp32"), ("bf16", "bf16 autocast")):
+        out = tmp_path / choice
+        r = cli("eval", world / "runs" / "lm2", *base, "--set", f'eval.dtype="{choice}"', "--out", out)
+        assert r.code == 0, r.err
+        assert "(step 1) on " in r.err + r.out and f", {said}\n" in r.err + r.out
+        assert read_results(out)["settings"]["dtype"] == choice
+    msg = one_error(cli("eval", world / "runs" / "lm2", *base, "--set", 'eval.dtype="fp16"'))
+    assert "eval.dtype" in msg and "fp32" in msg and "bf16" in msg

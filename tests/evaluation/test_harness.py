@@ -88,3 +88,14 @@ metric_list:
     (acc,) = [x for x in harness["results"] if x["metric"] == "acc"]
     assert acc["task"] == "lm2_toy" and acc["value"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert "lm2_toy" in r.out
+
+
+def test_dtype_reaches_the_runner_and_a_bad_one_is_refused(tokenizer):
+    from lm2cli.errors import Lm2Error
+
+    model, recipe = tiny_model(tokenizer, "attention.window=24")
+    assert Lm2LM(model=model, tokenizer=tokenizer, recipe=recipe, device="cpu").runner.autocast_dtype is None
+    lm = Lm2LM(model=model, tokenizer=tokenizer, recipe=recipe, device="cpu", dtype="bf16")
+    assert lm.runner.autocast_dtype is torch.bfloat16
+    with pytest.raises(Lm2Error, match="dtype = 'fp16'"):
+        Lm2LM(model=model, tokenizer=tokenizer, recipe=recipe, device="cpu", dtype="fp16")
