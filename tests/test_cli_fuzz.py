@@ -468,3 +468,16 @@ def test_bad_babilong_directories_are_one_line(cli, tmp_path, gen_run, key, case
     check(res, 1)
     assert str(bad) in res.err, res.err  # the error names the stranger's directory
     assert "\x1b" not in res.err and not (d / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("how,value", defects_for("eval.dtype"))
+@pytest.mark.parametrize("where", ["--set", "recipe"])
+def test_eval_dtype_defects_are_one_line(cli, tmp_path, gen_run, how, value, where):
+    """eval.dtype picks the evaluation's precision: anything but auto / fp32 / bf16, from --set or from a
+    stranger's recipe, is one `error:` line and exit 2 before a model is loaded."""
+    if where == "--set":
+        check(cli("eval", gen_run, "--set", f"eval.dtype={value}"), 1)
+    else:
+        recipe = case_dir(tmp_path) / "r.toml"
+        recipe.write_text(f'[output]\ndir = "{gen_run}"\n\n[eval]\ndtype = {value}\n')
+        check(cli("eval", recipe), 1)
