@@ -50,8 +50,7 @@ class Lm2LM(LM):
         from lm2cli.evaluation.models import autocast_dtype, resolve_device
 
         dev = resolve_device(str(device))
-        if dtype not in ("auto", "fp32", "bf16"):
-            raise Lm2Error(f"Lm2LM dtype = {dtype!r}: use auto, fp32 or bf16")
+        amp = autocast_dtype(dev, dtype)  # an unknown dtype fails here, before a checkpoint is loaded
         if model is None:
             if path is None:
                 raise Lm2Error("Lm2LM needs a checkpoint (path=...) or a loaded model, tokenizer and recipe")
@@ -62,7 +61,7 @@ class Lm2LM(LM):
             model, tokenizer, recipe = load_for_inference(resolve_target(path).checkpoint, device=dev,
                                                           verify_checksums=verify)
         self.model, self.tokenizer, self.recipe = model.eval(), tokenizer, recipe
-        self.runner = StateRunner(model, recipe.memory.segment_len, dev, int(batch_size), autocast_dtype(dev, dtype))
+        self.runner = StateRunner(model, recipe.memory.segment_len, dev, int(batch_size), amp)
         self.max_gen_toks = int(max_gen_toks)
         full_attention = recipe.attention.window == 0 and recipe.model.arch != "rmt"
         self.max_length = recipe.model.max_seq_len if full_attention else None  # None: any length

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lm2cli.checkpoint import (
     verify_checkpoint,
 )
 from lm2cli.errors import Lm2Error
+from lm2cli.recipe import EvalConfig
 
 
 @dataclass
@@ -108,7 +110,11 @@ def resolve_device(choice: str) -> torch.device:
 
 def autocast_dtype(device: torch.device, choice: str = "auto") -> torch.dtype | None:
     """eval.dtype: auto = bf16 autocast on GPU as in training and generation, exact fp32 on CPU; fp32 and bf16
-    force one (fp32 on a GPU makes its answers comparable with a CPU evaluation's)."""
+    force one (fp32 on a GPU makes its answers comparable with a CPU evaluation's). The choices are the recipe
+    schema's, checked here too for callers that bypass the recipe (the harness's model_args)."""
+    choices = typing.get_args(typing.get_type_hints(EvalConfig)["dtype"])
+    if choice not in choices:
+        raise Lm2Error(f"dtype = {choice!r}: use {', '.join(choices)}")
     if choice == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if choice == "bf16" else None
