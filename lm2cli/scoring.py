@@ -64,7 +64,10 @@ class Scores:
 
 def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
     """Summed token cross-entropy over positions with a target (float32 logits from the model): the training
-    objective, and the loss a validation reports."""
+    objective, and the loss a validation reports. `logits` (B, T, V), or packed (N, V): the logits of the target
+    positions only, in row-major order (`model(..., logits_at=targets != IGNORE)`)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
@@ -94,31 +97,41 @@ def score_logits(logits: Tensor, targets: Tensor, n_bytes: float = 0.0, answers:
 
 def answer_hits(logits: Tensor, targets: Tensor) -> Tensor:
     """(rows whose every answer position's argmax is the target, rows with an answer) as a 2-element tensor:
-    teacher-forced exact match, from logits a training step already has (no extra forward)."""
+    teacher-forced exact match, from logits a training step already has (no extra forward). `logits` (B, T, V),
+    or packed (N, V) at the target positions, as for `loss_sum`."""
     with torch.no_grad():
         mask = targets != IGNORE
-        hit = (logits.argmax(-1) == targets) | ~mask
+        if logits.dim() == 2:
+            wrong = (logits.argmax(-1) != targets[mask]).long()
+            misses = torch.zeros(targets.shape[0], dtype=torch.long, device=targets.device)
+            misses.index_add_(0, mask.nonzero()[:, 0], wrong)
+        else:
+            misses = ((logits.argmax(-1) != targets) & mask).sum(dim=1)
         rows = mask.any(dim=1)
-        return torch.stack([(hit.all(dim=1) & rows).sum(), rows.sum()])
+        return torch.stack([((misses == 0) & rows).sum(), rows.sum()])
 
 
 @torch.no_grad()
 def score_batches(model, batches: Iterable, device: torch.device | str, autocast=nullcontext,
-                  loss: LossFn = loss_sum) -> Scores:
+                  loss: LossFn = loss_sum, at_targets: bool = False) -> Scores:
     """Sum of `score_logits` over `batches`, each row scored from a fresh model state in one forward pass.
 
     `autocast` is a zero-argument context manager factory (a Runtime's autocast, or
     `lambda: torch.autocast("cuda", dtype=torch.bfloat16)`); `loss` the summed-loss function (training passes
-    the one its steps minimise). The model is put in eval mode for the call and restored afterwards.
+    the one its steps minimise). `at_targets`: the model (an lm2 LanguageModel) computes logits at the target
+    positions only (`logits_at`), all that the summed loss and the exact match need. The model is put in eval
+    mode for the call and restored afterwards.
     """
     was_training = model.training
     model.eval()
     total = Scores()
     try:
         for batch in batches:
+            targets = batch.targets.to(device)
+            at = {"logits_at": targets != IGNORE} if at_targets else {}
             with autocast():
-                logits, _ = model(batch.inputs.to(device), None, keep_state=False)
-            total += score_logits(logits, batch.targets.to(device), batch.n_bytes, batch.answers, loss=loss)
+                logits, _ = model(batch.inputs.to(device), None, keep_state=False, **at)
+            total += score_logits(logits, targets, batch.n_bytes, batch.answers, loss=loss)
     finally:
         model.train(was_training)
     return total

@@ -488,30 +488,42 @@ class LanguageModel(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, recorder=None,
-                bptt: int | None = None, keep_state: bool = True) -> tuple[Tensor, ModelState | None]:
+                bptt: int | None = None, keep_state: bool = True,
+                logits_at: Tensor | None = None) -> tuple[Tensor, ModelState | None]:
         """Logits (B, T, V) for `input_ids` (B, T) continuing `state` (None = a new sequence).
 
         `recorder` (see lm2cli.model.recorder) collects memory reads, writes and gates; None costs nothing.
         `bptt` overrides memory.bptt for this call (0 = full backpropagation through time).
         `keep_state=False` returns no state and skips the memory write that would only serve a continuation
         (a training step that starts every row afresh).
+        `logits_at` (B, T) bool: the logits of those positions only, packed (N, V) in row-major order. A
+        fine-tuning row has a target at a few answer positions; the head and its softmax over the whole row cost
+        a quarter of the step (d 128, vocabulary 2,048, 1k-token rows) and B x T x V floats of memory.
         """
+        hidden, state = self.final_hidden(input_ids, state, recorder, bptt, keep_state)
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        return self.lm_head(hidden).float(), state
+
+    def final_hidden(self, input_ids: Tensor, state: ModelState | None = None, recorder=None,
+                     bptt: int | None = None, keep_state: bool = True) -> tuple[Tensor, ModelState | None]:
+        """The normalised last hidden states (B, T, d) that the LM head reads, and the new state (see forward)."""
         if state is None:
             state = self.init_state(input_ids.shape[0], input_ids.device)
         chunk = self._no_grad_chunk_len(input_ids.shape[0])
         if input_ids.shape[1] > chunk:
-            return self._forward_in_chunks(input_ids, state, chunk, recorder, keep_state)
+            return self._hidden_in_chunks(input_ids, state, chunk, recorder, keep_state)
         bptt = self.args.bptt if bptt is None else bptt
         writes_kept = bptt if bptt > 0 else None
         if self.args.arch == "rmt":
-            logits, state = self._forward_rmt(input_ids, state, writes_kept, recorder, keep_state)
-            return logits, state if keep_state else None
+            hidden, state = self._forward_rmt(input_ids, state, writes_kept, recorder, keep_state)
+            return hidden, state if keep_state else None
         h = self.tok_emb(input_ids)
         h, layers = self._run_blocks(h, state.pos, state.layers, writes_kept, recorder, keep_state)
-        logits = self.lm_head(self.norm(h)).float()
+        hidden = self.norm(h)
         if not keep_state:
-            return logits, None
-        return logits, replace(state, pos=state.pos + input_ids.shape[1], layers=layers)
+            return hidden, None
+        return hidden, replace(state, pos=state.pos + input_ids.shape[1], layers=layers)
 
     # A long forward without autograd (evaluation, scoring) runs through its own state in chunks of about this
     # many tokens (rows x length), so its activations stay cache-sized and its peak memory flat: one call over
@@ -525,15 +537,15 @@ class LanguageModel(nn.Module):
         seg = self.args.segment_len
         return max(seg, self.NO_GRAD_CHUNK_TOKENS // batch // seg * seg)  # whole segments
 
-    def _forward_in_chunks(self, input_ids: Tensor, state: ModelState, chunk: int, recorder,
-                           keep_state: bool) -> tuple[Tensor, ModelState | None]:
-        """The same logits as one call (chunked = full forward is the model contract), in bounded memory."""
+    def _hidden_in_chunks(self, input_ids: Tensor, state: ModelState, chunk: int, recorder,
+                          keep_state: bool) -> tuple[Tensor, ModelState | None]:
+        """The same hidden states as one call (chunked = full forward is the model contract), in bounded memory."""
         outs, total = [], input_ids.shape[1]
         for start in range(0, total, chunk):
             last = start + chunk >= total
-            logits, state = self.forward(input_ids[:, start:start + chunk], state, recorder,
-                                         keep_state=keep_state or not last)
-            outs.append(logits)
+            hidden, state = self.final_hidden(input_ids[:, start:start + chunk], state, recorder,
+                                              keep_state=keep_state or not last)
+            outs.append(hidden)
         return torch.cat(outs, dim=1), state
 
     ROPE_BLOCK = 256  # decoding reuses one table block for this many positions
@@ -602,7 +614,7 @@ class LanguageModel(nn.Module):
                 start = m + seg_len
             h, layers = self._run_blocks(h, start, layers, writes_kept, recorder)
             tokens = h if h.shape[1] == take else h.split([h.shape[1] - take, take], dim=1)[1]  # drop the prefix
-            outs.append(self.lm_head(self.norm(tokens)).float())
+            outs.append(self.norm(tokens))
             seg_len += take
             if seg_len == seg and (keep_state or pos + take < total or recorder is not None):
                 # the segment is full and its memory will be read: run the write suffix through its cache
@@ -615,6 +627,6 @@ class LanguageModel(nn.Module):
                 write_idx += 1
                 layers, seg_len = [LayerState() for _ in self.blocks], 0
             pos += take
-        logits = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        hidden = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         new_state = ModelState(pos=state.pos + total, layers=layers, rmt_memory=memory, rmt_seg_len=seg_len)
-        return logits, new_state
+        return hidden, new_state

@@ -103,8 +103,8 @@ def test_batched_prefill_calls_are_never_split_by_the_model(tokenizer, monkeypat
     model, recipe = tiny_model(tokenizer, "attention.window=24")
     monkeypatch.setattr(type(model), "NO_GRAD_CHUNK_TOKENS", 256)  # 16 rows: 16 tokens per call, one segment
     split = []
-    real = type(model)._forward_in_chunks
-    monkeypatch.setattr(type(model), "_forward_in_chunks", lambda self, *a, **k: split.append(1) or real(self, *a, **k))
+    real = type(model)._hidden_in_chunks
+    monkeypatch.setattr(type(model), "_hidden_in_chunks", lambda self, *a, **k: split.append(1) or real(self, *a, **k))
     prompts = prompts_of(tokenizer, [70] * 8 + [90] * 8)
     runner = StateRunner(model, recipe.memory.segment_len, "cpu", batch_size=16)
     assert runner.chunk_for(16) == 16 and runner.chunk_for(4) == 64 and runner.chunk_for(1) == runner.chunk_len

@@ -133,15 +133,16 @@ def test_a_long_no_grad_forward_runs_in_chunks_and_equals_one_call(arch, monkeyp
     x = torch.randint(0, VOCAB, (2, 150))
     one_call, one_state = model(x)  # autograd on: never chunked
     calls = []
-    real_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda ids, *a, **k: calls.append(ids.shape[1]) or real_forward(ids, *a, **k))
+    real_forward, real_hidden = model.forward, model.final_hidden
+    monkeypatch.setattr(model, "final_hidden",
+                        lambda ids, *a, **k: calls.append(ids.shape[1]) or real_hidden(ids, *a, **k))
     monkeypatch.setattr(model_module.LanguageModel, "NO_GRAD_CHUNK_TOKENS", 64)  # 2 rows x 32 tokens
     with torch.no_grad():
         chunked, state = real_forward(x)
         dropped = real_forward(x, keep_state=False)
         rec_chunked, rec_one = MemoryRecorder(), MemoryRecorder()
         real_forward(x, recorder=rec_chunked)
-    assert calls[:5] == [32, 32, 32, 32, 22]  # whole segments of 8 tokens, then the rest
+    assert calls[:6] == [150, 32, 32, 32, 32, 22]  # the call, then whole segments of 8 tokens and the rest
     assert (chunked - one_call).abs().max() <= 1e-4 and state.pos == one_state.pos == 150
     assert dropped[1] is None and (dropped[0] - chunked).abs().max() == 0
     if arch == "lm2":
@@ -172,3 +173,43 @@ def test_grouped_heads_repeated_for_the_fused_cuda_kernels_give_the_same_attenti
     assert (logits - grouped_logits).abs().max() <= 1e-5
     for name, grad in grouped_grads.items():
         assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["lm2-delta"])
+def test_logits_at_the_targets_give_the_loss_gradients_and_hits_of_the_full_logits(arch):
+    """A training step asks for the logits of its target positions only (`logits_at`): the summed loss, every
+    gradient and the exact-match hits equal those from the full (B, T, V) logits; a row without a target counts
+    nowhere, one whose answer is partly wrong is a miss."""
+    from lm2cli.scoring import IGNORE, answer_hits, loss_sum
+
+    if arch == "lm2-delta":
+        recipe = load_recipe(None, ["model.arch=lm2", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                                    "model.n_kv_heads=2", f"model.vocab_size={VOCAB}", "memory.heads=2",
+                                    "memory.segment_len=8", "memory.write=\"delta\"", "memory.out_gate_bias=0"])
+        torch.manual_seed(0)
+        model = build_model(recipe)
+    else:
+        model = tiny(arch)
+    x = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(2))
+    targets = torch.full_like(x, IGNORE)
+    targets[0, 30:33] = x[0, 31:34]
+    targets[2, 5] = x[2, 6]
+    targets[2, 39] = 7
+    results = []
+    for at in (None, targets != IGNORE):
+        model.zero_grad()
+        logits, _ = model(x, keep_state=False, logits_at=at)
+        loss = loss_sum(logits, targets)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits, loss.detach(), grads))
+    (full, full_loss, full_grads), (packed, packed_loss, packed_grads) = results
+    assert packed.shape == (5, VOCAB) and torch.allclose(packed, full[targets != IGNORE], atol=1e-5)
+    assert torch.allclose(packed_loss, full_loss, rtol=1e-5) and full_grads.keys() == packed_grads.keys()
+    assert all(torch.allclose(full_grads[n], packed_grads[n], rtol=1e-4, atol=1e-6) for n in full_grads)
+    assert answer_hits(full, targets).tolist() == answer_hits(packed, targets).tolist()
+    forced = torch.zeros(3, 40, VOCAB)  # row 0 right at every answer position, row 2 right at one of two
+    forced[0, torch.arange(30, 33), x[0, 31:34]] = 1.0
+    forced[2, 5, x[2, 6]] = 1.0
+    assert answer_hits(forced, targets).tolist() == [1, 2]
+    assert answer_hits(forced[targets != IGNORE], targets).tolist() == [1, 2]

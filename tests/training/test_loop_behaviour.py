@@ -25,22 +25,27 @@ X = IGNORE
 
 
 class ScriptedModel(torch.nn.Module):
-    """Returns the given logits for each call in turn, whatever the input (the lm2 model contract)."""
+    """Returns the given logits for each call in turn, whatever the input (the lm2 model contract: `logits_at`
+    packs the positions it names)."""
 
     def __init__(self, logits: list[torch.Tensor]):
         super().__init__()
         self.logits = list(logits)
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, inputs, state=None, keep_state=True):
-        return self.logits.pop(0), None
+    def forward(self, inputs, state=None, keep_state=True, logits_at=None):
+        return packed(self.logits.pop(0), logits_at), None
 
 
 class KeyedModel(ScriptedModel):
     """Returns logits[n] for a batch whose inputs are all n, in whatever order the batches come."""
 
-    def forward(self, inputs, state=None, keep_state=True):
-        return self.logits[int(inputs[0, 0])], None
+    def forward(self, inputs, state=None, keep_state=True, logits_at=None):
+        return packed(self.logits[int(inputs[0, 0])], logits_at), None
+
+
+def packed(logits: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+    return logits if logits_at is None else logits[logits_at]
 
 
 class ScriptedData:
