@@ -26,8 +26,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import typing
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -193,10 +196,18 @@ class StageRecord:
 class Stages:
     """Runs `lm2` stages once: WORK/stages/<name>.json records a finished stage's command and wall time."""
 
-    def __init__(self, work: Path, log=print):
+    def __init__(self, work: Path, log=print, jobs: int = 1):
         self.dir = work / "stages"
         self.records: list[StageRecord] = []
         self.log = log
+        # jobs > 1: stages run side by side (run_tasks); each one's output goes to WORK/logs/<stage>.log instead of
+        # the console, and each gets its share of the CPU threads unless OMP_NUM_THREADS is set already.
+        self.jobs = jobs
+        self.log_dir = work / "logs"
+        self.env = dict(os.environ)
+        if jobs > 1 and "OMP_NUM_THREADS" not in self.env:
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        self._lock = threading.Lock()
 
     def _record_path(self, name: str) -> Path:
         return self.dir / (name.replace("/", "__") + ".json")
@@ -234,22 +245,42 @@ class Stages:
                 run_argv.append("--resume")
             if before is not None:
                 before()
-            self.log(f"[{name}] $ {shown(run_argv)}", flush=True)
+            log_file = self.log_dir / (name.replace("/", "__") + ".log") if self.jobs > 1 else None
+            self.log(f"[{name}] $ {shown(run_argv)}" + (f"   (output: {log_file})" if log_file else ""), flush=True)
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "lm2cli", *run_argv])
+            returncode = self._run_lm2(run_argv, log_file)
             wall = time.perf_counter() - start
-            if proc.returncode != 0:
-                raise PipelineError(f"stage {name} failed (exit code {proc.returncode}) after {wall:.1f} s: "
+            if returncode != 0:
+                see = f" (its output: {log_file})" if log_file else ""
+                raise PipelineError(f"stage {name} failed (exit code {returncode}) after {wall:.1f} s{see}: "
                                     f"{shown(run_argv)}; fix the cause and run reproduce.py again (finished "
                                     f"stages are kept)")
+            if log_file:
+                self.log(f"[{name}] finished in {wall:.1f} s", flush=True)
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self._record_path(name).with_suffix(".tmp")
             tmp.write_text(json.dumps({"argv": argv, "inputs": inputs, "wall_s": wall,
                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
             os.replace(tmp, self._record_path(name))
             record = StageRecord(name, shown(run_argv), wall, ran=True)
-        self.records.append(record)
+        with self._lock:
+            self.records.append(record)
         return record
+
+    def _run_lm2(self, argv: list[str], log_file: Path | None) -> int:
+        if log_file is None:
+            return subprocess.run([sys.executable, "-m", "lm2cli", *argv], env=self.env).returncode
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a", encoding="utf-8") as out:  # a resumed stage adds to its earlier output
+            out.write(f"$ {shown(argv)}\n")
+            out.flush()
+            return subprocess.run([sys.executable, "-m", "lm2cli", *argv], env=self.env, stdout=out,
+                                  stderr=subprocess.STDOUT).returncode
+
+    def in_order(self, names: list[str]) -> list[StageRecord]:
+        """The records in the plan's order (side-by-side stages finish in any order)."""
+        rank = {n: i for i, n in enumerate(names)}
+        return sorted(self.records, key=lambda r: rank.get(r.name, len(rank)))
 
 
 def run_weights(run_dir: Path) -> str:
@@ -362,9 +393,52 @@ def base_set_of_problems(plan: Plan) -> list[str]:
     return problems
 
 
-def build_sets(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inputs: dict) -> None:
+@dataclass
+class Task:
+    """One stage of the pipeline: `run` starts it once every task named in `needs` has finished."""
+
+    name: str
+    needs: list[str]
+    run: Callable[[], object]
+
+
+def run_tasks(tasks: list[Task], jobs: int = 1) -> None:
+    """Run `tasks`, up to `jobs` at once, each as soon as the tasks it needs have finished and otherwise in list
+    order (jobs = 1: one after another, in list order). After a failure no task starts; the running ones finish
+    (an interrupted training stage would be continued by the next invocation anyway); the first failure is raised.
+    """
+    names = {t.name for t in tasks}
+    unknown = sorted({n for t in tasks for n in t.needs} - names)
+    if unknown:
+        raise RuntimeError(f"tasks need unknown tasks {unknown}")  # a bug in the plan's task list, not bad input
+    done: set[str] = set()
+    pending, running, failures = list(tasks), {}, []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while True:
+            if not failures:
+                ready = [t for t in pending if all(n in done for n in t.needs)]
+                for task in ready[:jobs - len(running)]:
+                    pending.remove(task)
+                    running[pool.submit(task.run)] = task
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                if future.exception() is None:
+                    done.add(task.name)
+                else:
+                    failures.append(future.exception())
+    if failures:
+        raise failures[0]
+    if pending:
+        raise RuntimeError(f"tasks never became ready: {[t.name for t in pending]}")  # a cycle: a bug
+
+
+def set_tasks(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inputs: dict) -> list[Task]:
     """BABILong sets with `lm2 babilong`: training and validation on the training side, test on the test side;
-    the base fine-tune's own sets and the replayed rows (training side) when the plan asks for them."""
+    the base fine-tune's own sets and the replayed rows (training side) when the plan asks for them. Each needs
+    the tokenizer only."""
     val_seed = plan.sets_seed + plan.val_seed_offset
     specs = {
         "train": ("train", plan.train_lengths, plan.train_samples, plan.train_haystack, plan.sets_seed),
@@ -376,69 +450,91 @@ def build_sets(stages: Stages, plan: Plan, first_recipe: Path, lay: Layout, inpu
         specs["base-val"] = ("train", plan.base_lengths, plan.base_val_samples, plan.train_haystack, val_seed)
     if plan.replay_samples:
         specs["replay"] = ("train", plan.replay_lengths, plan.replay_samples, plan.train_haystack, plan.replay_seed)
+    tasks = []
     for name, (split, lengths, samples, haystack, seed) in specs.items():
         argv = ["babilong", str(first_recipe), "--set", f"data.dir={json.dumps(str(lay.data))}",
                 "--set", f"babilong.split={json.dumps(split)}", "--set", f"babilong.tasks={toml_list(plan.tasks)}",
                 "--set", f"babilong.lengths={toml_list(lengths)}", "--set", f"babilong.samples={samples}",
                 "--set", f"babilong.margin={plan.margin}", "--set", f"babilong.haystack={json.dumps(haystack)}",
                 "--set", f"babilong.seed={seed}", "--out", str(lay.sets[name])]
-        stages.run(f"babilong-{name}", argv, inputs)
+        tasks.append(Task(f"babilong-{name}", ["tokenize"],
+                          lambda name=name, argv=argv: stages.run(f"babilong-{name}", argv, inputs)))
+    return tasks
 
 
-def train_model(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout) -> None:
-    """Pretraining (plan.pretrain), the base fine-tune (plan.base_set), then the long fine-tune (and its
-    continuations, plan.continue_sets), each stage starting from the weights of the one before; with
-    plan.base_from the long fine-tune starts from another model's base instead. The base fine-tune is a separate
-    `lm2 finetune` because the fact-count curriculum it runs (learn qa1's reasoning on 0k rows first,
-    docs/results.md) cannot share a run with the segment stages of the long fine-tune."""
-    inputs = {"recipe_sha256": sha256_file(recipe)}
-    common = ["--set", f"data.dir={json.dumps(str(lay.data))}", "--set", f"train.seed={seed}"]
-    tasks = ["--set", f"finetune.tasks={toml_list(plan.tasks)}"]
-    data = ["--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
-            "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}", *tasks]
-    base_data = data if not plan.base_samples else [
-        "--set", f"finetune.data={json.dumps(str(lay.sets['base-train']))}",
-        "--set", f"finetune.val_data={json.dumps(str(lay.sets['base-val']))}", *tasks]
-    if plan.replay_samples:
-        data += ["--set", f"finetune.replay_data={json.dumps(str(lay.sets['replay']))}"]
-    init_from = ""
-    if model in plan.base_from:
-        init_from = str(lay.base(seed, plan.base_from[model]))
-        inputs = inputs | {"base_weights": run_weights(Path(init_from))}
-    else:
-        init_from, inputs = _pretrain_and_base(stages, plan, model, recipe, seed, lay, common, base_data, inputs)
-    parts = [plan.finetune_set, *(plan.finetune_set + extra for extra in plan.continue_sets)]
-    for part, sets in enumerate(parts, 1):
-        last = part == len(parts)
-        out = lay.finetune(seed, model) if last else lay.finetune_part(seed, model, part)
-        argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
-                *_sets(sets), "--out", str(out)]
-        name = f"seed{seed}/finetune/{model}" if last else f"seed{seed}/finetune-part{part}/{model}"
-        stages.run(name, argv, inputs, resume_dir=out)
-        init_from = str(out)
-        inputs = inputs | {f"part{part}_weights": run_weights(out)}
+class ModelChain:
+    """The stages of one model and seed — pretraining (plan.pretrain), the base fine-tune (plan.base_set), then the
+    long fine-tune (and its continuations, plan.continue_sets) — each starting from the weights of the one before;
+    with plan.base_from the long fine-tune starts from another model's base instead. The base fine-tune is a
+    separate `lm2 finetune` because the fact-count curriculum it runs (learn qa1's reasoning on 0k rows first,
+    docs/results.md) cannot share a run with the segment stages of the long fine-tune.
 
+    `init_from` and `inputs` are what the next stage starts from and the stage record's inputs (the weights it
+    reads); each stage sets them for the next once it has finished."""
 
-def _pretrain_and_base(stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout,
-                       common: list[str], data: list[str], inputs: dict) -> tuple[str, dict]:
-    """The model's own pretraining and base fine-tune (each when the plan has it): the weights the long
-    fine-tune starts from ("" = random) and the stage inputs that name them."""
-    init_from = ""
-    if plan.pretrain:
-        out = lay.pretrain(seed, model)
-        argv = ["pretrain", str(recipe), *common, *_sets(plan.pretrain_set), "--out", str(out)]
-        stages.run(f"seed{seed}/pretrain/{model}", argv, inputs, resume_dir=out)
-        init_from = str(out)
-        inputs = inputs | {"init_weights": run_weights(out)}
-    if plan.base_set:
-        out = lay.base(seed, model)
-        argv = ["finetune", str(recipe), *common, "--set", f"finetune.init_from={json.dumps(init_from)}", *data,
-                *_sets(plan.base_set + plan.base_set_of.get(model, [])), "--out", str(out)]
-        stages.run(f"seed{seed}/finetune-base/{model}", argv, inputs, resume_dir=out)
-        check_base(out, plan.base_min_em, f"seed {seed}: the base fine-tune of {model}")
-        init_from = str(out)
-        inputs = inputs | {"base_weights": run_weights(out)}
-    return init_from, inputs
+    def __init__(self, stages: Stages, plan: Plan, model: str, recipe: Path, seed: int, lay: Layout):
+        self.stages, self.plan, self.model, self.recipe, self.seed, self.lay = stages, plan, model, recipe, seed, lay
+        self.init_from = ""
+        self.inputs = {"recipe_sha256": sha256_file(recipe)}
+        self.common = ["--set", f"data.dir={json.dumps(str(lay.data))}", "--set", f"train.seed={seed}"]
+        tasks = ["--set", f"finetune.tasks={toml_list(plan.tasks)}"]
+        self.data = ["--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
+                     "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}", *tasks]
+        self.base_data = self.data if not plan.base_samples else [
+            "--set", f"finetune.data={json.dumps(str(lay.sets['base-train']))}",
+            "--set", f"finetune.val_data={json.dumps(str(lay.sets['base-val']))}", *tasks]
+        if plan.replay_samples:
+            self.data = self.data + ["--set", f"finetune.replay_data={json.dumps(str(lay.sets['replay']))}"]
+
+    def tasks(self, sets: list[str]) -> list[Task]:
+        """The chain's tasks; `sets`: the names of the tasks that build the data."""
+        plan, seed, model = self.plan, self.seed, self.model
+        out: list[Task] = []
+        needs = sets
+        if model in plan.base_from:  # starts from the base of another model of the plan, trained by its chain
+            needs = [f"seed{seed}/finetune-base/{plan.base_from[model]}"]
+        else:
+            if plan.pretrain:
+                out.append(Task(f"seed{seed}/pretrain/{model}", needs, self.pretrain))
+                needs = [out[-1].name]
+            if plan.base_set:
+                out.append(Task(f"seed{seed}/finetune-base/{model}", needs, self.base))
+                needs = [out[-1].name]
+        parts = [plan.finetune_set, *(plan.finetune_set + extra for extra in plan.continue_sets)]
+        for part, sets_ in enumerate(parts, 1):
+            last = part == len(parts)
+            name = f"seed{seed}/finetune/{model}" if last else f"seed{seed}/finetune-part{part}/{model}"
+            out.append(Task(name, needs, lambda name=name, part=part, sets_=sets_, last=last:
+                            self.long(name, part, sets_, last)))
+            needs = [name]
+        return out
+
+    def _advance(self, out: Path, key: str) -> None:
+        self.init_from = str(out)
+        self.inputs = self.inputs | {key: run_weights(out)}
+
+    def pretrain(self) -> None:
+        out = self.lay.pretrain(self.seed, self.model)
+        argv = ["pretrain", str(self.recipe), *self.common, *_sets(self.plan.pretrain_set), "--out", str(out)]
+        self.stages.run(f"seed{self.seed}/pretrain/{self.model}", argv, self.inputs, resume_dir=out)
+        self._advance(out, "init_weights")
+
+    def base(self) -> None:
+        plan, out = self.plan, self.lay.base(self.seed, self.model)
+        argv = ["finetune", str(self.recipe), *self.common, "--set", f"finetune.init_from={json.dumps(self.init_from)}",
+                *self.base_data, *_sets(plan.base_set + plan.base_set_of.get(self.model, [])), "--out", str(out)]
+        self.stages.run(f"seed{self.seed}/finetune-base/{self.model}", argv, self.inputs, resume_dir=out)
+        check_base(out, plan.base_min_em, f"seed {self.seed}: the base fine-tune of {self.model}")
+        self._advance(out, "base_weights")
+
+    def long(self, name: str, part: int, sets: list[str], last: bool) -> None:
+        if part == 1 and self.model in self.plan.base_from:
+            self._advance(self.lay.base(self.seed, self.plan.base_from[self.model]), "base_weights")
+        out = self.lay.finetune(self.seed, self.model) if last else self.lay.finetune_part(self.seed, self.model, part)
+        argv = ["finetune", str(self.recipe), *self.common, "--set", f"finetune.init_from={json.dumps(self.init_from)}",
+                *self.data, *_sets(sets), "--out", str(out)]
+        self.stages.run(name, argv, self.inputs, resume_dir=out)
+        self._advance(out, f"part{part}_weights")
 
 
 def check_base(run_dir: Path, min_em: float, what: str) -> None:
@@ -491,24 +587,39 @@ def inspect(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
     return out
 
 
-def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print) -> tuple[Stages, dict[int, Path], Path]:
+def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], lay: Layout) -> list[Task]:
+    """Every stage of the run in the order one job runs them: tokenizer, sets, then per seed each model's chain
+    and the seed's evaluation, and last the inspection of the first seed's LM2."""
+    first = paths[plan.models[0]]
+    tok_inputs = {"recipe_sha256": sha256_file(first)}
+    tasks = [Task("tokenize", [], lambda: stages.run("tokenize", ["tokenize", str(first), "--out", str(lay.data)],
+                                                     tok_inputs))]
+    tasks += set_tasks(stages, plan, first, lay, tok_inputs)
+    sets = [t.name for t in tasks[1:]]
+    for seed in plan.seeds:
+        finals = []
+        for model, recipe in paths.items():
+            tasks += ModelChain(stages, plan, model, recipe, seed, lay).tasks(sets)
+            finals.append(tasks[-1].name)
+        tasks.append(Task(f"seed{seed}/eval", finals, lambda seed=seed: evaluate(stages, plan, seed, lay)))
+    seed = plan.seeds[0]
+    tasks.append(Task(f"seed{seed}/inspect-memory", [f"seed{seed}/finetune/{plan.inspect_model}"],
+                      lambda: inspect(stages, plan, seed, lay)))
+    return tasks
+
+
+def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print,
+                 jobs: int = 1) -> tuple[Stages, dict[int, Path], Path]:
     paths = recipe_paths(recipes, plan)
     problems = fairness_problems(load_recipes(paths))
     if problems:
         raise PipelineError("unfair", [f"{recipes}: not a fair comparison: {p}" for p in problems])
     lay = Layout(work)
-    stages = Stages(work, log)
-    first = paths[plan.models[0]]
-    tok_inputs = {"recipe_sha256": sha256_file(first)}
-    stages.run("tokenize", ["tokenize", str(first), "--out", str(lay.data)], tok_inputs)
-    build_sets(stages, plan, first, lay, tok_inputs)
-    evals = {}
-    for seed in plan.seeds:
-        for model, recipe in paths.items():
-            train_model(stages, plan, model, recipe, seed, lay)
-        evals[seed] = evaluate(stages, plan, seed, lay)
-    inspect_dir = inspect(stages, plan, plan.seeds[0], lay)
-    return stages, evals, inspect_dir
+    stages = Stages(work, log, jobs)
+    tasks = pipeline_tasks(stages, plan, paths, lay)
+    run_tasks(tasks, jobs)
+    stages.records = stages.in_order([t.name for t in tasks])
+    return stages, {seed: lay.eval(seed) for seed in plan.seeds}, lay.inspect(plan.seeds[0])
 
 
 # ----------------------------------------------------------------------------------------------- fairness
@@ -742,12 +853,15 @@ def base_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def wall_time_section(stages: Stages) -> list[str]:
+def wall_time_section(stages: Stages, elapsed_s: float) -> list[str]:
     rows = [[r.name, f"{r.wall_s:.1f}", "this run" if r.ran else "an earlier run", f"`{r.command}`"]
             for r in stages.records]
     total = sum(r.wall_s for r in stages.records)
+    ran = sum(r.ran for r in stages.records)
     return md_table(["stage", "wall s", "measured in", "command"], rows) + \
-        ["", f"Total {total:.1f} s ({total / 60:.1f} min) of stage wall time."]
+        ["", f"Total {total:.1f} s ({total / 60:.1f} min) of stage wall time. This invocation ran {ran} of the "
+             f"{len(stages.records)} stages in {elapsed_s:.1f} s ({elapsed_s / 60:.1f} min) end to end, "
+             f"{stages.jobs} at a time (--jobs {stages.jobs}) on {os.cpu_count()} CPU cores."]
 
 
 def inspect_section(inspect_dir: Path, figures: Path, results_file: Path) -> list[str]:
@@ -810,7 +924,8 @@ def _num(value) -> str:
 
 
 def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path, stages: Stages,
-                   evals: dict[int, Path], inspect_dir: Path, results_file: Path, command: str) -> str:
+                   evals: dict[int, Path], inspect_dir: Path, results_file: Path, command: str,
+                   elapsed_s: float) -> str:
     all_results = {seed: read_results(d) for seed, d in evals.items()}
     figures = results_file.parent / "figures" / f"{results_file.stem}-{mode}"
     plot = figures / "accuracy_vs_length.png"
@@ -826,7 +941,7 @@ def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path,
               "Points are the mean over seeds; bars the 95 % Wilson interval (of the pooled counts over seeds)."]
     lines += ["", "### Per task", ""] + per_task_section(all_results)
     lines += ["", "### Settings and sample counts", ""] + settings_section(plan, plan_file, recipes, all_results)
-    lines += ["", "### Wall time of every stage", ""] + wall_time_section(stages)
+    lines += ["", "### Wall time of every stage", ""] + wall_time_section(stages, elapsed_s)
     lines += ["", "### Memory of the trained LM2", ""] + inspect_section(inspect_dir, figures, results_file)
     return "\n".join(lines) + "\n"
 
@@ -863,9 +978,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                 "model from one vanilla backbone per seed)")
     p.add_argument("--work", type=Path, help="where data, runs and evaluations go (default runs/babilong[-quick|"
                                              "-smoke])")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="stages run at once (default 1): training stages of different models and seeds side by side "
+                        "as soon as the weights they start from exist; each stage's output goes to WORK/logs/ and "
+                        "each gets CPU threads / JOBS (OMP_NUM_THREADS, unless set)")
     p.add_argument("--results", type=Path, help="results file; the run rewrites only its own marked section "
                                                 "(default docs/results.md; with --smoke WORK/results.md)")
     return p.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of stages, 1 or more")
+    return value
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -887,11 +1016,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.seed:
             plan = replace(plan, seeds=list(dict.fromkeys(args.seed)))
         start = time.perf_counter()
-        stages, evals, inspect_dir = run_pipeline(plan, recipes.resolve(), work.resolve())
+        stages, evals, inspect_dir = run_pipeline(plan, recipes.resolve(), work.resolve(), jobs=args.jobs)
         command = "python recipes/babilong/reproduce.py" + "".join(
             f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
         write_section(results_file, mode, render_section(mode, plan, plan_file, recipes, stages, evals,
-                                                         inspect_dir, results_file, command))
+                                                         inspect_dir, results_file, command,
+                                                         time.perf_counter() - start))
     except PipelineError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)

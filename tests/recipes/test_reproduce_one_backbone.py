@@ -22,16 +22,27 @@ MODELS = ["vanilla-window", "lm2-delta", "rmt", "vanilla"]
 FROM_SHARED_BASE = ["rmt", "vanilla"]  # no base of their own: the windowed vanilla's
 
 
+def run_smoke(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BABILONG / "reproduce.py"), "--smoke", "--recipes", str(PLAN),
+                           "--work", str(work), "--results", str(work / "results.md"), *extra],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("one-backbone") / "work"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(BABILONG / "reproduce.py"), "--smoke", "--recipes", str(PLAN),
-                           "--work", str(work), "--results", str(work / "results.md")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_smoke(work)
     commands = dict(re.findall(r"^\[([^\]]+)\] \$ lm2 (.*)$", proc.stdout, flags=re.M))
     return work, proc, commands
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    root = run_dir / "checkpoints"
+    return load_file(root / (root / "latest").read_text().strip() / "model.safetensors")
 
 
 def sets_of(command: str) -> dict[str, str]:
@@ -90,6 +101,32 @@ def test_results_name_the_shared_base_and_the_continuation(run):
     assert "* then continued 1 time(s) from the newest run" in text
     results = json.loads((work / "seed7" / "eval" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == MODELS
+
+
+@pytest.mark.slow
+def test_two_jobs_run_the_same_stages_to_the_same_weights_and_numbers(run, tmp_path: Path):
+    """--jobs 2: the long fine-tunes of the models sharing a base run side by side; with the same threads per
+    stage every model's weights are bitwise those of the one-job run, and so are the evaluation's numbers. Each
+    stage's output goes to its log; the wall-time table keeps the plan's order."""
+    work, _, commands = run
+    proc = run_smoke(tmp_path / "work", "--jobs", "2")
+    two = tmp_path / "work"
+    started = re.findall(r"^\[([^\]]+)\] \$ lm2 .*\(output: (.*)\)$", proc.stdout, flags=re.M)
+    assert sorted(name for name, _ in started) == sorted(commands)
+    for name, log in started:
+        assert Path(log).is_file() and Path(log).read_text().startswith("$ lm2 "), name
+        assert f"[{name}] finished in " in proc.stdout
+    for m in MODELS:
+        one_w, two_w = final_weights(work / "seed7/finetune" / m), final_weights(two / "seed7/finetune" / m)
+        assert one_w.keys() == two_w.keys() and all((one_w[k] == two_w[k]).all() for k in one_w), m
+    cells = [json.loads((w / "seed7/eval/results.json").read_text())["babilong"]["cells"] for w in (work, two)]
+    assert [[{k: v for k, v in c.items() if k != "samples_per_s"} for c in cs] for cs in cells] == [
+        [{k: v for k, v in c.items() if k != "samples_per_s"} for c in cells[0]]] * 2
+    text = (two / "results.md").read_text()
+    wall = text.split("### Wall time of every stage", 1)[1]
+    assert [line.split("|")[1].strip() for line in wall.splitlines()[4:4 + len(commands)]] == [*commands]
+    assert re.search(r"This invocation ran 19 of the 19 stages in [\d.]+ s \([\d.]+ min\) end to end, 2 at a "
+                     r"time \(--jobs 2\)", text)
 
 
 def test_the_lm2_sees_8_tokens_and_writes_every_8_on_the_vanillas_rows():
@@ -174,7 +211,8 @@ def test_a_model_s_own_base_takes_its_extra_sets_after_the_shared_ones(tmp_path:
                           base_set_of={"lm2-delta": ["attention.window=8", "memory.segment_len=8"]})
     stages, lay = RecordingStages(), reproduce.Layout(tmp_path)
     for model in MODELS:
-        reproduce.train_model(stages, plan, model, PLAN / f"{model}.toml", 7, lay)
+        for task in reproduce.ModelChain(stages, plan, model, PLAN / f"{model}.toml", 7, lay).tasks([]):
+            task.run()
     assert [*stages.argv] == ["seed7/finetune-base/vanilla-window", "seed7/finetune/vanilla-window",
                               "seed7/finetune-base/lm2-delta", "seed7/finetune/lm2-delta", "seed7/finetune/rmt",
                               "seed7/finetune/vanilla"]
