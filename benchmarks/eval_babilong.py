@@ -5,7 +5,9 @@
 For every length, the same prompts (qa1-qa5, the first N samples of each file, assembled as fine-tuning
 assembles them) are decoded greedily twice with the same model:
   batched   lm2cli.evaluation.decode.StateRunner (eval.batch_size rows, equal-length rows decoded together)
-  baseline  a plain loop over lm2 generate's Generator, one prompt at a time (greedy, max_new_tokens 10)
+  baseline  a plain loop over lm2 generate's Generator, one prompt at a time (greedy, max_new_tokens 10);
+            with --baseline every-position: the same batched runner, its prefill computing the LM head at every
+            position instead of the last one only (what it did before `logits_at`)
 The two must produce identical answers (checked); samples/s and their ratio are printed per length and for
 the whole grid. The passes alternate every task so that load on a shared machine hits both alike.
 
@@ -97,6 +99,8 @@ def main() -> None:
                     help="torch CPU threads (1 = what lm2 eval and lm2 generate choose for small models)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on both sides)")
     ap.add_argument("--quick", action="store_true", help="5 samples per task and length")
+    ap.add_argument("--baseline", choices=["one-by-one", "every-position"], default="one-by-one",
+                    help="what the batched runner is compared with (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     samples = 5 if args.quick else args.samples
@@ -107,11 +111,14 @@ def main() -> None:
                          autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     generator = Generator(model, tokenizer, recipe, device=device)
     generator.warm_up()
+    every_position = StateRunner(model, recipe.memory.segment_len, device, batch_size=args.batch_size,
+                                 autocast_dtype=runner.autocast_dtype)
+    every_position.takes_logits_at = False  # the head over every prefill position, as before logits_at
     print(f"model: {what} ({recipe.model.arch}, d={recipe.model.d_model}, window {recipe.attention.window}, "
           f"segment {recipe.memory.segment_len}); {device}, {torch.get_num_threads()} CPU threads; batch_size "
           f"{args.batch_size}; {len(tasks)} tasks x {samples} samples per length; load "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"{'length':>6} {'samples':>7} {'batched/s':>10} {'one-by-one/s':>13} {'ratio':>6}")
+    print(f"{'length':>6} {'samples':>7} {'batched/s':>10} {args.baseline + '/s':>16} {'ratio':>6}")
     total = {"n": 0, "batched": 0.0, "single": 0.0, "differ": 0}
     for length in lengths:
         n, t_batched, t_single = 0, 0.0, 0.0
@@ -119,19 +126,22 @@ def main() -> None:
             prompts = prompts_at(args.data, [task], length, samples, tokenizer)
             got, seconds = batched(runner, prompts, tokenizer.eos_id)
             t_batched += seconds
-            want, seconds = one_at_a_time(generator, prompts, tokenizer.eos_id)
+            if args.baseline == "every-position":
+                want, seconds = batched(every_position, prompts, tokenizer.eos_id)
+            else:
+                want, seconds = one_at_a_time(generator, prompts, tokenizer.eos_id)
             t_single += seconds
             differ = sum(a != b for a, b in zip(got, want, strict=True))
             if differ and device.type == "cpu":  # fp32 on CPU: batching must not change a single answer
                 raise SystemExit(f"{task} {length}: {differ} of {len(prompts)} answers differ between batched "
-                                 f"and one-by-one")
+                                 f"and {args.baseline}")
             total["differ"] += differ  # bf16 on GPU: other batch shapes round differently, near-ties may flip
             n += len(prompts)
         total["n"] += n
         total["batched"] += t_batched
         total["single"] += t_single
-        print(f"{length:>6} {n:>7} {n / t_batched:>10.2f} {n / t_single:>13.2f} {t_single / t_batched:>5.2f}x")
-    print(f"{'all':>6} {total['n']:>7} {total['n'] / total['batched']:>10.2f} {total['n'] / total['single']:>13.2f} "
+        print(f"{length:>6} {n:>7} {n / t_batched:>10.2f} {n / t_single:>16.2f} {t_single / t_batched:>5.2f}x")
+    print(f"{'all':>6} {total['n']:>7} {total['n'] / total['batched']:>10.2f} {total['n'] / total['single']:>16.2f} "
           f"{total['single'] / total['batched']:>5.2f}x   ({total['differ']} answers differ; load "
           f"{os.getloadavg()[0]:.1f})")
 
