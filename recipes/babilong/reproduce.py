@@ -24,6 +24,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -208,6 +209,7 @@ class Stages:
         if jobs > 1 and "OMP_NUM_THREADS" not in self.env:
             self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
         self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
 
     def _record_path(self, name: str) -> Path:
         return self.dir / (name.replace("/", "__") + ".json")
@@ -269,13 +271,36 @@ class Stages:
 
     def _run_lm2(self, argv: list[str], log_file: Path | None) -> int:
         if log_file is None:
-            return subprocess.run([sys.executable, "-m", "lm2cli", *argv], env=self.env).returncode
+            return self._wait(subprocess.Popen([sys.executable, "-m", "lm2cli", *argv], env=self.env))
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "a", encoding="utf-8") as out:  # a resumed stage adds to its earlier output
             out.write(f"$ {shown(argv)}\n")
             out.flush()
-            return subprocess.run([sys.executable, "-m", "lm2cli", *argv], env=self.env, stdout=out,
-                                  stderr=subprocess.STDOUT).returncode
+            return self._wait(subprocess.Popen([sys.executable, "-m", "lm2cli", *argv], env=self.env, stdout=out,
+                                               stderr=subprocess.STDOUT))
+
+    def _wait(self, proc: subprocess.Popen) -> int:
+        with self._lock:
+            self._running.add(proc)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # one job, in the main thread: the stage saves and stops, then the run does
+            self.interrupt()
+            proc.wait()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def interrupt(self) -> None:
+        """SIGINT to every running stage: a training stage saves a checkpoint and stops (the next invocation
+        continues it with --resume). Needed when the runner alone is signalled (kill -INT, a scheduler), not a
+        terminal's whole process group."""
+        with self._lock:
+            running = list(self._running)
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
 
     def in_order(self, names: list[str]) -> list[StageRecord]:
         """The records in the plan's order (side-by-side stages finish in any order)."""
@@ -402,11 +427,12 @@ class Task:
     run: Callable[[], object]
 
 
-def run_tasks(tasks: list[Task], jobs: int = 1) -> None:
+def run_tasks(tasks: list[Task], jobs: int = 1, interrupt: Callable[[], None] | None = None) -> None:
     """Run `tasks`, up to `jobs` at once, each as soon as the tasks it needs have finished and otherwise in list
     order (jobs = 1: one after another, in list order). After a failure no task starts; the running ones finish
     (an interrupted training stage would be continued by the next invocation anyway); the first failure is raised.
-    """
+    On KeyboardInterrupt `interrupt()` is called (it stops the running stages), they are waited for, and the
+    KeyboardInterrupt goes on."""
     names = {t.name for t in tasks}
     unknown = sorted({n for t in tasks for n in t.needs} - names)
     if unknown:
@@ -414,21 +440,29 @@ def run_tasks(tasks: list[Task], jobs: int = 1) -> None:
     done: set[str] = set()
     pending, running, failures = list(tasks), {}, []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while True:
-            if not failures:
-                ready = [t for t in pending if all(n in done for n in t.needs)]
-                for task in ready[:jobs - len(running)]:
-                    pending.remove(task)
-                    running[pool.submit(task.run)] = task
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = running.pop(future)
-                if future.exception() is None:
-                    done.add(task.name)
-                else:
-                    failures.append(future.exception())
+        try:
+            while True:
+                if not failures:
+                    ready = [t for t in pending if all(n in done for n in t.needs)]
+                    for task in ready[:jobs - len(running)]:
+                        pending.remove(task)
+                        running[pool.submit(task.run)] = task
+                if not running:
+                    break
+                # a timeout, so that the main thread wakes up for a pending Ctrl-C even if the signal went to a
+                # worker thread
+                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = running.pop(future)
+                    if future.exception() is None:
+                        done.add(task.name)
+                    else:
+                        failures.append(future.exception())
+        except KeyboardInterrupt:
+            if interrupt is not None:
+                interrupt()
+            wait(running)
+            raise
     if failures:
         raise failures[0]
     if pending:
@@ -617,7 +651,7 @@ def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print,
     lay = Layout(work)
     stages = Stages(work, log, jobs)
     tasks = pipeline_tasks(stages, plan, paths, lay)
-    run_tasks(tasks, jobs)
+    run_tasks(tasks, jobs, interrupt=stages.interrupt)
     stages.records = stages.in_order([t.name for t in tasks])
     return stages, {seed: lay.eval(seed) for seed in plan.seeds}, lay.inspect(plan.seeds[0])
 

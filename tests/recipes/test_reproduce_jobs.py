@@ -3,6 +3,10 @@ order; a failure stops new stages and is the run's error."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -77,3 +81,48 @@ def test_jobs_must_be_a_whole_number_of_stages(bad, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.parse_args(["--jobs", bad])
     assert e.value.code == 2 and "is not a whole number of stages, 1 or more" in capsys.readouterr().err
+
+
+def test_an_interrupt_stops_the_running_stages_waits_for_them_and_goes_on():
+    """Ctrl-C (or kill -INT of the runner alone): `interrupt` is called once — it stops the running stages —,
+    they are waited for, nothing new starts, and the KeyboardInterrupt reaches the caller."""
+    reproduce, log = load_reproduce(), []
+    running, release = threading.Barrier(3), threading.Event()
+
+    def stage(name):
+        log.append(("start", name))
+        running.wait(5)
+        release.wait(5)
+        log.append(("end", name))
+
+    def interrupt():
+        log.append(("interrupt", ""))
+        release.set()
+
+    def press_ctrl_c():
+        running.wait(5)  # both stages are running
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: to the process; Python raises it in the main thread
+
+    tasks = [reproduce.Task(n, needs, lambda n=n: stage(n)) for n, needs in
+             {"base-a": [], "base-b": [], "long-a": ["base-a"]}.items()]
+    threading.Thread(target=press_ctrl_c).start()
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_tasks(tasks, jobs=2, interrupt=interrupt)
+    assert log[:2] == [("start", "base-a"), ("start", "base-b")] and log[2] == ("interrupt", "")
+    assert sorted(log[3:]) == [("end", "base-a"), ("end", "base-b")]  # waited for; long-a never started
+
+
+def test_interrupt_sends_sigint_to_every_running_stage(tmp_path):
+    """A training stage given SIGINT saves a checkpoint and stops (lm2's trainer); the runner forwards it."""
+    reproduce = load_reproduce()
+    stages = reproduce.Stages(tmp_path, log=lambda *a, **k: None, jobs=2)
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGINT, lambda *a: sys.exit(7))\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(30)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+        stages._running.add(proc)
+    stages.interrupt()
+    assert [proc.wait(10) for proc in procs] == [7, 7]
