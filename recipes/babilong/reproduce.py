@@ -105,6 +105,15 @@ class Plan:
     replay_samples: int = 0
     replay_lengths: list[str] = field(default_factory=lambda: ["0k"])
     replay_seed: int = 4321
+    # Per-task or multi-task: groups of plan.tasks, each trained as its own models (every model of the plan, per
+    # seed: one multi-task model per group) and evaluated on its own tasks; the results merge them (the qa1-qa5
+    # average across groups). Empty: one group of every task. E.g. [["qa1", "qa2"], ["qa3"], ["qa4"], ["qa5"]]:
+    # the decision docs/results.md measured (qa2 learned better beside qa1 than alone; sixteenth pass).
+    task_groups: list[list[str]] = field(default_factory=list)
+    # group name (its tasks joined by "+", e.g. "qa1+qa2"; one group: every task of the plan) -> more --set for the
+    # base fine-tunes of that group's models, after base_set and base_set_of (e.g. qa3's fact curriculum must
+    # start at 4 facts: no qa3 story can be cut to 2)
+    group_base_set: dict[str, list[str]] = field(default_factory=dict)
     eval_set: list[str] = field(default_factory=lambda: ['eval.run=["babilong"]', "eval.retrieval=\"bm25\""])
     inspect_args: list[str] = field(default_factory=lambda: ["--generate", "4"])
 
@@ -239,7 +248,7 @@ class Stages:
         inputs = inputs or {}
         rec = self.done(name, argv, inputs, derived)
         if rec is not None:
-            self.log(f"[{name}] done earlier ({rec['wall_s']:.1f} s): {shown(argv)}")
+            self.say(f"[{name}] done earlier ({rec['wall_s']:.1f} s): {shown(argv)}")
             record = StageRecord(name, shown(argv), rec["wall_s"], ran=False)
         else:
             run_argv = list(argv)
@@ -248,7 +257,7 @@ class Stages:
             if before is not None:
                 before()
             log_file = self.log_dir / (name.replace("/", "__") + ".log") if self.jobs > 1 else None
-            self.log(f"[{name}] $ {shown(run_argv)}" + (f"   (output: {log_file})" if log_file else ""), flush=True)
+            self.say(f"[{name}] $ {shown(run_argv)}" + (f"   (output: {log_file})" if log_file else ""))
             start = time.perf_counter()
             returncode = self._run_lm2(run_argv, log_file)
             wall = time.perf_counter() - start
@@ -258,7 +267,7 @@ class Stages:
                                     f"{shown(run_argv)}; fix the cause and run reproduce.py again (finished "
                                     f"stages are kept)")
             if log_file:
-                self.log(f"[{name}] finished in {wall:.1f} s", flush=True)
+                self.say(f"[{name}] finished in {wall:.1f} s")
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self._record_path(name).with_suffix(".tmp")
             tmp.write_text(json.dumps({"argv": argv, "inputs": inputs, "wall_s": wall,
@@ -268,6 +277,12 @@ class Stages:
         with self._lock:
             self.records.append(record)
         return record
+
+    def say(self, line: str) -> None:
+        """One console line; side-by-side stages never interleave theirs (print writes the text and the newline
+        separately)."""
+        with self._lock:
+            self.log(line, flush=True)
 
     def _run_lm2(self, argv: list[str], log_file: Path | None) -> int:
         if log_file is None:
@@ -333,16 +348,24 @@ def pointed_state(run_dir: Path, pointer: str) -> dict | None:
 
 @dataclass
 class Layout:
-    """Where everything goes under WORK."""
+    """Where everything goes under WORK: the tokenizer and sets once; runs, evaluations and inspections per seed,
+    and per task group under it when the plan has several (WORK/seed1/qa1+qa2/...)."""
 
     work: Path
+    group: str = ""  # the task group's name; "" = the plan's one group (no directory of its own)
+    tasks: list[str] = field(default_factory=list)  # the group's tasks
+    base_sets: list[str] = field(default_factory=list)  # plan.group_base_set of the group
 
     data = property(lambda self: self.work / "data")
     sets = property(lambda self: {s: self.work / "babilong" / s
                                   for s in ("train", "val", "test", "base-train", "base-val", "replay")})
 
     def seed_dir(self, seed: int) -> Path:
-        return self.work / f"seed{seed}"
+        return self.work / f"seed{seed}" / self.group if self.group else self.work / f"seed{seed}"
+
+    def tag(self, seed: int) -> str:
+        """How this seed's (and group's) stages are named: seed1, or seed1/qa1+qa2."""
+        return f"seed{seed}/{self.group}" if self.group else f"seed{seed}"
 
     def pretrain(self, seed: int, model: str) -> Path:
         return self.seed_dir(seed) / "pretrain" / model
@@ -381,6 +404,7 @@ def recipe_paths(recipes: Path, plan: Plan) -> dict[str, Path]:
         problems.append("plan.seeds is empty; give at least one training seed")
     problems += base_from_problems(plan)
     problems += base_set_of_problems(plan)
+    problems += task_group_problems(plan)
     if problems:
         raise PipelineError(problems[0], problems)
     return paths
@@ -401,6 +425,47 @@ def base_from_problems(plan: Plan) -> list[str]:
         elif not plan.base_set:
             problems.append(f"{where}: the plan has no base fine-tune (plan.base_set is empty)")
     return problems
+
+
+def task_groups(plan: Plan) -> list[list[str]]:
+    return plan.task_groups or [plan.tasks]
+
+
+def group_name(group: list[str]) -> str:
+    return "+".join(group)
+
+
+def task_group_problems(plan: Plan) -> list[str]:
+    """plan.task_groups split plan.tasks: every task in exactly one group; plan.group_base_set names groups."""
+    problems, seen = [], {}
+    for group in plan.task_groups:
+        if not group:
+            problems.append("plan.task_groups: a group is empty; give each group at least one task")
+        for task in group:
+            if task not in plan.tasks:
+                problems.append(f"plan.task_groups: {task!r} is not one of plan.tasks {plan.tasks}")
+            elif task in seen:
+                problems.append(f"plan.task_groups: {task!r} is in two groups ({seen[task]} and "
+                                f"{group_name(group)}); a task trains in one group")
+            seen.setdefault(task, group_name(group))
+    if plan.task_groups:
+        missing = [t for t in plan.tasks if t not in seen]
+        if missing:
+            problems.append(f"plan.task_groups: {', '.join(missing)} in no group; every task of plan.tasks "
+                            f"{plan.tasks} belongs to one")
+    names = [group_name(g) for g in task_groups(plan)]
+    for key in plan.group_base_set:
+        if key not in names:
+            problems.append(f"plan.group_base_set: {key!r} is not a task group; the groups are {', '.join(names)} "
+                            f"(each group's tasks joined by '+')")
+    return problems
+
+
+def group_layouts(plan: Plan, work: Path) -> list[Layout]:
+    """One Layout per task group; a plan with one group keeps the plain layout (WORK/seed1/...)."""
+    groups = task_groups(plan)
+    return [Layout(work, group_name(g) if len(groups) > 1 else "", list(g),
+                   plan.group_base_set.get(group_name(g), [])) for g in groups]
 
 
 def base_set_of_problems(plan: Plan) -> list[str]:
@@ -511,7 +576,7 @@ class ModelChain:
         self.init_from = ""
         self.inputs = {"recipe_sha256": sha256_file(recipe)}
         self.common = ["--set", f"data.dir={json.dumps(str(lay.data))}", "--set", f"train.seed={seed}"]
-        tasks = ["--set", f"finetune.tasks={toml_list(plan.tasks)}"]
+        tasks = ["--set", f"finetune.tasks={toml_list(lay.tasks or plan.tasks)}"]
         self.data = ["--set", f"finetune.data={json.dumps(str(lay.sets['train']))}",
                      "--set", f"finetune.val_data={json.dumps(str(lay.sets['val']))}", *tasks]
         self.base_data = self.data if not plan.base_samples else [
@@ -522,22 +587,22 @@ class ModelChain:
 
     def tasks(self, sets: list[str]) -> list[Task]:
         """The chain's tasks; `sets`: the names of the tasks that build the data."""
-        plan, seed, model = self.plan, self.seed, self.model
+        plan, tag, model = self.plan, self.lay.tag(self.seed), self.model
         out: list[Task] = []
         needs = sets
         if model in plan.base_from:  # starts from the base of another model of the plan, trained by its chain
-            needs = [f"seed{seed}/finetune-base/{plan.base_from[model]}"]
+            needs = [f"{tag}/finetune-base/{plan.base_from[model]}"]
         else:
             if plan.pretrain:
-                out.append(Task(f"seed{seed}/pretrain/{model}", needs, self.pretrain))
+                out.append(Task(f"{tag}/pretrain/{model}", needs, self.pretrain))
                 needs = [out[-1].name]
             if plan.base_set:
-                out.append(Task(f"seed{seed}/finetune-base/{model}", needs, self.base))
+                out.append(Task(f"{tag}/finetune-base/{model}", needs, self.base))
                 needs = [out[-1].name]
         parts = [plan.finetune_set, *(plan.finetune_set + extra for extra in plan.continue_sets)]
         for part, sets_ in enumerate(parts, 1):
             last = part == len(parts)
-            name = f"seed{seed}/finetune/{model}" if last else f"seed{seed}/finetune-part{part}/{model}"
+            name = f"{tag}/finetune/{model}" if last else f"{tag}/finetune-part{part}/{model}"
             out.append(Task(name, needs, lambda name=name, part=part, sets_=sets_, last=last:
                             self.long(name, part, sets_, last)))
             needs = [name]
@@ -550,15 +615,16 @@ class ModelChain:
     def pretrain(self) -> None:
         out = self.lay.pretrain(self.seed, self.model)
         argv = ["pretrain", str(self.recipe), *self.common, *_sets(self.plan.pretrain_set), "--out", str(out)]
-        self.stages.run(f"seed{self.seed}/pretrain/{self.model}", argv, self.inputs, resume_dir=out)
+        self.stages.run(f"{self.lay.tag(self.seed)}/pretrain/{self.model}", argv, self.inputs, resume_dir=out)
         self._advance(out, "init_weights")
 
     def base(self) -> None:
         plan, out = self.plan, self.lay.base(self.seed, self.model)
         argv = ["finetune", str(self.recipe), *self.common, "--set", f"finetune.init_from={json.dumps(self.init_from)}",
-                *self.base_data, *_sets(plan.base_set + plan.base_set_of.get(self.model, [])), "--out", str(out)]
-        self.stages.run(f"seed{self.seed}/finetune-base/{self.model}", argv, self.inputs, resume_dir=out)
-        check_base(out, plan.base_min_em, f"seed {self.seed}: the base fine-tune of {self.model}")
+                *self.base_data, *_sets(plan.base_set + plan.base_set_of.get(self.model, []) + self.lay.base_sets),
+                "--out", str(out)]
+        self.stages.run(f"{self.lay.tag(self.seed)}/finetune-base/{self.model}", argv, self.inputs, resume_dir=out)
+        check_base(out, plan.base_min_em, f"{self.lay.tag(self.seed)}: the base fine-tune of {self.model}")
         self._advance(out, "base_weights")
 
     def long(self, name: str, part: int, sets: list[str], last: bool) -> None:
@@ -596,7 +662,8 @@ def _sets(values: list[str]) -> list[str]:
 def evaluate(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
     out = lay.eval(seed)
     argv = ["eval", *[str(lay.finetune(seed, m)) for m in plan.models],
-            "--set", f"eval.data={json.dumps(str(lay.sets['test']))}", "--set", f"eval.tasks={toml_list(plan.tasks)}",
+            "--set", f"eval.data={json.dumps(str(lay.sets['test']))}",
+            "--set", f"eval.tasks={toml_list(lay.tasks or plan.tasks)}",
             "--set", f"eval.lengths={toml_list(plan.test_lengths)}", "--set", f"eval.samples={plan.test_samples}",
             *_sets(plan.eval_set), "--out", str(out)]
 
@@ -604,9 +671,9 @@ def evaluate(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
         if out.exists():
             aside = out.with_name(f"{out.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
             out.rename(aside)
-            print(f"[seed{seed}/eval] the earlier (unfinished or outdated) evaluation was moved to {aside}")
+            print(f"[{lay.tag(seed)}/eval] the earlier (unfinished or outdated) evaluation was moved to {aside}")
     inputs = {m: run_weights(lay.finetune(seed, m)) for m in plan.models}
-    stages.run(f"seed{seed}/eval", argv, inputs, derived=True, before=move_aside)
+    stages.run(f"{lay.tag(seed)}/eval", argv, inputs, derived=True, before=move_aside)
     return out
 
 
@@ -616,14 +683,16 @@ def inspect(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
             "--babilong", f"{lay.sets['test']}:{plan.inspect_task}:{plan.inspect_length}:0", *plan.inspect_args,
             "--out", str(out)]
     inputs = {"weights": run_weights(lay.finetune(seed, plan.inspect_model))}
-    stages.run(f"seed{seed}/inspect-memory", argv, inputs, derived=True,
+    stages.run(f"{lay.tag(seed)}/inspect-memory", argv, inputs, derived=True,
                before=lambda: shutil.rmtree(out) if out.exists() else None)  # derived from the weights: redone
     return out
 
 
-def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], lay: Layout) -> list[Task]:
-    """Every stage of the run in the order one job runs them: tokenizer, sets, then per seed each model's chain
-    and the seed's evaluation, and last the inspection of the first seed's LM2."""
+def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], work: Path) -> list[Task]:
+    """Every stage of the run in the order one job runs them: tokenizer, sets, then per seed and task group each
+    model's chain and the group's evaluation, and last the inspection of the first seed's LM2."""
+    layouts = group_layouts(plan, work)
+    lay = layouts[0]
     first = paths[plan.models[0]]
     tok_inputs = {"recipe_sha256": sha256_file(first)}
     tasks = [Task("tokenize", [], lambda: stages.run("tokenize", ["tokenize", str(first), "--out", str(lay.data)],
@@ -631,29 +700,39 @@ def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], lay: Layo
     tasks += set_tasks(stages, plan, first, lay, tok_inputs)
     sets = [t.name for t in tasks[1:]]
     for seed in plan.seeds:
-        finals = []
-        for model, recipe in paths.items():
-            tasks += ModelChain(stages, plan, model, recipe, seed, lay).tasks(sets)
-            finals.append(tasks[-1].name)
-        tasks.append(Task(f"seed{seed}/eval", finals, lambda seed=seed: evaluate(stages, plan, seed, lay)))
-    seed = plan.seeds[0]
-    tasks.append(Task(f"seed{seed}/inspect-memory", [f"seed{seed}/finetune/{plan.inspect_model}"],
-                      lambda: inspect(stages, plan, seed, lay)))
+        for group in layouts:
+            finals = []
+            for model, recipe in paths.items():
+                tasks += ModelChain(stages, plan, model, recipe, seed, group).tasks(sets)
+                finals.append(tasks[-1].name)
+            tasks.append(Task(f"{group.tag(seed)}/eval", finals,
+                              lambda seed=seed, group=group: evaluate(stages, plan, seed, group)))
+    seed, group = plan.seeds[0], inspect_layout(plan, layouts)
+    tasks.append(Task(f"{group.tag(seed)}/inspect-memory", [f"{group.tag(seed)}/finetune/{plan.inspect_model}"],
+                      lambda: inspect(stages, plan, seed, group)))
     return tasks
 
 
+def inspect_layout(plan: Plan, layouts: list[Layout]) -> Layout:
+    """The task group whose models answer plan.inspect_task."""
+    return next(lay for lay in layouts if plan.inspect_task in (lay.tasks or plan.tasks))
+
+
 def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print,
-                 jobs: int = 1) -> tuple[Stages, dict[int, Path], Path]:
+                 jobs: int = 1) -> tuple[Stages, dict[int, list[Path]], Path]:
+    """Run every stage; returns the stages, each seed's evaluation directories (one per task group) and the
+    inspection's."""
     paths = recipe_paths(recipes, plan)
     problems = fairness_problems(load_recipes(paths))
     if problems:
         raise PipelineError("unfair", [f"{recipes}: not a fair comparison: {p}" for p in problems])
-    lay = Layout(work)
     stages = Stages(work, log, jobs)
-    tasks = pipeline_tasks(stages, plan, paths, lay)
+    tasks = pipeline_tasks(stages, plan, paths, work)
     run_tasks(tasks, jobs, interrupt=stages.interrupt)
     stages.records = stages.in_order([t.name for t in tasks])
-    return stages, {seed: lay.eval(seed) for seed in plan.seeds}, lay.inspect(plan.seeds[0])
+    layouts = group_layouts(plan, work)
+    return (stages, {seed: [lay.eval(seed) for lay in layouts] for seed in plan.seeds},
+            inspect_layout(plan, layouts).inspect(plan.seeds[0]))
 
 
 # ----------------------------------------------------------------------------------------------- fairness
@@ -730,6 +809,30 @@ def read_results(eval_dir: Path) -> dict:
     if not results.get("complete"):
         raise PipelineError(f"{eval_dir}/results.json is not a finished evaluation; run reproduce.py again")
     return results
+
+
+def merged_results(eval_dirs: list[Path]) -> dict:
+    """One seed's results: its evaluation's results.json, or with task groups the groups' merged — their cells side
+    by side, the qa1-qa5 average over them computed as lm2 eval computes it (lm2cli's own function), each group's
+    models named with their group."""
+    parts = [read_results(d) for d in eval_dirs]
+    if len(parts) == 1:
+        return parts[0]
+    from lm2cli.evaluation.babilong import averages
+
+    first = parts[0]["babilong"]
+    for d, p in zip(eval_dirs, parts, strict=True):
+        if p["babilong"]["variants"] != first["variants"] or p["babilong"]["lengths"] != first["lengths"]:
+            raise PipelineError(f"{d}/results.json has other models or lengths than {eval_dirs[0]}/results.json; "
+                                f"run reproduce.py again")
+    named = list(zip([d.parent.name for d in eval_dirs], parts, strict=True))  # (group, its results)
+    cells = [c for _, p in named for c in p["babilong"]["cells"]]
+    tasks = [t for _, p in named for t in p["babilong"]["tasks"]]
+    digests = {group: p["babilong"]["data"].get("rows_sha256", "") for group, p in named}
+    babilong = {**first, "cells": cells, "tasks": tasks, "averages": averages(cells, tasks, first["lengths"]),
+                "data": {**first["data"], "rows_sha256_groups": digests}}
+    models = [{**m, "name": f"{m['name']} [{group}]"} for group, p in named for m in p["models"]]
+    return {**parts[0], "babilong": babilong, "models": models}
 
 
 def headline_task(results: dict) -> str:
@@ -850,7 +953,7 @@ def settings_section(plan: Plan, plan_file: Path | None, recipes: Path, all_resu
              f"samples per task and length at {', '.join(plan.test_lengths)} (test-side stories, held-out "
              f"haystack `{plan.test_haystack}`); margin {plan.margin} tokens",
              f"* evaluation: mode `{b['mode']}` ({b['metric']}), {b['decoding']} decoding; every model saw the "
-             f"same rows (rows_sha256 {first['babilong']['data'].get('rows_sha256', '')[:16] or 'in results.json'})",
+             f"same rows (rows_sha256 {rows_digest(first['babilong']['data'])})",
              f"* pretraining --set: {' '.join(plan.pretrain_set) or '(none)'}" if plan.pretrain else
              "* no pretraining (fine-tuned from random weights)",
              f"* base fine-tune --set: {' '.join(plan.base_set)}" if plan.base_set else "* no base fine-tune",
@@ -869,6 +972,13 @@ def settings_section(plan: Plan, plan_file: Path | None, recipes: Path, all_resu
     return lines
 
 
+def rows_digest(data: dict) -> str:
+    groups = data.get("rows_sha256_groups")
+    if groups:
+        return "; ".join(f"{name} {digest[:16]}" for name, digest in groups.items())
+    return data.get("rows_sha256", "")[:16] or "in results.json"
+
+
 def base_lines(plan: Plan) -> list[str]:
     """The plan's base sets, shared bases and replayed rows, as settings lines (none when unused)."""
     lines = []
@@ -877,6 +987,11 @@ def base_lines(plan: Plan) -> list[str]:
                      f"samples per task at {', '.join(plan.base_lengths)} (training side)")
     for model, extra in plan.base_set_of.items():
         lines.append(f"* {model}: its base fine-tune adds --set {' '.join(extra)}")
+    if plan.task_groups:
+        lines.append(f"* task groups, each trained as its own models and evaluated on its own tasks: "
+                     f"{', '.join(group_name(g) for g in plan.task_groups)}")
+    for name, extra in plan.group_base_set.items():
+        lines.append(f"* {name}: its base fine-tunes add --set {' '.join(extra)}")
     for model, source in plan.base_from.items():
         lines.append(f"* {model}: no base of its own; its long fine-tune starts from {source}'s base weights (the "
                      f"same backbone; its own modules start fresh)")
@@ -958,15 +1073,16 @@ def _num(value) -> str:
 
 
 def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path, stages: Stages,
-                   evals: dict[int, Path], inspect_dir: Path, results_file: Path, command: str,
+                   evals: dict[int, list[Path]], inspect_dir: Path, results_file: Path, command: str,
                    elapsed_s: float) -> str:
-    all_results = {seed: read_results(d) for seed, d in evals.items()}
+    all_results = {seed: merged_results(dirs) for seed, dirs in evals.items()}
     figures = results_file.parent / "figures" / f"{results_file.stem}-{mode}"
     plot = figures / "accuracy_vs_length.png"
     have_plot = write_plot(all_results, plot)
     lines = [f"## Results: {' '.join(mode.rsplit('-', 1))} run", "",
              f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} from "
-             f"{', '.join(str(d / 'results.json') for d in evals.values())}; every number below is read from "
+             f"{', '.join(str(d / 'results.json') for dirs in evals.values() for d in dirs)}; every number below is "
+             f"read from "
              f"those files.", ""]
     lines += headline_section(all_results)
     lines += ["", "### Accuracy against length", ""]

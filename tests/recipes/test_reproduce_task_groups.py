@@ -1,0 +1,133 @@
+"""reproduce.py's task groups (plan.task_groups): per-task or multi-task models from one plan. Each group trains
+every model of the plan on its own tasks and is evaluated on them; the results merge the groups, with the
+qa1-qa5 average computed across them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import BABILONG, load_reproduce
+
+REPO = BABILONG.parents[1]
+SMOKE = BABILONG / "one-backbone" / "smoke"
+GROUPS = ["qa1+qa2", "qa3+qa4+qa5"]
+PLAN = """
+[plan]
+models = ["vanilla-window", "lm2-delta"]
+base_set_of = { lm2-delta = ["finetune.stages=[192]"] }
+inspect_model = "lm2-delta"
+inspect_task = "qa3"
+inspect_length = "1k"
+tasks = ["qa1", "qa2", "qa3", "qa4", "qa5"]
+task_groups = [["qa1", "qa2"], ["qa3", "qa4", "qa5"]]
+group_base_set = { "qa3+qa4+qa5" = ["finetune.facts_start=4"] }
+train_lengths = ["1k"]
+train_samples = 3
+val_samples = 2
+test_lengths = ["0k", "1k"]
+test_samples = 2
+seeds = [7]
+pretrain = false
+base_samples = 6
+base_val_samples = 2
+base_lengths = ["0k"]
+base_set = ["finetune.stages=[48]", "finetune.facts_start=2", "train.steps=2"]
+finetune_set = ["train.steps=2"]
+eval_set = ['eval.run=["babilong"]']
+inspect_args = ["--generate", "2", "--top-tokens", "8"]
+"""
+
+
+def sets_of(command: str) -> dict[str, str]:
+    return dict(re.findall(r"--set '?([a-z_.]+)=(.*?)'?(?= --|$)", command))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groups")
+    recipes = root / "recipes"
+    shutil.copytree(SMOKE, recipes)
+    (recipes / "pipeline.toml").write_text(PLAN)
+    work = root / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BABILONG / "reproduce.py"), "--recipes", str(recipes), "--work",
+                           str(work), "--results", str(work / "results.md"), "--jobs", "2"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = dict(re.findall(r"^\[([^\]]+)\] \$ lm2 (.*?)(?:   \(output: .*\))?$", proc.stdout, flags=re.M))
+    return work, commands
+
+
+@pytest.mark.slow
+def test_each_group_trains_every_model_on_its_own_tasks_and_is_evaluated_on_them(run):
+    work, commands = run
+    for group in GROUPS:
+        tasks = json.dumps(group.split("+")).replace(" ", "")
+        for model in ("vanilla-window", "lm2-delta"):
+            base, long = (sets_of(commands[f"seed7/{group}/{kind}/{model}"]) for kind in ("finetune-base", "finetune"))
+            assert base["finetune.tasks"] == long["finetune.tasks"] == tasks, (group, model)
+            assert long["finetune.init_from"] == f'"{work}/seed7/{group}/finetune-base/{model}"'
+            if group == "qa3+qa4+qa5":  # its group_base_set, after the plan's base_set (the later --set wins)
+                assert commands[f"seed7/{group}/finetune-base/{model}"].endswith(
+                    f"--set finetune.facts_start=4 --out {work}/seed7/{group}/finetune-base/{model}")
+            else:
+                assert base["finetune.facts_start"] == "2"
+            assert "finetune.facts_start" not in long  # the long fine-tune has no fact curriculum
+        assert sets_of(commands[f"seed7/{group}/eval"])["eval.tasks"] == tasks
+    assert "seed7/qa3+qa4+qa5/inspect-memory" in commands  # the group that answers plan.inspect_task
+
+
+@pytest.mark.slow
+def test_the_results_merge_the_groups_with_the_qa1_qa5_average_across_them(run):
+    work, _ = run
+    text = (work / "results.md").read_text()
+    assert "Paper-style table (average of the qa1–qa5 accuracies; accuracy % (95 % Wilson interval)" in text
+    parts = [json.loads((work / "seed7" / g / "eval" / "results.json").read_text())["babilong"] for g in GROUPS]
+    cells = {(c["model"], c["task"], c["length"]): c for p in parts for c in p["cells"]}
+    assert {t for _, t, _ in cells} == {"qa1", "qa2", "qa3", "qa4", "qa5"}
+    headline = text.split("Paper-style table", 1)[1].split("###", 1)[0]
+    for model in ("vanilla-window", "lm2-delta"):
+        row = next(line for line in headline.splitlines() if line.startswith(f"| {model} |"))
+        for length, shown in zip(["0k", "1k"], row.strip("|").split("|")[1:], strict=True):
+            mean = sum(cells[(model, f"qa{i}", length)]["accuracy"] for i in range(1, 6)) / 5
+            assert shown.strip().startswith(f"{mean:.1f} ("), (model, length, shown)
+    for group in GROUPS:
+        assert f"| vanilla-window [{group}] | vanilla |" in text and f"| lm2-delta [{group}] | lm2 |" in text
+    assert "* task groups, each trained as its own models and evaluated on its own tasks: qa1+qa2, qa3+qa4+qa5" in text
+    assert "* qa3+qa4+qa5: its base fine-tunes add --set finetune.facts_start=4" in text
+
+
+def test_task_groups_split_the_plan_s_tasks_and_group_base_set_names_a_group(tmp_path: Path):
+    reproduce = load_reproduce()
+    cases = {
+        'task_groups = [["qa1"], []]': "a group is empty",
+        'task_groups = [["qa1", "qa7"]]': "'qa7' is not one of plan.tasks",
+        'task_groups = [["qa1", "qa2"], ["qa2"]]': "'qa2' is in two groups (qa1+qa2 and qa2)",
+        'task_groups = [["qa1"]]': "qa2 in no group",
+        'task_groups = [["qa1"], ["qa2"]]\ngroup_base_set = { "qa1+qa2" = ["x=1"] }': "'qa1+qa2' is not a task group; "
+                                                                                    "the groups are qa1, qa2",
+        'group_base_set = { qa1 = ["x=1"] }': "'qa1' is not a task group; the groups are qa1+qa2",
+        'task_groups = ["qa1"]': "task_groups = ['qa1'] should be a list of lists of str values",
+    }
+    for value, message in cases.items():
+        (tmp_path / "pipeline.toml").write_text(f'[plan]\nmodels = ["vanilla-window", "lm2-delta"]\n'
+                                                f'inspect_model = "lm2-delta"\ntasks = ["qa1", "qa2"]\n{value}\n')
+        with pytest.raises(reproduce.PipelineError) as e:
+            reproduce.recipe_paths(SMOKE, reproduce.load_plan(tmp_path, quick=False)[0])
+        assert any(message in p for p in [str(e.value), *e.value.problems]), (value, e.value.problems)
+    plan = reproduce.Plan(tasks=["qa1", "qa2"], task_groups=[["qa2"], ["qa1"]], group_base_set={"qa1": ["a=1"]})
+    layouts = reproduce.group_layouts(plan, tmp_path)
+    assert [(lay.group, lay.tasks, lay.base_sets) for lay in layouts] == [("qa2", ["qa2"], []),
+                                                                           ("qa1", ["qa1"], ["a=1"])]
+    assert layouts[1].finetune(3, "m") == tmp_path / "seed3" / "qa1" / "finetune" / "m"
+    one = reproduce.group_layouts(reproduce.Plan(tasks=["qa1", "qa2"], group_base_set={"qa1+qa2": ["b=2"]}),
+                                  tmp_path)
+    assert [(lay.group, lay.tag(3), lay.base_sets) for lay in one] == [("", "seed3", ["b=2"])]  # the plain layout
