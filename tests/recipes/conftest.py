@@ -23,3 +23,11 @@ def load_reproduce():
 @pytest.fixture(scope="session")
 def reproduce():
     return load_reproduce()
+
+
+def plan_problems(reproduce, tmp_path: Path, plan_toml: str, recipes: Path) -> list[str]:
+    """The problems reproduce.py reports (PipelineError) for a pipeline.toml with `plan_toml` over `recipes`."""
+    (tmp_path / "pipeline.toml").write_text(plan_toml)
+    with pytest.raises(reproduce.PipelineError) as e:
+        reproduce.recipe_paths(recipes, reproduce.load_plan(tmp_path, quick=False)[0])
+    return [str(e.value), *e.value.problems]
