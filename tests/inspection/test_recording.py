@@ -62,7 +62,7 @@ def test_long_input_paths_record_every_read_and_write(tokenizer, monkeypatch, wi
     if chunk_tokens is not None:
         monkeypatch.setattr(model, "NO_GRAD_CHUNK_TOKENS", chunk_tokens)
     chunks, locals_built = [], []
-    monkeypatch.setattr(model, "_forward_in_chunks", _spy(model._forward_in_chunks, chunks))
+    monkeypatch.setattr(model, "_hidden_in_chunks", _spy(model._hidden_in_chunks, chunks))
     monkeypatch.setattr(model_module.LocalBlocks, "build",
                         staticmethod(_spy(model_module.LocalBlocks.build, locals_built)))
     ids = torch.randint(0, tokenizer.vocab_size, (1, length), generator=torch.Generator().manual_seed(3))
