@@ -91,8 +91,8 @@ def test_an_interrupt_stops_the_running_stages_waits_for_them_and_goes_on():
 
     def stage(name):
         log.append(("start", name))
-        running.wait(5)
-        release.wait(5)
+        running.wait(60)  # generous: a loaded CI machine can hold a thread back for seconds
+        release.wait(60)
         log.append(("end", name))
 
     def interrupt():
@@ -100,7 +100,7 @@ def test_an_interrupt_stops_the_running_stages_waits_for_them_and_goes_on():
         release.set()
 
     def press_ctrl_c():
-        running.wait(5)  # both stages are running
+        running.wait(60)  # both stages are running
         os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: to the process; Python raises it in the main thread
 
     tasks = [reproduce.Task(n, needs, lambda n=n: stage(n)) for n, needs in
