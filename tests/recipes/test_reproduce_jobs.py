@@ -105,9 +105,14 @@ def test_an_interrupt_stops_the_running_stages_waits_for_them_and_goes_on():
 
     tasks = [reproduce.Task(n, needs, lambda n=n: stage(n)) for n, needs in
              {"base-a": [], "base-b": [], "long-a": ["base-a"]}.items()]
-    threading.Thread(target=press_ctrl_c).start()
-    with pytest.raises(KeyboardInterrupt):
-        reproduce.run_tasks(tasks, jobs=2, interrupt=interrupt)
+    # Python's own handler, whatever this process inherited: a shell starts background jobs with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=press_ctrl_c).start()
+        with pytest.raises(KeyboardInterrupt):
+            reproduce.run_tasks(tasks, jobs=2, interrupt=interrupt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert log[:2] == [("start", "base-a"), ("start", "base-b")] and log[2] == ("interrupt", "")
     assert sorted(log[3:]) == [("end", "base-a"), ("end", "base-b")]  # waited for; long-a never started
 
