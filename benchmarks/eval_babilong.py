@@ -113,7 +113,7 @@ def main() -> None:
     generator.warm_up()
     every_position = StateRunner(model, recipe.memory.segment_len, device, batch_size=args.batch_size,
                                  autocast_dtype=runner.autocast_dtype)
-    every_position.takes_logits_at = False  # the head over every prefill position, as before logits_at
+    every_position.head_everywhere = True  # the head over every prefill position, as before logits_at
     print(f"model: {what} ({recipe.model.arch}, d={recipe.model.d_model}, window {recipe.attention.window}, "
           f"segment {recipe.memory.segment_len}); {device}, {torch.get_num_threads()} CPU threads; batch_size "
           f"{args.batch_size}; {len(tasks)} tasks x {samples} samples per length; load "

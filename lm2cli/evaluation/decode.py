@@ -23,7 +23,6 @@ later tokens.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lm2cli.generation.generator import prefill_chunk_len
+from lm2cli.generation.generator import last_logits, prefill_chunk_len
 
 
 def select_rows(state, rows: list[int]):
@@ -77,7 +76,7 @@ class StateRunner:
         self.chunk_len = prefill_chunk_len(segment_len)
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        self.takes_logits_at = "logits_at" in inspect.signature(model.forward).parameters
+        self.head_everywhere = False  # True: the LM head at every prefill position (before logits_at)
 
     def chunk_for(self, rows: int) -> int:
         """Tokens per forward call for `rows` rows: `chunk_len`, or less when the model would split a call that
@@ -91,18 +90,15 @@ class StateRunner:
         return min(self.chunk_len, max(self.segment_len, budget // rows // self.segment_len * self.segment_len))
 
     def forward(self, ids: Tensor, state, last_only: bool = False):
-        """(logits (b, t, V), state); `last_only`: (b, 1, V), the last position's, from a model that can compute
-        only those (an lm2 model's `logits_at`: a prefill needs no other, and the head over a whole 1k chunk is
-        a fifth of its cost at d 128)."""
+        """(logits (b, t, V), state); `last_only`: (b, 1, V), the last position's (`last_logits`: an lm2 model
+        then computes the LM head there only, unless `head_everywhere`, the benchmark's baseline)."""
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else nullcontext())
-        at = {}
-        if last_only and self.takes_logits_at:
-            at = {"logits_at": torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)}
-            at["logits_at"][:, -1] = True
         with ctx:
-            logits, state = self.model(ids, state, **at)
-        return (logits[:, None] if at else logits), state
+            if last_only and not self.head_everywhere:
+                logits, state = last_logits(self.model, ids, state)
+                return logits[:, None], state
+            return self.model(ids, state)
 
     # ------------------------------------------------------------------------------------------ prefill
 

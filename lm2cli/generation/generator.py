@@ -14,6 +14,7 @@ and memory grow linearly with the prompt.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,18 @@ class GenerationResult:
 
 def prefill_chunk_len(segment_len: int, target: int = PREFILL_CHUNK_TOKENS) -> int:
     return segment_len * max(1, target // segment_len)
+
+
+def last_logits(model, ids: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+    """(the next-token logits (b, V) after `ids` (b, t), the new state). An lm2 model computes the LM head at the
+    last position only (`logits_at`): a prefill reads no other, and the head over a whole chunk cost 13 % of a
+    batched 1k prefill at d 128. A model without `logits_at` (a test double) is called plainly."""
+    if "logits_at" not in inspect.signature(model.forward).parameters:
+        logits, state = model(ids, state)
+        return logits[:, -1], state
+    at = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    at[:, -1] = True
+    return model(ids, state, logits_at=at)
 
 
 class Generator:
@@ -127,6 +140,10 @@ class Generator:
         with self._autocast():
             return self.model(ids, state)
 
+    def _forward_last(self, ids: torch.Tensor, state):
+        with self._autocast():
+            return last_logits(self.model, ids, state)
+
     def _decoding(self):
         if self.static is None or not self.warm:
             return contextlib.nullcontext()
@@ -165,8 +182,8 @@ class Generator:
         state = self.model.init_state(1, device=self.device)
         logits = None
         for start in range(0, ids.size(1), self.chunk_len):
-            logits, state = self._forward(ids[:, start:start + self.chunk_len], state)
-        return logits[:, -1].float(), state
+            logits, state = self._forward_last(ids[:, start:start + self.chunk_len], state)
+        return logits.float(), state
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], params: SamplingParams,
