@@ -111,9 +111,12 @@ def main() -> None:
                          autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     generator = Generator(model, tokenizer, recipe, device=device)
     generator.warm_up()
-    every_position = StateRunner(model, recipe.memory.segment_len, device, batch_size=args.batch_size,
-                                 autocast_dtype=runner.autocast_dtype)
-    every_position.head_everywhere = True  # the head over every prefill position, as before logits_at
+    class EveryPosition(StateRunner):  # the LM head at every prefill position, as before logits_at
+        def forward(self, ids, state, last_only=False):
+            return super().forward(ids, state)
+
+    every_position = EveryPosition(model, recipe.memory.segment_len, device, batch_size=args.batch_size,
+                                   autocast_dtype=runner.autocast_dtype)
     print(f"model: {what} ({recipe.model.arch}, d={recipe.model.d_model}, window {recipe.attention.window}, "
           f"segment {recipe.memory.segment_len}); {device}, {torch.get_num_threads()} CPU threads; batch_size "
           f"{args.batch_size}; {len(tasks)} tasks x {samples} samples per length; load "

@@ -76,7 +76,6 @@ class StateRunner:
         self.chunk_len = prefill_chunk_len(segment_len)
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        self.head_everywhere = False  # True: the LM head at every prefill position (before logits_at)
 
     def chunk_for(self, rows: int) -> int:
         """Tokens per forward call for `rows` rows: `chunk_len`, or less when the model would split a call that
@@ -90,12 +89,11 @@ class StateRunner:
         return min(self.chunk_len, max(self.segment_len, budget // rows // self.segment_len * self.segment_len))
 
     def forward(self, ids: Tensor, state, last_only: bool = False):
-        """(logits (b, t, V), state); `last_only`: (b, 1, V), the last position's (`last_logits`: an lm2 model
-        then computes the LM head there only, unless `head_everywhere`, the benchmark's baseline)."""
+        """(logits (b, t, V), state); `last_only`: (b, 1, V), the last position's, the only one computed."""
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else nullcontext())
         with ctx:
-            if last_only and not self.head_everywhere:
+            if last_only:
                 logits, state = last_logits(self.model, ids, state)
                 return logits[:, None], state
             return self.model(ids, state)

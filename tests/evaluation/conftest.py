@@ -124,12 +124,12 @@ class TableModel(torch.nn.Module):
                 return answer[k] if k < len(answer) else self.eos_id
         return self.eos_id
 
-    def forward(self, ids: torch.Tensor, state=None):
+    def forward(self, ids: torch.Tensor, state=None, logits_at=None):
         seen = torch.cat([self.init_state(ids.shape[0]) if state is None else state, ids], dim=1)
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab_size)
         for b in range(ids.shape[0]):
             logits[b, -1, self.next_token(seen[b].tolist())] = 10.0
-        return logits, seen
+        return (logits if logits_at is None else logits[logits_at]), seen
 
 
 class UniformModel(torch.nn.Module):
@@ -142,5 +142,6 @@ class UniformModel(torch.nn.Module):
     def init_state(self, batch_size: int, device=None):
         return torch.zeros(batch_size, 1)
 
-    def forward(self, ids: torch.Tensor, state=None):
-        return torch.zeros(ids.shape[0], ids.shape[1], self.vocab_size), state
+    def forward(self, ids: torch.Tensor, state=None, logits_at=None):
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab_size)
+        return (logits if logits_at is None else logits[logits_at]), state

@@ -51,7 +51,7 @@ class RunningMeanLM(torch.nn.Module):
     def init_state(self, batch_size: int, device=None):
         return (torch.zeros(batch_size, self.embed.size(1), device=device), 0)
 
-    def forward(self, input_ids: torch.Tensor, state=None):
+    def forward(self, input_ids: torch.Tensor, state=None, logits_at=None):
         if state is None:
             state = self.init_state(input_ids.size(0), input_ids.device)
         total, count = state
@@ -60,6 +60,8 @@ class RunningMeanLM(torch.nn.Module):
         sums = total[:, None] + torch.cumsum(e, dim=1)
         counts = count + torch.arange(1, input_ids.size(1) + 1, device=input_ids.device)
         logits = (e + sums / counts[None, :, None]) @ self.head + self.bias
+        if logits_at is not None:  # the lm2 contract: the named positions' logits only, packed (N, V)
+            logits = logits[logits_at]
         return logits, (sums[:, -1], count + input_ids.size(1))
 
 
