@@ -481,3 +481,35 @@ def test_eval_dtype_defects_are_one_line(cli, tmp_path, gen_run, how, value, whe
         recipe = case_dir(tmp_path) / "r.toml"
         recipe.write_text(f'[output]\ndir = "{gen_run}"\n\n[eval]\ndtype = {value}\n')
         check(cli("eval", recipe), 1)
+
+
+# A stranger's pipeline.toml for recipes/babilong/reproduce.py: task groups and their base settings. Each case holds
+# the number of problems the runner must report, one `error:` line each, before any stage runs.
+BAD_TASK_GROUPS = [
+    ('task_groups = [["qa1"], ["qa9"]]', 1),
+    ('task_groups = [["qa1"], []]', 1),
+    ('task_groups = [["qa1"], ["qa1"]]', 1),
+    ('task_groups = [["qa1"], ["qa9"]]\ngroup_base_set = { qa7 = ["x=1"] }', 2),
+    ('task_groups = "qa1"', 1),
+    ('task_groups = [[1]]', 1),
+    ('group_base_set = { qa1 = "x" }', 1),
+    ('group_base_set = { "qa1+qa2" = ["x=1"] }', 1),
+]
+
+
+@pytest.mark.parametrize("plan,problems", BAD_TASK_GROUPS)
+def test_a_stranger_s_task_groups_are_one_line_each(tmp_path, plan, problems):
+    import shutil
+    import subprocess
+    import sys
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(REPO / "recipes" / "babilong" / "one-backbone" / "smoke", recipes)
+    text = (recipes / "pipeline.toml").read_text()
+    (recipes / "pipeline.toml").write_text(text.replace('tasks = ["qa1"]\n', f'tasks = ["qa1"]\n{plan}\n'))
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "babilong" / "reproduce.py"), "--recipes",
+                           str(recipes), "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                          timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in proc.stderr and proc.returncode == 2 and len(errors) == problems, proc.stderr
+    assert not (tmp_path / "work").exists()  # refused before anything ran
