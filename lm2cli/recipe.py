@@ -276,6 +276,9 @@ class EvalConfig:
         "", 'bm25: also evaluate each model on only the retrieval_k context sentences that best match the '
         'question (its own row; extra "retrieval")')
     retrieval_k: int = opt(5, "Context sentences kept by the retrieval baseline", min=1)
+    no_carry: bool = opt(False, "Also evaluate each model with a memory (lm2, rmt) on the BABILong grid with "
+                                "nothing carried across segments: every segment reads the initial memory (its own "
+                                "row \"<model>+no-carry\"; a control of what the memory carries)")
     batch_size: int = opt(16, "Samples decoded (or sequences scored) together; results do not depend on it", min=1)
     ppl_data: list[str] = opt([], "Text files, directories or globs for perplexity; empty = the recipe's "
                                   "validation shards (data.dir/val.bin)")

@@ -11,7 +11,9 @@ Modes (eval.mode):
   prompt-strict  the same prompt, the label-set metric with the quirks fixed (lm2cli/evaluation/metrics.py).
 
 Each model sees exactly the same rows: the first `eval.samples` of each file. With eval.retrieval = "bm25" each
-model is evaluated a second time on the retrieved sentences only, reported as its own row.
+model is evaluated a second time on the retrieved sentences only, reported as its own row. With eval.no_carry each
+model with a memory (lm2, rmt) is evaluated once more with nothing carried from one segment to the next (every
+segment reads the initial memory): row "<model>+no-carry", what the model answers without its memory's carry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import json
 import re
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,12 +139,15 @@ class BabilongPlan:
     prompt_parts: list[str]
     retrieval: str
     retrieval_k: int
+    no_carry: bool = False
     rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # source description for results.json
 
-    def variants(self) -> list[str]:
-        """"" (the plain context) and, with retrieval, the retrieved one."""
-        return [""] + ([self.retrieval] if self.retrieval else [])
+    def variants(self, has_memory: bool) -> list[str]:
+        """"" (the plain context), with retrieval the retrieved one, and with no_carry (a model with memory) the
+        plain context with nothing carried across segments."""
+        return ([""] + ([self.retrieval] if self.retrieval else [])
+                + ([NO_CARRY] if self.no_carry and has_memory else []))
 
     def describe(self) -> dict:
         return {"mode": self.mode, "metric": {"finetune-em": "exact match",
@@ -151,7 +157,7 @@ class BabilongPlan:
                 "tasks": self.tasks, "lengths": self.lengths, "samples_requested": self.samples,
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy",
                 "retrieval": ({"method": self.retrieval, "k": self.retrieval_k} if self.retrieval else None),
-                "data": self.data}
+                "no_carry": self.no_carry, "data": self.data}
 
 
 def babilong_command_hint(data: str, tasks: list[str], lengths: list[str], recipe_hint: str) -> str:
@@ -172,7 +178,7 @@ def plan_babilong(cfg, recipe_hint: str) -> BabilongPlan:
         require_bm25()
     plan = BabilongPlan(cfg.mode, list(cfg.tasks), list(cfg.lengths), cfg.samples,
                         cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[cfg.mode], list(cfg.prompt_parts),
-                        cfg.retrieval, cfg.retrieval_k)
+                        cfg.retrieval, cfg.retrieval_k, cfg.no_carry)
     source = cfg.data
     root = Path(source)
     hint = babilong_command_hint(source, plan.tasks, plan.lengths, recipe_hint)
@@ -287,15 +293,30 @@ class Cell:
         return out
 
 
+NO_CARRY = "no-carry"  # the variant whose memory carries nothing across segments (eval.no_carry)
+
+
 def variant_name(model_name: str, variant: str, k: int) -> str:
+    if variant == NO_CARRY:
+        return f"{model_name}+{NO_CARRY}"
     return f"{model_name}+{variant}-top{k}" if variant else model_name
+
+
+@contextmanager
+def carry_off(model):
+    """The model with its memory carrying nothing across segments, for the duration (then as trained)."""
+    model.set_memory_carry(False)
+    try:
+        yield model
+    finally:
+        model.set_memory_carry(True)
 
 
 def evaluate_cell(runner, tokenizer, plan: BabilongPlan, task: str, length: str, name: str, variant: str = "",
                   check_length=None, on_done=None) -> Cell:
     """Decode every row of one (task, length) and score the answers."""
     rows = plan.rows[(task, length)]
-    if variant:
+    if variant and variant == plan.retrieval:
         from lm2cli.evaluation.retrieval import retrieved_row
 
         rows = [retrieved_row(r, plan.retrieval_k) for r in rows]
@@ -303,7 +324,8 @@ def evaluate_cell(runner, tokenizer, plan: BabilongPlan, task: str, length: str,
     if check_length is not None:
         check_length(max(len(p) for p in prompts) + plan.max_new_tokens, f"{task} at {length}")
     t0 = time.perf_counter()
-    outputs = runner.greedy(prompts, plan.max_new_tokens, tokenizer.eos_id, on_done=on_done)
+    with carry_off(runner.model) if variant == NO_CARRY else nullcontext():
+        outputs = runner.greedy(prompts, plan.max_new_tokens, tokenizer.eos_id, on_done=on_done)
     seconds = time.perf_counter() - t0
     predictions = []
     for i, (row, ids) in enumerate(zip(rows, outputs, strict=True)):

@@ -201,7 +201,8 @@ class EvalRun:
             plan = plans["babilong"]
             from lm2cli.evaluation.babilong import variant_name
 
-            variants = [variant_name(m.name, v, plan.retrieval_k) for m in models for v in plan.variants()]
+            variants = [variant_name(m.name, v, plan.retrieval_k) for m in models
+                        for v in plan.variants(m.has_memory)]
             self.results["babilong"] = {**plan.describe(), "variants": variants, "cells": [], "averages": []}
         if "perplexity" in plans:
             self.results["perplexity"] = {"data": plans["perplexity"].describe(), "results": []}
@@ -287,7 +288,7 @@ class EvalRun:
         from lm2cli.evaluation.babilong import averages, evaluate_cell, variant_name
 
         plan, section = self.plans["babilong"], self.results["babilong"]
-        for variant in plan.variants():
+        for variant in plan.variants(model.has_memory):
             name = variant_name(model.name, variant, plan.retrieval_k)
             total = sum(len(plan.rows[(t, n)]) for t in plan.tasks for n in plan.lengths)
             with self.progress(total, f"{name} babilong") as bar:

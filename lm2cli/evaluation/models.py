@@ -38,6 +38,11 @@ class EvalModel:
             return None
         return self.recipe.model.max_seq_len
 
+    @property
+    def has_memory(self) -> bool:
+        """Whether the model carries a memory across segments (lm2, rmt), known from its recipe before loading."""
+        return self.recipe.model.arch in ("lm2", "rmt")
+
     def check_length(self, tokens: int, what: str) -> None:
         limit = self.context_limit
         if limit is not None and tokens > limit:

@@ -50,6 +50,9 @@ class LM2Memory(nn.Module):
     # Some parameters serve the write alone (the input/forget gate): a forward whose rows never complete a
     # segment that is read leaves them without a gradient (distributed training must expect that).
     write_only_params = True
+    # False only for `lm2 eval`'s no-carry control (LanguageModel.set_memory_carry): every write is dropped, so
+    # each segment reads the initial bank again and nothing crosses a segment boundary through the memory.
+    carry = True
 
     def __init__(self, d_model: int, slots: int, slot_dim: int, heads: int, segment_len: int, init: str,
                  out_gate_bias: float, forget_gate_bias: float, update: str = "sum", slot_keys: bool = False,
@@ -287,7 +290,11 @@ class LM2Memory(nn.Module):
             new_bank = new_bank.detach()
         if recorder is not None:
             recorder.on_write(layer, end_pos, probs_w, g_in, g_forget, new_bank)
-        return self._with_keys(MemoryState(new_bank))
+        return self._with_keys(MemoryState(self.carried(new_bank)))
+
+    def carried(self, new_bank: Tensor) -> Tensor:
+        """The bank the next segment reads: the new one, or with carry off the initial one."""
+        return new_bank if self.carry else self.init_state(new_bank.shape[0], new_bank.device).bank
 
 
 def read_writes(pending: int, t: int, segment: int) -> int:
@@ -434,7 +441,7 @@ class AssociativeMemory(LM2Memory):
             new_bank = new_bank.detach()
         if recorder is not None:
             recorder.on_delta_write(layer, end_pos, keys, beta, updates, new_bank)
-        return self._with_keys(MemoryState(new_bank))
+        return self._with_keys(MemoryState(self.carried(new_bank)))
 
     def delta_write(self, content: Tensor, bank: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One segment's write from its tokens' contents (B, h, S, 2·d_h + 1) and the bank before it: (new bank,

@@ -397,6 +397,22 @@ class LanguageModel(nn.Module):
                 if isinstance(block.memory, AssociativeMemory):
                     block.memory.reset_window_mix()
 
+    memory_carry = True  # see set_memory_carry
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether anything crosses a segment boundary through a memory (LM2 blocks, RMT tokens)."""
+        return self.args.arch == "rmt" or any(b.memory is not None for b in self.blocks)
+
+    def set_memory_carry(self, on: bool) -> None:
+        """Carry the memory from segment to segment (the model as trained), or not: with False every segment
+        reads the initial memory (LM2's bank0, RMT's M0), so what the model still answers it answers from
+        attention within reach. A control for `lm2 eval` (eval.no_carry); training never turns it off."""
+        self.memory_carry = on
+        for block in self.blocks:
+            if block.memory is not None:
+                block.memory.carry = on
+
     @property
     def has_write_only_params(self) -> bool:
         """Whether a forward whose rows write nothing that is read leaves some parameter without a gradient."""
@@ -618,8 +634,11 @@ class LanguageModel(nn.Module):
             seg_len += take
             if seg_len == seg and (keep_state or pos + take < total or recorder is not None):
                 # the segment is full and its memory will be read: run the write suffix through its cache
-                w, _ = self._run_blocks(memory.to(h.dtype), m + seg, layers, writes_kept, recorder)
-                memory = self.norm(w)
+                if self.memory_carry:
+                    w, _ = self._run_blocks(memory.to(h.dtype), m + seg, layers, writes_kept, recorder)
+                    memory = self.norm(w)
+                else:  # the no-carry control: the next segment reads M0 again
+                    memory = self.rmt_memory.unsqueeze(0).expand(memory.shape[0], -1, -1)
                 if writes_kept is not None and write_idx < n_read - writes_kept:
                     memory = memory.detach()
                 if recorder is not None:

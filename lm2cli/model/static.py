@@ -74,6 +74,8 @@ class StaticDecoder(nn.Module):
         # does not pass; memory.value_window acts in the segment-end write alone and is supported.
         if any(getattr(model.blocks[i].memory, "key_window", 1) > 1 for i in self.memory_blocks):
             raise ValueError("memory.key_window > 1 has no static-shape decode step")  # Generator refuses first
+        if not model.memory_carry:  # the no-carry control is an eager evaluation; this step always carries
+            raise ValueError("the static-shape decode step always carries the memory (set_memory_carry(True))")
         self.allocated = False
         self.position = 0  # Python mirror of `pos` (absolute; for RMT within the segment), for the boundaries
         self.absolute = 0  # tokens of the sequence so far

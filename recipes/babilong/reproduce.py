@@ -882,8 +882,10 @@ def headline_section(all_results: dict[int, dict]) -> list[str]:
     what = "average of the qa1–qa5 accuracies" if task == QA_AVERAGE else f"{task} accuracy"
     spread = ("accuracy % (95 % Wilson interval)" if len(all_results) == 1 else
               f"mean ± standard deviation over {len(all_results)} seeds [min–max], accuracy %")
+    carry = ("; rows `+no-carry` are the same model with nothing carried across segments (every segment reads "
+             "the initial memory)" if any(m.endswith("+no-carry") for m in model_rows(first)) else "")
     return [f"Paper-style table ({what}; {spread}; rows `+bm25-top<k>` are the retrieval baseline: the same "
-            f"model on only the k context sentences BM25 ranks highest):", ""] + \
+            f"model on only the k context sentences BM25 ranks highest{carry}):", ""] + \
         md_table(["model"] + lengths, rows)
 
 
@@ -910,6 +912,11 @@ def pooled(cells: list[dict]) -> tuple[float, float, float]:
     return mean, *wilson_interval(sum(c["correct"] for c in cells), sum(c["n"] for c in cells))
 
 
+def line_style(model_row: str) -> str:
+    """Dashed: the retrieval baseline; dotted: the no-carry control; solid: the models as trained."""
+    return "--" if "+bm25" in model_row else ":" if model_row.endswith("+no-carry") else "-"
+
+
 def write_plot(all_results: dict[int, dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -927,7 +934,7 @@ def write_plot(all_results: dict[int, dict], path: Path) -> bool:
             continue
         points = [pooled(table[(m, task, lengths[i])]) for i in xs]
         ax.errorbar(xs, [p[0] for p in points], yerr=[[p[0] - p[1] for p in points], [p[2] - p[0] for p in points]],
-                    marker="o", capsize=3, label=m, linestyle="--" if "+bm25" in m else "-")
+                    marker="o", capsize=3, label=m, linestyle=line_style(m))
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_xlabel("context length (tokens of the lm2 tokenizer)")
     ax.set_ylabel(f"{task} accuracy %")

@@ -75,7 +75,10 @@ def test_samples_are_the_first_rows_and_retrieval_is_its_own_variant(tmp_path):
     plan = plan_babilong(eval_cfg(write_babilong(tmp_path / "bl"), "eval.samples=5"), "RECIPE")
     first = json.loads((tmp_path / "bl" / "qa1" / "1k.json").read_text())[:5]
     assert plan.rows[("qa1", "1k")] == first
-    assert plan.variants() == [""]
+    assert plan.variants(has_memory=True) == [""]
+    plan.retrieval, plan.no_carry = "bm25", True
+    assert plan.variants(has_memory=True) == ["", "bm25", "no-carry"]
+    assert plan.variants(has_memory=False) == ["", "bm25"]  # nothing to cut in a model without memory
 
 
 def test_missing_data_names_the_command_that_builds_it(tmp_path):

@@ -221,6 +221,28 @@ def test_retrieval_is_its_own_row(cli, world, tmp_path):
     assert {c["model"] for c in b["cells"]} == {"lm2", "lm2+bm25-top3"}
 
 
+def test_no_carry_is_its_own_row_for_a_model_with_memory(cli, world, tmp_path):
+    """eval.no_carry: the LM2 again with nothing carried across segments, as its own row; the vanilla has no
+    memory and no such row; the plain rows are those of a run without the control (the switch is undone)."""
+    args = [world / "runs" / "lm2", world / "runs" / "vanilla", *sets(world, 'eval.run=["babilong"]')]
+    r = cli("eval", *args, "--set", "eval.no_carry=true", "--out", tmp_path / "cut")
+    assert r.code == 0, r.err
+    b = read_results(tmp_path / "cut")["babilong"]
+    assert b["variants"] == ["lm2", "lm2+no-carry", "vanilla"] and b["no_carry"] is True
+    assert cli("eval", *args, "--out", tmp_path / "plain").code == 0
+    plain = read_results(tmp_path / "plain")["babilong"]
+    outputs = {}
+    for name in ("cut", "plain"):
+        for p in map(json.loads, (tmp_path / name / "predictions.jsonl").read_text().splitlines()):
+            outputs.setdefault(name, {})[(p["model"], p["task"], p["length"], p["index"])] = p["output"]
+    assert {k: v for k, v in outputs["cut"].items() if k[0] != "lm2+no-carry"} == outputs["plain"]
+    assert [c["model"] for c in plain["cells"]] == [c["model"] for c in b["cells"] if c["model"] != "lm2+no-carry"]
+    cut = {k[1:]: v for k, v in outputs["cut"].items() if k[0] == "lm2+no-carry"}
+    # the untrained LM2's memory is quiet (out_gate_bias -4) but not silent: cut, some answers change (8 of 24)
+    assert 0 < sum(v != outputs["plain"][("lm2", *k)] for k, v in cut.items()) < len(cut)
+    assert "lm2+no-carry" in (tmp_path / "cut" / "results.md").read_text()
+
+
 def test_ctrl_c_keeps_what_finished_marked_incomplete(world, tmp_path, tokenizer):
     """SIGINT during the run: the finished cells stay on disk, marked incomplete, the command exits 2 with one
     line, and nothing (no plot, no 'complete') suggests a finished evaluation."""

@@ -333,3 +333,29 @@ def test_bptt_counts_the_writes_that_are_read(arch):
         assert (grad is None) == (truncated[name] is None), name
         if grad is not None:
             assert torch.allclose(truncated[name], grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["lm2", "lm2-delta", "rmt"])
+def test_no_carry_cuts_the_memory_between_segments_and_is_undone(arch):
+    """eval.no_carry's switch: with the carry off, tokens of an earlier segment beyond attention's reach no longer
+    change later logits (only the memory could carry them); decoding token by token agrees with one call; turned
+    back on, the model is the trained one again, bit for bit."""
+    model = tiny(arch, 4).eval()  # window 4 x 3 blocks: position 40 attends at most 9 tokens back; RMT: its segment
+    x = torch.randint(0, VOCAB, (2, 45))
+    changed = x.clone()
+    changed[:, :6] = (changed[:, :6] + 1) % VOCAB  # the first segment (8 tokens), far beyond the window
+    late = slice(24, 45)
+    with torch.no_grad():
+        trained, _ = model(x)
+        assert (model(changed)[0][:, late] - trained[:, late]).abs().max() > 1e-4  # the memory carries them
+        model.set_memory_carry(False)
+        cut, _ = model(x)
+        assert (model(changed)[0][:, late] - cut[:, late]).abs().max() <= 1e-6
+        assert (cut[:, late] - trained[:, late]).abs().max() > 1e-4
+        state, steps = model.init_state(2), []
+        for t in range(x.shape[1]):
+            logits, state = model(x[:, t:t + 1], state)
+            steps.append(logits)
+        assert (torch.cat(steps, dim=1) - cut).abs().max() <= 1e-5
+        model.set_memory_carry(True)
+        assert torch.equal(model(x)[0], trained)
