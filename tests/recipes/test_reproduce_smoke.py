@@ -103,7 +103,8 @@ def test_every_accuracy_comes_from_results_json(smoke):
     b = json.loads((work / "seed7" / "eval" / "results.json").read_text())["babilong"]
     cells = {(c["model"], c["task"], c["length"]): c for c in b["cells"] + b["averages"]}
     variants = b["variants"]
-    assert variants == [m + s for m in MODELS for s in ("", "+bm25-top3")]
+    assert variants == [m + s for m in MODELS for s in ("", "+bm25-top3", "+no-carry")
+                        if s != "+no-carry" or not m.startswith("vanilla")]  # the control: models with memory
     headline = table_rows(text, "Paper-style table")
     assert [r[0] for r in headline] == variants
     assert headline == [[v] + [expected_cell(cells[(v, "qa1-qa5", n)]) for n in ("0k", "1k")] for v in variants]
@@ -122,7 +123,8 @@ def test_every_model_saw_the_same_samples(smoke):
     for line in (work / "seed7" / "eval" / "predictions.jsonl").read_text().splitlines():
         p = json.loads(line)
         seen.setdefault(p["model"], []).append((p["task"], p["length"], p["index"], p["question"], p["target"]))
-    assert len(seen) == 2 * len(MODELS) and len({tuple(v) for v in seen.values()}) == 1  # each also with BM25
+    # each also with BM25, and the three with memory (lm2, lm2-delta, rmt) with their carry off
+    assert len(seen) == 2 * len(MODELS) + 3 and len({tuple(v) for v in seen.values()}) == 1
 
 
 @pytest.mark.slow
