@@ -399,11 +399,6 @@ class LanguageModel(nn.Module):
 
     memory_carry = True  # see set_memory_carry
 
-    @property
-    def has_memory(self) -> bool:
-        """Whether anything crosses a segment boundary through a memory (LM2 blocks, RMT tokens)."""
-        return self.args.arch == "rmt" or any(b.memory is not None for b in self.blocks)
-
     def set_memory_carry(self, on: bool) -> None:
         """Carry the memory from segment to segment (the model as trained), or not: with False every segment
         reads the initial memory (LM2's bank0, RMT's M0), so what the model still answers it answers from
