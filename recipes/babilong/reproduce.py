@@ -688,10 +688,9 @@ def inspect(stages: Stages, plan: Plan, seed: int, lay: Layout) -> Path:
     return out
 
 
-def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], work: Path) -> list[Task]:
+def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], layouts: list[Layout]) -> list[Task]:
     """Every stage of the run in the order one job runs them: tokenizer, sets, then per seed and task group each
     model's chain and the group's evaluation, and last the inspection of the first seed's LM2."""
-    layouts = group_layouts(plan, work)
     lay = layouts[0]
     first = paths[plan.models[0]]
     tok_inputs = {"recipe_sha256": sha256_file(first)}
@@ -727,10 +726,10 @@ def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print,
     if problems:
         raise PipelineError("unfair", [f"{recipes}: not a fair comparison: {p}" for p in problems])
     stages = Stages(work, log, jobs)
-    tasks = pipeline_tasks(stages, plan, paths, work)
+    layouts = group_layouts(plan, work)
+    tasks = pipeline_tasks(stages, plan, paths, layouts)
     run_tasks(tasks, jobs, interrupt=stages.interrupt)
     stages.records = stages.in_order([t.name for t in tasks])
-    layouts = group_layouts(plan, work)
     return (stages, {seed: [lay.eval(seed) for lay in layouts] for seed in plan.seeds},
             inspect_layout(plan, layouts).inspect(plan.seeds[0]))
 
