@@ -115,6 +115,9 @@ def test_task_groups_split_the_plan_s_tasks_and_group_base_set_names_a_group(tmp
         'task_groups = [["qa1"], ["qa2"]]\ngroup_base_set = { "qa1+qa2" = ["x=1"] }': "'qa1+qa2' is not a task group; "
                                                                                     "the groups are qa1, qa2",
         'group_base_set = { qa1 = ["x=1"] }': "'qa1' is not a task group; the groups are qa1+qa2",
+        'task_groups = [["qa1"], ["qa2"]]\ngroup_base_min_em = { "qa1+qa2" = 0.5 }':
+            "plan.group_base_min_em: 'qa1+qa2' is not a task group; the groups are qa1, qa2",
+        'group_base_min_em = { "qa1+qa2" = "high" }': "should be a table of float values",
         'task_groups = ["qa1"]': "task_groups = ['qa1'] should be a list of lists of str values",
     }
     for value, message in cases.items():
@@ -129,3 +132,48 @@ def test_task_groups_split_the_plan_s_tasks_and_group_base_set_names_a_group(tmp
     one = reproduce.group_layouts(reproduce.Plan(tasks=["qa1", "qa2"], group_base_set={"qa1+qa2": ["b=2"]}),
                                   tmp_path)
     assert [(lay.group, lay.tag(3), lay.base_sets) for lay in one] == [("", "seed3", ["b=2"])]  # the plain layout
+
+
+def test_a_group_s_base_min_em_replaces_the_plan_s_for_its_bases(tmp_path: Path, monkeypatch):
+    """plan.group_base_min_em: a group whose task no model learns to the plan's floor (qa2) checks its bases against
+    its own floor; the other groups keep plan.base_min_em, and the error names the key that set the floor."""
+    reproduce = load_reproduce()
+    monkeypatch.setattr(reproduce, "run_weights", lambda run_dir: "sha")
+    plan = reproduce.Plan(models=["vanilla-window"], tasks=["qa1", "qa2", "qa3"], task_groups=[["qa1", "qa2"], ["qa3"]],
+                          base_set=["train.steps=5"], pretrain=False, base_min_em=0.95,
+                          group_base_min_em={"qa1+qa2": 0.6})
+    qa12, qa3 = reproduce.group_layouts(plan, tmp_path)
+    assert (qa12.base_min_em, qa3.base_min_em) == (0.6, None)
+    for lay in (qa12, qa3):  # both bases reach 72 % on validation, as the qa1 + qa2 bases of the nineteenth pass
+        checkpoint = lay.base(7, "vanilla-window") / "checkpoints" / "step_00000005"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 5, "val": {"val_em": 0.72}}))
+        (checkpoint.parent / "best").write_text("step_00000005")
+
+    def base_of(lay):
+        stages = type("Recording", (), {"run": lambda self, *args, **kwargs: None})()
+        chain = reproduce.ModelChain(stages, plan, "vanilla-window", SMOKE / "vanilla-window.toml", 7, lay)
+        return next(t for t in chain.tasks([]) if "finetune-base" in t.name)
+
+    base_of(qa12).run()  # 72 % over the group's 60 %
+    with pytest.raises(reproduce.PipelineError, match=r"seed7/qa3: the base fine-tune of vanilla-window has 72\.0% "
+                                                      r"validation exact match .* below plan\.base_min_em = 0\.95"):
+        base_of(qa3).run()
+    plan.group_base_min_em["qa1+qa2"] = 0.8
+    with pytest.raises(reproduce.PipelineError, match=r"below plan\.group_base_min_em\.qa1\+qa2 = 0\.8: .* or lower "
+                                                      r"plan\.group_base_min_em\.qa1\+qa2"):
+        base_of(reproduce.group_layouts(plan, tmp_path)[0]).run()
+    (tmp_path / "pipeline.toml").write_text('[plan]\ngroup_base_min_em = { "qa1+qa2+qa3+qa4+qa5" = 1.5 }\n')
+    with pytest.raises(reproduce.PipelineError, match=r"group_base_min_em\.qa1\+qa2\+qa3\+qa4\+qa5 = 1\.5 should "
+                                                      r"be an exact match between 0 and 1"):
+        reproduce.load_plan(tmp_path, quick=False)
+
+
+def test_the_shipped_full_plan_sets_a_floor_for_the_groups_no_model_learns_to_95_percent():
+    reproduce = load_reproduce()
+    plan, _ = reproduce.load_plan(BABILONG / "one-backbone", quick=False)
+    floors = {lay.group: lay.base_min_em for lay in reproduce.group_layouts(plan, BABILONG)}
+    assert floors == {"qa1+qa2": 0.6, "qa3": 0.3, "qa4": 0.65, "qa5": None} and plan.base_min_em == 0.95
+    quick, _ = reproduce.load_plan(BABILONG / "one-backbone", quick=True)  # qa1 alone: the plan's 95 %
+    assert [lay.base_min_em for lay in reproduce.group_layouts(quick, BABILONG)] == [None]
+    assert not reproduce.task_group_problems(plan) and not reproduce.task_group_problems(quick)
