@@ -174,7 +174,8 @@ def test_the_shipped_full_plan_sets_a_floor_for_the_groups_no_model_learns_to_95
     plan, _ = reproduce.load_plan(BABILONG / "one-backbone", quick=False)
     floors = {lay.group: lay.base_min_em for lay in reproduce.group_layouts(plan, BABILONG)}
     assert floors == {"qa1+qa2": 0.6, "qa3": 0.3, "qa4": 0.65, "qa5": None} and plan.base_min_em == 0.95
-    assert ("* a long fine-tune starts only from a base with at least 95% validation exact match (qa1+qa2 60%, qa3 30%, "
+    assert ("* a long fine-tune starts only from a base with at least 95% validation exact match "
+            "(qa1+qa2 60%, qa3 30%, "
             "qa4 65%)") in reproduce.base_lines(plan)  # the results page states the floors
     quick, _ = reproduce.load_plan(BABILONG / "one-backbone", quick=True)  # qa1 alone: the plan's 95 %
     assert [lay.base_min_em for lay in reproduce.group_layouts(quick, BABILONG)] == [None]
