@@ -5,6 +5,8 @@
     python recipes/babilong/reproduce.py --smoke    # tiny recipes and sets: the whole pipeline in seconds
     python recipes/babilong/reproduce.py --recipes recipes/babilong/one-backbone --quick   # the qa1 pilots'
         # protocol: every model's long fine-tune from one windowed-vanilla 0k base per seed (its own section)
+    python recipes/babilong/reproduce.py --recipes recipes/babilong/one-backbone --group qa1+qa2   # one task
+        # group of the full plan (its own section; the whole plan's later run reuses its stages)
 
 Every stage is an `lm2` command, printed before it runs, exactly as a user would type it (the runner calls
 `python -m lm2cli`, the same program). The plan — models, BABILong sets, stage settings, evaluation grid — is
@@ -122,26 +124,48 @@ class Plan:
     inspect_args: list[str] = field(default_factory=lambda: ["--generate", "4"])
 
 
-def load_plan(recipes: Path, quick: bool) -> tuple[Plan, Path | None]:
+def load_plan(recipes: Path, quick: bool, overrides: list[str] | None = None) -> tuple[Plan, Path | None]:
+    """The plan of `recipes`/pipeline.toml ([plan], then [quick] for --quick, then the runner's --set KEY=VALUE);
+    the built-in Plan when the directory has no pipeline.toml. Returns it and the file read (None: none)."""
     path = recipes / "pipeline.toml"
-    if not path.is_file():
-        return Plan(), None
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: not valid TOML ({e})") from None
-    unknown = set(doc) - {"plan", "quick"}
-    if unknown:
-        raise PipelineError(f"{path}: unknown table(s) {sorted(unknown)}; valid: [plan], [quick]")
-    plan = _apply(Plan(), doc.get("plan", {}), f"{path} [plan]")
-    if quick:
-        plan = _apply(plan, doc.get("quick", {}), f"{path} [quick]")
+    plan, where = Plan(), "--set"
+    if path.is_file():
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise PipelineError(f"{path}: not valid TOML ({e})") from None
+        unknown = set(doc) - {"plan", "quick"}
+        if unknown:
+            raise PipelineError(f"{path}: unknown table(s) {sorted(unknown)}; valid: [plan], [quick]")
+        plan = _apply(plan, doc.get("plan", {}), f"{path} [plan]")
+        if quick:
+            plan = _apply(plan, doc.get("quick", {}), f"{path} [quick]")
+        where = str(path)
+    if overrides:
+        plan = _apply(plan, plan_overrides(overrides), "--set")
+        where = f"{where} with --set"
     for key, value in [("base_min_em", plan.base_min_em),
                        *((f"group_base_min_em.{g}", v) for g, v in plan.group_base_min_em.items())]:
         if not 0.0 <= value <= 1.0:  # an exact match: a bound above 1 would fail every base after training it
-            raise PipelineError(f"{path}: {key} = {value!r} should be an exact match between 0 and 1 "
+            raise PipelineError(f"{where}: {key} = {value!r} should be an exact match between 0 and 1 "
                                 f"(0 = no check)")
-    return plan, path
+    return plan, path if path.is_file() else None
+
+
+def plan_overrides(texts: list[str]) -> dict:
+    """`KEY=VALUE` strings (keys of pipeline.toml's [plan]) -> a table; the value is a TOML literal or else a bare
+    string, as `lm2 --set` reads it."""
+    table = {}
+    for text in texts:
+        key, sep, raw = (part.strip() for part in text.partition("="))
+        if not sep or not key:
+            raise PipelineError(f"--set {text}: expected KEY=VALUE with KEY a key of pipeline.toml's [plan], e.g. "
+                                f"--set 'test_lengths=[\"0k\",\"1k\"]'")
+        try:
+            table[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key] = raw
+    return table
 
 
 def _apply(plan: Plan, table: dict, where: str) -> Plan:
@@ -721,31 +745,46 @@ def pipeline_tasks(stages: Stages, plan: Plan, paths: dict[str, Path], layouts: 
             tasks.append(Task(f"{group.tag(seed)}/eval", finals,
                               lambda seed=seed, group=group: evaluate(stages, plan, seed, group)))
     seed, group = plan.seeds[0], inspect_layout(plan, layouts)
-    tasks.append(Task(f"{group.tag(seed)}/inspect-memory", [f"{group.tag(seed)}/finetune/{plan.inspect_model}"],
-                      lambda: inspect(stages, plan, seed, group)))
+    if group is not None:
+        tasks.append(Task(f"{group.tag(seed)}/inspect-memory", [f"{group.tag(seed)}/finetune/{plan.inspect_model}"],
+                          lambda: inspect(stages, plan, seed, group)))
     return tasks
 
 
-def inspect_layout(plan: Plan, layouts: list[Layout]) -> Layout:
-    """The task group whose models answer plan.inspect_task."""
-    return next(lay for lay in layouts if plan.inspect_task in (lay.tasks or plan.tasks))
+def inspect_layout(plan: Plan, layouts: list[Layout]) -> Layout | None:
+    """The task group whose models answer plan.inspect_task; None when --group left it out."""
+    return next((lay for lay in layouts if plan.inspect_task in (lay.tasks or plan.tasks)), None)
 
 
-def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print,
-                 jobs: int = 1) -> tuple[Stages, dict[int, list[Path]], Path]:
-    """Run every stage; returns the stages, each seed's evaluation directories (one per task group) and the
-    inspection's."""
+def selected_layouts(plan: Plan, layouts: list[Layout], groups: list[str] | None) -> list[Layout]:
+    """The task groups named with --group (every group when none). Their directories stay the whole plan's, and
+    the sets are the whole plan's, so a later run of the whole plan reuses every stage a group's run finished."""
+    if not groups:
+        return layouts
+    names = [group_name(lay.tasks or plan.tasks) for lay in layouts]
+    unknown = [g for g in groups if g not in names]
+    if unknown:
+        raise PipelineError(f"--group {unknown[0]}: not a task group of the plan; the groups are {', '.join(names)} "
+                            f"(each group's tasks joined by '+', as plan.task_groups lists them)")
+    return [lay for lay, name in zip(layouts, names, strict=True) if name in groups]
+
+
+def run_pipeline(plan: Plan, recipes: Path, work: Path, log=print, jobs: int = 1,
+                 groups: list[str] | None = None) -> tuple[Stages, dict[int, list[Path]], Path | None]:
+    """Run every stage (of the task groups named in `groups`; None: all); returns the stages, each seed's
+    evaluation directories (one per task group) and the inspection's (None when its group was not run)."""
     paths = recipe_paths(recipes, plan)
     problems = fairness_problems(load_recipes(paths))
     if problems:
         raise PipelineError("unfair", [f"{recipes}: not a fair comparison: {p}" for p in problems])
+    layouts = selected_layouts(plan, group_layouts(plan, work), groups)
     stages = Stages(work, log, jobs)
-    layouts = group_layouts(plan, work)
     tasks = pipeline_tasks(stages, plan, paths, layouts)
     run_tasks(tasks, jobs, interrupt=stages.interrupt)
     stages.records = stages.in_order([t.name for t in tasks])
+    inspected = inspect_layout(plan, layouts)
     return (stages, {seed: [lay.eval(seed) for lay in layouts] for seed in plan.seeds},
-            inspect_layout(plan, layouts).inspect(plan.seeds[0]))
+            inspected.inspect(plan.seeds[0]) if inspected else None)
 
 
 # ----------------------------------------------------------------------------------------------- fairness
@@ -1097,13 +1136,13 @@ def _num(value) -> str:
 
 
 def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path, stages: Stages,
-                   evals: dict[int, list[Path]], inspect_dir: Path, results_file: Path, command: str,
-                   elapsed_s: float) -> str:
+                   evals: dict[int, list[Path]], inspect_dir: Path | None, results_file: Path, command: str,
+                   elapsed_s: float, title: str | None = None) -> str:
     all_results = {seed: merged_results(dirs) for seed, dirs in evals.items()}
     figures = results_file.parent / "figures" / f"{results_file.stem}-{mode}"
     plot = figures / "accuracy_vs_length.png"
     have_plot = write_plot(all_results, plot)
-    lines = [f"## Results: {' '.join(mode.rsplit('-', 1))} run", "",
+    lines = [f"## Results: {title or ' '.join(mode.rsplit('-', 1))} run", "",
              f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} from "
              f"{', '.join(str(d / 'results.json') for dirs in evals.values() for d in dirs)}; every number below is "
              f"read from "
@@ -1116,7 +1155,10 @@ def render_section(mode: str, plan: Plan, plan_file: Path | None, recipes: Path,
     lines += ["", "### Per task", ""] + per_task_section(all_results)
     lines += ["", "### Settings and sample counts", ""] + settings_section(plan, plan_file, recipes, all_results)
     lines += ["", "### Wall time of every stage", ""] + wall_time_section(stages, elapsed_s)
-    lines += ["", "### Memory of the trained LM2", ""] + inspect_section(inspect_dir, figures, results_file)
+    lines += ["", "### Memory of the trained LM2", ""]
+    lines += inspect_section(inspect_dir, figures, results_file) if inspect_dir else [
+        f"(not inspected: plan.inspect_task {plan.inspect_task} belongs to a task group this run left out "
+        f"with --group)"]
     return "\n".join(lines) + "\n"
 
 
@@ -1156,6 +1198,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="stages run at once (default 1): training stages of different models and seeds side by side "
                         "as soon as the weights they start from exist; each stage's output goes to WORK/logs/ and "
                         "each gets CPU threads / JOBS (OMP_NUM_THREADS, unless set)")
+    p.add_argument("--group", action="append", metavar="TASKS",
+                   help="run only this task group of the plan (repeatable), named by its tasks joined by '+' (e.g. "
+                        "qa1+qa2); its results get their own section, and a later run of the whole plan in the same "
+                        "WORK reuses every stage it finished")
+    p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE", default=[],
+                   help="override a key of pipeline.toml's plan after [plan] (and [quick]), as in lm2's --set: the "
+                        "value is a TOML literal, e.g. --set 'test_lengths=[\"0k\",\"1k\"]' (repeatable)")
     p.add_argument("--results", type=Path, help="results file; the run rewrites only its own marked section "
                                                 "(default docs/results.md; with --smoke WORK/results.md)")
     return p.parse_args(argv)
@@ -1185,17 +1234,21 @@ def main(argv: list[str] | None = None) -> int:
     recipes = (args.recipes or HERE) / ("smoke" if args.smoke else "")  # a plan's smoke version is DIR/smoke
     work = args.work or Path("runs") / ("babilong" if mode == "full" else f"babilong-{mode}")
     results_file = args.results or (work / "results.md" if args.smoke else REPO / "docs" / "results.md")
+    groups = list(dict.fromkeys(args.group or []))
+    section = "-".join([mode, *groups])  # a group's run has its own section and figures, the same WORK
+    title = " ".join(mode.rsplit("-", 1)) + (f", task group {', '.join(groups)} only" if groups else "")
     try:
-        plan, plan_file = load_plan(recipes, args.quick)
+        plan, plan_file = load_plan(recipes, args.quick, args.overrides)
         if args.seed:
             plan = replace(plan, seeds=list(dict.fromkeys(args.seed)))
         start = time.perf_counter()
-        stages, evals, inspect_dir = run_pipeline(plan, recipes.resolve(), work.resolve(), jobs=args.jobs)
+        stages, evals, inspect_dir = run_pipeline(plan, recipes.resolve(), work.resolve(), jobs=args.jobs,
+                                                  groups=groups)
         command = "python recipes/babilong/reproduce.py" + "".join(
             f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-        write_section(results_file, mode, render_section(mode, plan, plan_file, recipes, stages, evals,
-                                                         inspect_dir, results_file, command,
-                                                         time.perf_counter() - start))
+        write_section(results_file, section, render_section(section, plan, plan_file, recipes, stages, evals,
+                                                            inspect_dir, results_file, command,
+                                                            time.perf_counter() - start, title))
     except PipelineError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -50,25 +50,82 @@ def sets_of(command: str) -> dict[str, str]:
     return dict(re.findall(r"--set '?([a-z_.]+)=(.*?)'?(?= --|$)", command))
 
 
+def stage_lines(stdout: str, kind: str) -> dict[str, str]:
+    """stage name -> its command, for the stages the runner ran (kind "$") or found done ("done earlier")."""
+    pattern = r"\$" if kind == "$" else r"done earlier \([0-9.]+ s\):"
+    return dict(re.findall(rf"^\[([^\]]+)\] {pattern} lm2 (.*?)(?:   \(output: .*\))?$", stdout, flags=re.M))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """First one task group alone (--group qa1+qa2), then the whole plan in the same WORK."""
     root = tmp_path_factory.mktemp("groups")
     recipes = root / "recipes"
     shutil.copytree(SMOKE, recipes)
     (recipes / "pipeline.toml").write_text(PLAN)
     work = root / "work"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(BABILONG / "reproduce.py"), "--recipes", str(recipes), "--work",
-                           str(work), "--results", str(work / "results.md"), "--jobs", "2"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    commands = dict(re.findall(r"^\[([^\]]+)\] \$ lm2 (.*?)(?:   \(output: .*\))?$", proc.stdout, flags=re.M))
-    return work, commands
+    outputs = []
+    for extra, results in ((["--group", "qa1+qa2"], "results-group.md"), ([], "results.md")):
+        proc = subprocess.run([sys.executable, str(BABILONG / "reproduce.py"), "--recipes", str(recipes), "--work",
+                               str(work), "--results", str(work / results), "--jobs", "2", *extra],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    group_run, whole_run = outputs
+    commands = {**stage_lines(group_run, "$"), **stage_lines(whole_run, "$")}
+    return work, commands, outputs
+
+
+@pytest.mark.slow
+def test_a_group_s_run_trains_only_that_group_and_the_whole_plan_reuses_its_stages(run):
+    work, _, (group_run, whole_run) = run
+    ran = stage_lines(group_run, "$")
+    assert ran and all(name in ("tokenize", "qa1+qa2") or name.startswith(("babilong-", "seed7/qa1+qa2/"))
+                       for name in ran), sorted(ran)
+    assert "seed7/qa1+qa2/eval" in ran and not any("inspect-memory" in name for name in ran)  # qa3's group
+    assert sets_of(ran["babilong-test"])["babilong.tasks"] == '["qa1","qa2","qa3","qa4","qa5"]'  # the whole plan's
+    reused = stage_lines(whole_run, "done earlier")
+    assert set(reused) == set(ran), sorted(set(ran) ^ set(reused))  # nothing the group's run finished runs again
+    assert not set(reused) & set(stage_lines(whole_run, "$"))
+    text = (work / "results-group.md").read_text()
+    assert "<!-- reproduce:recipes-full-qa1+qa2:start -->" in text
+    assert "## Results: recipes full, task group qa1+qa2 only run" in text
+    assert "(not inspected: plan.inspect_task qa3 belongs to a task group this run left out with --group)" in text
+    assert "| vanilla-window [qa1+qa2] | vanilla |" not in text  # one group: no group tag on its rows
+    assert "qa3" not in text.split("### Per task", 1)[1].split("###", 1)[0]
+
+
+def test_group_and_set_options_are_checked_before_any_stage_runs(tmp_path: Path, capsys):
+    reproduce = load_reproduce()
+    recipes = tmp_path / "recipes"
+    shutil.copytree(SMOKE, recipes)
+    (recipes / "pipeline.toml").write_text(PLAN)
+    cases = {
+        ("--group", "qa1"): "error: --group qa1: not a task group of the plan; the groups are qa1+qa2, qa3+qa4+qa5",
+        ("--set", "tasks"): "error: --set tasks: expected KEY=VALUE with KEY a key of pipeline.toml's [plan]",
+        ("--set", "task=1"): "error: --set: unknown key 'task'; valid keys: models,",
+        ("--set", "test_samples=many"): "error: --set: test_samples = 'many' should be a int",
+        ("--set", "base_min_em=2"): f"error: {recipes / 'pipeline.toml'} with --set: base_min_em = 2 should be an "
+                                    f"exact match between 0 and 1",
+    }
+    for args, message in cases.items():
+        code = reproduce.main(["--recipes", str(recipes), "--work", str(tmp_path / "work"), *args])
+        assert code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path / "work").exists()
+
+
+def test_set_overrides_the_plan_after_its_quick_table():
+    reproduce = load_reproduce()
+    plan, _ = reproduce.load_plan(BABILONG / "one-backbone", quick=True,
+                                  overrides=['test_lengths=["0k", "1k"]', "test_samples = 50", "train_haystack=pg19"])
+    assert plan.tasks == ["qa1"]  # [quick] still applies
+    assert (plan.test_lengths, plan.test_samples, plan.train_haystack) == (["0k", "1k"], 50, "pg19")
 
 
 @pytest.mark.slow
 def test_each_group_trains_every_model_on_its_own_tasks_and_is_evaluated_on_them(run):
-    work, commands = run
+    work, commands, _ = run
     for group in GROUPS:
         tasks = json.dumps(group.split("+")).replace(" ", "")
         for model in ("vanilla-window", "lm2-delta"):
@@ -87,7 +144,7 @@ def test_each_group_trains_every_model_on_its_own_tasks_and_is_evaluated_on_them
 
 @pytest.mark.slow
 def test_the_results_merge_the_groups_with_the_qa1_qa5_average_across_them(run):
-    work, _ = run
+    work, _, _ = run
     text = (work / "results.md").read_text()
     assert "Paper-style table (average of the qa1–qa5 accuracies; accuracy % (95 % Wilson interval)" in text
     parts = [json.loads((work / "seed7" / g / "eval" / "results.json").read_text())["babilong"] for g in GROUPS]
